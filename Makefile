@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test install clean fmt
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# Code style: ruff's formatter, 100 columns (not a test dependency; installed on demand).
+fmt: $(STAMP)
+	$(PY) -m pip install --quiet ruff
+	$(PY) -m ruff format --line-length 100 switchmoe tests configs experiments

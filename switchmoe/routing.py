@@ -43,37 +43,37 @@ TOKEN_CHOICE_PRIORITIES = ("in_order", "batch_prioritized")
 
 @flax.struct.dataclass
 class RoutingResult:
-  """What a router decided for one MoE layer.
+    """What a router decided for one MoE layer.
 
-  Attributes:
-    expert: int32[G, S, K] the expert of each of a token's K choices.
-    slot: int32[G, S, K] position of that choice in its expert's buffer, in [0, C); -1 when the
-      choice holds no slot. For dropless routing (capacity None) it is the position in the
-      expert's unbounded queue and is never -1 for a kept choice.
-    gate: float32[G, S, K] combine weight of the choice; 0 wherever slot is -1.
-    probs: float32[G, S, E] router probabilities (softmax of the logits), read by losses/stats.
-    logits: float32[G, S, E] router logits (z-loss and logit-magnitude statistics read these).
-    losses: dict of scalar auxiliary losses, unweighted (the layer applies the weights).
-    stats: dict of routing statistics (scalars and [E] / [K] vectors), all float32.
-    capacity: static Python int C, or None for dropless routing.
-    causal: static; False when a token's routing depends on later tokens of its group
-      (expert-choice, batch-prioritized routing), which autoregressive decoding cannot allow.
-  """
+    Attributes:
+      expert: int32[G, S, K] the expert of each of a token's K choices.
+      slot: int32[G, S, K] position of that choice in its expert's buffer, in [0, C); -1 when the
+        choice holds no slot. For dropless routing (capacity None) it is the position in the
+        expert's unbounded queue and is never -1 for a kept choice.
+      gate: float32[G, S, K] combine weight of the choice; 0 wherever slot is -1.
+      probs: float32[G, S, E] router probabilities (softmax of the logits), read by losses/stats.
+      logits: float32[G, S, E] router logits (z-loss and logit-magnitude statistics read these).
+      losses: dict of scalar auxiliary losses, unweighted (the layer applies the weights).
+      stats: dict of routing statistics (scalars and [E] / [K] vectors), all float32.
+      capacity: static Python int C, or None for dropless routing.
+      causal: static; False when a token's routing depends on later tokens of its group
+        (expert-choice, batch-prioritized routing), which autoregressive decoding cannot allow.
+    """
 
-  expert: Array
-  slot: Array
-  gate: Array
-  probs: Array
-  logits: Array
-  losses: dict[str, Array]
-  stats: dict[str, Array]
-  capacity: Optional[int] = flax.struct.field(pytree_node=False, default=None)
-  causal: bool = flax.struct.field(pytree_node=False, default=True)
+    expert: Array
+    slot: Array
+    gate: Array
+    probs: Array
+    logits: Array
+    losses: dict[str, Array]
+    stats: dict[str, Array]
+    capacity: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
 
-  @property
-  def kept(self) -> Array:
-    """bool[G, S, K]: the choice holds a slot and contributes to the output."""
-    return self.slot >= 0
+    @property
+    def kept(self) -> Array:
+        """bool[G, S, K]: the choice holds a slot and contributes to the output."""
+        return self.slot >= 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,25 +87,27 @@ def expert_capacity(
     capacity_factor: Optional[float],
     min_capacity: int = 1,
 ) -> Optional[int]:
-  """Slots per expert per group: C = ceil(K·S/E · capacity_factor), at least `min_capacity`.
+    """Slots per expert per group: C = ceil(K·S/E · capacity_factor), at least `min_capacity`.
 
-  A capacity factor of 1 gives exactly enough slots for perfectly balanced routing; Switch trains
-  at 1.0–1.25 and evaluates at a higher factor (2.0) so fewer tokens drop at evaluation. C is also
-  capped at S: a token picks an expert at most once, so an expert can never receive more than S
-  tokens of a group and slots beyond S would always be empty. `capacity_factor=None` means dropless
-  routing and returns None.
+    A capacity factor of 1 gives exactly enough slots for perfectly balanced routing; Switch trains
+    at 1.0–1.25 and evaluates at a higher factor (2.0) so fewer tokens drop at evaluation. C is also
+    capped at S: a token picks an expert at most once, so an expert can never receive more than S
+    tokens of a group and slots beyond S would always be empty. `capacity_factor=None` means dropless
+    routing and returns None.
 
-  For expert-choice routing call it with num_selected=1: C = ceil(S/E · capacity_factor), where the
-  capacity factor is the average number of experts per token (Zhou et al. 2022).
-  """
-  if capacity_factor is None:
-    return None
-  if capacity_factor <= 0:
-    raise ValueError(f"capacity_factor must be > 0 (or None for dropless); got {capacity_factor}.")
-  if min_capacity < 1:
-    raise ValueError(f"min_capacity must be >= 1; got {min_capacity}.")
-  capacity = math.ceil(num_selected * tokens_per_group / num_experts * capacity_factor)
-  return min(max(capacity, min_capacity), tokens_per_group)
+    For expert-choice routing call it with num_selected=1: C = ceil(S/E · capacity_factor), where the
+    capacity factor is the average number of experts per token (Zhou et al. 2022).
+    """
+    if capacity_factor is None:
+        return None
+    if capacity_factor <= 0:
+        raise ValueError(
+            f"capacity_factor must be > 0 (or None for dropless); got {capacity_factor}."
+        )
+    if min_capacity < 1:
+        raise ValueError(f"min_capacity must be >= 1; got {min_capacity}.")
+    capacity = math.ceil(num_selected * tokens_per_group / num_experts * capacity_factor)
+    return min(max(capacity, min_capacity), tokens_per_group)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,33 +122,35 @@ def router_logits(
     jitter_key: Optional[Array] = None,
     jitter_eps: float = 0.0,
 ) -> Array:
-  """Router logits h = x·W_r (+ b), always in float32 ("selective precision", Switch §2.4).
+    """Router logits h = x·W_r (+ b), always in float32 ("selective precision", Switch §2.4).
 
-  The softmax over experts and the top-k that follows are sensitive to rounding: in bfloat16 two
-  experts whose logits differ by less than ~1% of their magnitude tie, and the exponentials in the
-  softmax and z-loss overflow early. The router matmul is a tiny share of the layer's FLOPs
-  (E columns against the experts' 2·F), so it is computed in float32 whatever the compute dtype.
+    The softmax over experts and the top-k that follows are sensitive to rounding: in bfloat16 two
+    experts whose logits differ by less than ~1% of their magnitude tie, and the exponentials in the
+    softmax and z-loss overflow early. The router matmul is a tiny share of the layer's FLOPs
+    (E columns against the experts' 2·F), so it is computed in float32 whatever the compute dtype.
 
-  Args:
-    x: [G, S, D] tokens, any float dtype.
-    kernel: [D, E] router weights.
-    bias: optional [E].
-    jitter_key: PRNG key for multiplicative jitter x ← x·U(1-ε, 1+ε) (Switch, ε=1e-2), applied
-      to the router's input only; None (evaluation) disables it.
-    jitter_eps: ε.
+    Args:
+      x: [G, S, D] tokens, any float dtype.
+      kernel: [D, E] router weights.
+      bias: optional [E].
+      jitter_key: PRNG key for multiplicative jitter x ← x·U(1-ε, 1+ε) (Switch, ε=1e-2), applied
+        to the router's input only; None (evaluation) disables it.
+      jitter_eps: ε.
 
-  Returns:
-    float32[G, S, E] logits.
-  """
-  x = x.astype(jnp.float32)
-  if jitter_key is not None and jitter_eps > 0:
-    x = x * jax.random.uniform(
-        jitter_key, x.shape, jnp.float32, minval=1.0 - jitter_eps, maxval=1.0 + jitter_eps)
-  logits = jnp.einsum("gsd,de->gse", x, kernel.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  return logits
+    Returns:
+      float32[G, S, E] logits.
+    """
+    x = x.astype(jnp.float32)
+    if jitter_key is not None and jitter_eps > 0:
+        x = x * jax.random.uniform(
+            jitter_key, x.shape, jnp.float32, minval=1.0 - jitter_eps, maxval=1.0 + jitter_eps
+        )
+    logits = jnp.einsum(
+        "gsd,de->gse", x, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,19 +158,19 @@ def router_logits(
 
 
 def _priority_order(probs: Array, batch_prioritized: bool) -> Array:
-  """int32[G, S]: the order in which a group's tokens claim slots.
+    """int32[G, S]: the order in which a group's tokens claim slots.
 
-  In-order priority (Switch, GShard) lets earlier tokens go first, so a token's slot depends only
-  on the tokens before it: causal, safe for decoders. Batch Prioritized Routing (V-MoE, Riquelme
-  et al. 2021) lets the tokens the router is most confident about go first — by their top-1
-  probability, the same order for every choice rank — so at low capacity the dropped tokens are
-  the ones the router cared least about. It looks at the whole group, so it is not causal.
-  """
-  G, S, _ = probs.shape
-  if not batch_prioritized:
-    return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
-  # Stable sort: equal confidences keep sequence order, so ties break the same way as in-order.
-  return jnp.argsort(-jnp.max(probs, axis=-1), axis=-1, stable=True).astype(jnp.int32)
+    In-order priority (Switch, GShard) lets earlier tokens go first, so a token's slot depends only
+    on the tokens before it: causal, safe for decoders. Batch Prioritized Routing (V-MoE, Riquelme
+    et al. 2021) lets the tokens the router is most confident about go first — by their top-1
+    probability, the same order for every choice rank — so at low capacity the dropped tokens are
+    the ones the router cared least about. It looks at the whole group, so it is not causal.
+    """
+    G, S, _ = probs.shape
+    if not batch_prioritized:
+        return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
+    # Stable sort: equal confidences keep sequence order, so ties break the same way as in-order.
+    return jnp.argsort(-jnp.max(probs, axis=-1), axis=-1, stable=True).astype(jnp.int32)
 
 
 def assign_slots(
@@ -176,40 +180,40 @@ def assign_slots(
     capacity: Optional[int],
     order: Array,
 ) -> tuple[Array, Array]:
-  """Places every requested (token, choice) pair in its expert's buffer.
+    """Places every requested (token, choice) pair in its expert's buffer.
 
-  All tokens' first choices are placed before any second choice (GShard): a token's backup expert
-  never evicts another token's preferred one. Within a rank, tokens claim slots in `order`.
-  The position of a pair is the number of pairs ahead of it (in that order) that asked for the same
-  expert: one cumulative sum over the flattened [K·S] sequence of one-hot expert masks.
+    All tokens' first choices are placed before any second choice (GShard): a token's backup expert
+    never evicts another token's preferred one. Within a rank, tokens claim slots in `order`.
+    The position of a pair is the number of pairs ahead of it (in that order) that asked for the same
+    expert: one cumulative sum over the flattened [K·S] sequence of one-hot expert masks.
 
-  Args:
-    expert: int32[G, S, K] the chosen experts.
-    requested: bool[G, S, K] pairs that ask for a slot (False: skipped by random routing).
-    num_experts: E.
-    capacity: C, or None to place everything (dropless).
-    order: int32[G, S] priority order of tokens (a permutation of 0..S-1 per group).
+    Args:
+      expert: int32[G, S, K] the chosen experts.
+      requested: bool[G, S, K] pairs that ask for a slot (False: skipped by random routing).
+      num_experts: E.
+      capacity: C, or None to place everything (dropless).
+      order: int32[G, S] priority order of tokens (a permutation of 0..S-1 per group).
 
-  Returns:
-    slot: int32[G, S, K], -1 where not requested or over capacity.
-    overflow: bool[G, S, K], requested but over capacity (the dropped pairs).
-  """
-  G, S, K = expert.shape
-  # Gather into priority order, rank-major: [G, K, S] -> flattened [G, K·S].
-  take = lambda a: jnp.take_along_axis(a, order[:, :, None], axis=1)
-  expert_o = jnp.swapaxes(take(expert), 1, 2).reshape(G, K * S)
-  requested_o = jnp.swapaxes(take(requested), 1, 2).reshape(G, K * S)
-  onehot = jax.nn.one_hot(expert_o, num_experts, dtype=jnp.int32) * requested_o[..., None]
-  # [G, K·S, E] running count of pairs per expert; the pair's own position is count - 1.
-  position = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)
-  fits = requested_o if capacity is None else requested_o & (position < capacity)
-  slot_o = jnp.where(fits, position, -1).astype(jnp.int32)
-  overflow_o = requested_o & ~fits
-  # Back to token order: undo the flattening, then scatter rows back through the permutation.
-  unflatten = lambda a: jnp.swapaxes(a.reshape(G, K, S), 1, 2)
-  inverse = jnp.argsort(order, axis=-1)
-  untake = lambda a: jnp.take_along_axis(a, inverse[:, :, None], axis=1)
-  return untake(unflatten(slot_o)), untake(unflatten(overflow_o))
+    Returns:
+      slot: int32[G, S, K], -1 where not requested or over capacity.
+      overflow: bool[G, S, K], requested but over capacity (the dropped pairs).
+    """
+    G, S, K = expert.shape
+    # Gather into priority order, rank-major: [G, K, S] -> flattened [G, K·S].
+    take = lambda a: jnp.take_along_axis(a, order[:, :, None], axis=1)
+    expert_o = jnp.swapaxes(take(expert), 1, 2).reshape(G, K * S)
+    requested_o = jnp.swapaxes(take(requested), 1, 2).reshape(G, K * S)
+    onehot = jax.nn.one_hot(expert_o, num_experts, dtype=jnp.int32) * requested_o[..., None]
+    # [G, K·S, E] running count of pairs per expert; the pair's own position is count - 1.
+    position = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)
+    fits = requested_o if capacity is None else requested_o & (position < capacity)
+    slot_o = jnp.where(fits, position, -1).astype(jnp.int32)
+    overflow_o = requested_o & ~fits
+    # Back to token order: undo the flattening, then scatter rows back through the permutation.
+    unflatten = lambda a: jnp.swapaxes(a.reshape(G, K, S), 1, 2)
+    inverse = jnp.argsort(order, axis=-1)
+    untake = lambda a: jnp.take_along_axis(a, inverse[:, :, None], axis=1)
+    return untake(unflatten(slot_o)), untake(unflatten(overflow_o))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,15 +221,15 @@ def assign_slots(
 
 
 def gshard_keep_second(key: Array, second_gate: Array, threshold: float = 0.5) -> Array:
-  """bool[G, S]: GShard random routing of the second expert.
+    """bool[G, S]: GShard random routing of the second expert.
 
-  The second choice is kept with probability min(1, g2 / threshold), g2 being its gate normalised
-  over the top-2. GShard's rule "keep if 2·g2 > U(0,1)" is threshold 0.5: a second expert with
-  half the weight is always used, one with a tiny weight is mostly skipped, which saves capacity
-  for first choices. The uniforms are `jax.random.uniform(key, second_gate.shape)`.
-  """
-  u = jax.random.uniform(key, second_gate.shape, jnp.float32)
-  return u < second_gate / threshold
+    The second choice is kept with probability min(1, g2 / threshold), g2 being its gate normalised
+    over the top-2. GShard's rule "keep if 2·g2 > U(0,1)" is threshold 0.5: a second expert with
+    half the weight is always used, one with a tiny weight is mostly skipped, which saves capacity
+    for first choices. The uniforms are `jax.random.uniform(key, second_gate.shape)`.
+    """
+    u = jax.random.uniform(key, second_gate.shape, jnp.float32)
+    return u < second_gate / threshold
 
 
 def top_k_route(
@@ -238,51 +242,60 @@ def top_k_route(
     random_routing_key: Optional[Array] = None,
     random_routing_threshold: float = 0.5,
 ) -> RoutingResult:
-  """Token-choice routing: each token picks its K most probable experts, subject to capacity.
+    """Token-choice routing: each token picks its K most probable experts, subject to capacity.
 
-  Args:
-    logits: float32[G, S, E] router logits.
-    num_selected: K (1 = Switch, 2 = GShard / ST-MoE).
-    capacity: C from `expert_capacity`, or None for dropless routing (nothing dropped).
-    gate_norm: "raw" uses p[e] as the gate (Switch; the router learns through the gate's scale);
-      "normalized" divides the K chosen probabilities by their sum (GShard top-2, Mixtral).
-      Normalisation happens before capacity: a token whose second choice drops keeps its first
-      gate unchanged, as in GShard, rather than being scaled up to 1.
-    batch_prioritized: claim slots by descending top-1 probability instead of sequence order.
-    random_routing_key: if given and K >= 2, GShard random routing decides whether each token's
-      second choice is used at all (`gshard_keep_second`). None (evaluation) keeps all K choices.
-    random_routing_threshold: see `gshard_keep_second`.
+    Args:
+      logits: float32[G, S, E] router logits.
+      num_selected: K (1 = Switch, 2 = GShard / ST-MoE).
+      capacity: C from `expert_capacity`, or None for dropless routing (nothing dropped).
+      gate_norm: "raw" uses p[e] as the gate (Switch; the router learns through the gate's scale);
+        "normalized" divides the K chosen probabilities by their sum (GShard top-2, Mixtral).
+        Normalisation happens before capacity: a token whose second choice drops keeps its first
+        gate unchanged, as in GShard, rather than being scaled up to 1.
+      batch_prioritized: claim slots by descending top-1 probability instead of sequence order.
+      random_routing_key: if given and K >= 2, GShard random routing decides whether each token's
+        second choice is used at all (`gshard_keep_second`). None (evaluation) keeps all K choices.
+      random_routing_threshold: see `gshard_keep_second`.
 
-  Returns:
-    A RoutingResult with K choices per token.
-  """
-  G, S, E = logits.shape
-  if not 1 <= num_selected <= E:
-    raise ValueError(f"num_selected (k) must be in [1, num_experts={E}]; got {num_selected}.")
-  if gate_norm not in GATE_NORMS:
-    raise ValueError(f"gate_norm must be one of {GATE_NORMS}; got {gate_norm!r}.")
-  probs = jax.nn.softmax(logits, axis=-1)
-  top_p, expert = jax.lax.top_k(probs, num_selected)  # [G, S, K] each, descending.
-  expert = expert.astype(jnp.int32)
-  normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-  gate = normalized if gate_norm == "normalized" else top_p
+    Returns:
+      A RoutingResult with K choices per token.
+    """
+    G, S, E = logits.shape
+    if not 1 <= num_selected <= E:
+        raise ValueError(f"num_selected (k) must be in [1, num_experts={E}]; got {num_selected}.")
+    if gate_norm not in GATE_NORMS:
+        raise ValueError(f"gate_norm must be one of {GATE_NORMS}; got {gate_norm!r}.")
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_p, expert = jax.lax.top_k(probs, num_selected)  # [G, S, K] each, descending.
+    expert = expert.astype(jnp.int32)
+    normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    gate = normalized if gate_norm == "normalized" else top_p
 
-  requested = jnp.ones((G, S, num_selected), bool)
-  if random_routing_key is not None and num_selected >= 2:
-    # GShard's g2 is the second gate normalised over the top-2, whatever gate_norm says.
-    g2 = top_p[..., 1] / (top_p[..., 0] + top_p[..., 1])
-    keep2 = gshard_keep_second(random_routing_key, g2, random_routing_threshold)
-    requested = requested.at[..., 1].set(keep2)
+    requested = jnp.ones((G, S, num_selected), bool)
+    if random_routing_key is not None and num_selected >= 2:
+        # GShard's g2 is the second gate normalised over the top-2, whatever gate_norm says.
+        g2 = top_p[..., 1] / (top_p[..., 0] + top_p[..., 1])
+        keep2 = gshard_keep_second(random_routing_key, g2, random_routing_threshold)
+        requested = requested.at[..., 1].set(keep2)
 
-  order = _priority_order(probs, batch_prioritized)
-  slot, overflow = assign_slots(expert, requested, E, capacity, order)
-  gate = jnp.where(slot >= 0, gate, 0.0)
-  result = RoutingResult(
-      expert=expert, slot=slot, gate=gate, probs=probs, logits=logits,
-      losses={}, stats={}, capacity=capacity, causal=not batch_prioritized)
-  return result.replace(
-      losses=losses_lib.router_losses(logits, probs, expert),
-      stats=losses_lib.routing_stats(result, requested=requested, overflow=overflow))
+    order = _priority_order(probs, batch_prioritized)
+    slot, overflow = assign_slots(expert, requested, E, capacity, order)
+    gate = jnp.where(slot >= 0, gate, 0.0)
+    result = RoutingResult(
+        expert=expert,
+        slot=slot,
+        gate=gate,
+        probs=probs,
+        logits=logits,
+        losses={},
+        stats={},
+        capacity=capacity,
+        causal=not batch_prioritized,
+    )
+    return result.replace(
+        losses=losses_lib.router_losses(logits, probs, expert),
+        stats=losses_lib.routing_stats(result, requested=requested, overflow=overflow),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,53 +303,64 @@ def top_k_route(
 
 
 def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
-  """Expert-choice routing: every expert takes the C tokens of the group it likes best.
+    """Expert-choice routing: every expert takes the C tokens of the group it likes best.
 
-  Each expert fills exactly C slots, so load is perfectly balanced by construction and nothing
-  "drops" in the token-choice sense; instead a token may be taken by 0..E experts. Its gate for
-  expert e is p[s, e] (softmax over experts), as in the paper. Choosing among all S tokens of the
-  group means token s's routing depends on tokens after it: not causal, so a decoder can train
-  with it but cannot decode autoregressively (the result carries causal=False).
+    Each expert fills exactly C slots, so load is perfectly balanced by construction and nothing
+    "drops" in the token-choice sense; instead a token may be taken by 0..E experts. Its gate for
+    expert e is p[s, e] (softmax over experts), as in the paper. Choosing among all S tokens of the
+    group means token s's routing depends on tokens after it: not causal, so a decoder can train
+    with it but cannot decode autoregressively (the result carries causal=False).
 
-  Returns a RoutingResult with K = E: choice e of a token is expert e, with slot = the token's rank
-  among expert e's picks (0 = best), or -1 when expert e did not pick it.
+    Returns a RoutingResult with K = E: choice e of a token is expert e, with slot = the token's rank
+    among expert e's picks (0 = best), or -1 when expert e did not pick it.
 
-  Args:
-    logits: float32[G, S, E].
-    capacity: C in [1, S], usually `expert_capacity(S, E, 1, capacity_factor)`.
-  """
-  G, S, E = logits.shape
-  if capacity is None or not 1 <= capacity <= S:
-    raise ValueError(
-        f"expert-choice routing needs a capacity in [1, tokens_per_group={S}]; got {capacity}.")
-  probs = jax.nn.softmax(logits, axis=-1)
-  # [G, E, C]: the tokens each expert picked, best first (top_k breaks ties by lower index).
-  _, picked = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
-  g_idx = jnp.arange(G)[:, None, None]
-  e_idx = jnp.arange(E)[None, :, None]
-  c_idx = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), picked.shape)
-  slot = jnp.full((G, S, E), -1, jnp.int32).at[g_idx, picked, e_idx].set(c_idx)
-  expert = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
-  gate = jnp.where(slot >= 0, probs, 0.0)
-  result = RoutingResult(
-      expert=expert, slot=slot, gate=gate, probs=probs, logits=logits,
-      losses={}, stats={}, capacity=capacity, causal=False)
-  # The load-balancing loss is computed from each token's top-1 preference for reporting; with
-  # perfectly balanced slots an expert-choice model normally trains with its weight at 0.
-  top1 = jnp.argmax(probs, axis=-1)[..., None].astype(jnp.int32)
-  return result.replace(
-      losses=losses_lib.router_losses(logits, probs, top1),
-      stats=losses_lib.routing_stats(result, requested=slot >= 0,
-                                     overflow=jnp.zeros_like(slot, bool), per_rank=False))
+    Args:
+      logits: float32[G, S, E].
+      capacity: C in [1, S], usually `expert_capacity(S, E, 1, capacity_factor)`.
+    """
+    G, S, E = logits.shape
+    if capacity is None or not 1 <= capacity <= S:
+        raise ValueError(
+            f"expert-choice routing needs a capacity in [1, tokens_per_group={S}]; got {capacity}."
+        )
+    probs = jax.nn.softmax(logits, axis=-1)
+    # [G, E, C]: the tokens each expert picked, best first (top_k breaks ties by lower index).
+    _, picked = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
+    g_idx = jnp.arange(G)[:, None, None]
+    e_idx = jnp.arange(E)[None, :, None]
+    c_idx = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), picked.shape)
+    slot = jnp.full((G, S, E), -1, jnp.int32).at[g_idx, picked, e_idx].set(c_idx)
+    expert = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
+    gate = jnp.where(slot >= 0, probs, 0.0)
+    result = RoutingResult(
+        expert=expert,
+        slot=slot,
+        gate=gate,
+        probs=probs,
+        logits=logits,
+        losses={},
+        stats={},
+        capacity=capacity,
+        causal=False,
+    )
+    # The load-balancing loss is computed from each token's top-1 preference for reporting; with
+    # perfectly balanced slots an expert-choice model normally trains with its weight at 0.
+    top1 = jnp.argmax(probs, axis=-1)[..., None].astype(jnp.int32)
+    return result.replace(
+        losses=losses_lib.router_losses(logits, probs, top1),
+        stats=losses_lib.routing_stats(
+            result, requested=slot >= 0, overflow=jnp.zeros_like(slot, bool), per_rank=False
+        ),
+    )
 
 
 ROUTERS = ("top_k", "expert_choice")
 
 
 def route(logits: Array, *, router: str, **kwargs: Any) -> RoutingResult:
-  """Dispatches to a router by name ("top_k" or "expert_choice")."""
-  if router == "top_k":
-    return top_k_route(logits, **kwargs)
-  if router == "expert_choice":
-    return expert_choice_route(logits, **kwargs)
-  raise ValueError(f"router must be one of {ROUTERS}; got {router!r}.")
+    """Dispatches to a router by name ("top_k" or "expert_choice")."""
+    if router == "top_k":
+        return top_k_route(logits, **kwargs)
+    if router == "expert_choice":
+        return expert_choice_route(logits, **kwargs)
+    raise ValueError(f"router must be one of {ROUTERS}; got {router!r}.")

@@ -1,4 +1,5 @@
 """Test-session setup that must happen before JAX initialises its backend."""
+
 import os
 
 # Expert-parallel tests run on 8 fake CPU devices. This must be set before the first JAX

@@ -9,96 +9,98 @@ import numpy as np
 
 
 def capacity(S, E, k, factor, min_capacity=1):
-  return min(max(math.ceil(k * S / E * factor), min_capacity), S)
+    return min(max(math.ceil(k * S / E * factor), min_capacity), S)
 
 
 def top_k_route(probs, k, C, gate_norm="raw", batch_prioritized=False, keep_second=None):
-  """Brute-force token-choice routing.
+    """Brute-force token-choice routing.
 
-  probs: [G, S, E]; C: capacity or None; keep_second: optional bool [G, S] (random routing).
-  Returns expert, slot, gate as numpy arrays [G, S, k].
-  """
-  G, S, E = probs.shape
-  expert = np.zeros((G, S, k), np.int64)
-  slot = np.full((G, S, k), -1, np.int64)
-  gate = np.zeros((G, S, k), np.float64)
-  for g in range(G):
-    if batch_prioritized:
-      order = sorted(range(S), key=lambda s: (-probs[g, s].max(), s))
-    else:
-      order = list(range(S))
-    ranked = [sorted(range(E), key=lambda e: (-probs[g, s, e], e))[:k] for s in range(S)]
-    used = [0] * E
-    for rank in range(k):  # every first choice before any second choice
-      for s in order:
-        e = ranked[s][rank]
-        expert[g, s, rank] = e
-        if rank == 1 and keep_second is not None and not keep_second[g, s]:
-          continue
-        if C is None or used[e] < C:
-          slot[g, s, rank] = used[e]
-          used[e] += 1
-    for s in range(S):
-      chosen = [probs[g, s, e] for e in ranked[s]]
-      total = sum(chosen)
-      for rank in range(k):
-        if slot[g, s, rank] >= 0:
-          gate[g, s, rank] = chosen[rank] / total if gate_norm == "normalized" else chosen[rank]
-  return expert, slot, gate
+    probs: [G, S, E]; C: capacity or None; keep_second: optional bool [G, S] (random routing).
+    Returns expert, slot, gate as numpy arrays [G, S, k].
+    """
+    G, S, E = probs.shape
+    expert = np.zeros((G, S, k), np.int64)
+    slot = np.full((G, S, k), -1, np.int64)
+    gate = np.zeros((G, S, k), np.float64)
+    for g in range(G):
+        if batch_prioritized:
+            order = sorted(range(S), key=lambda s: (-probs[g, s].max(), s))
+        else:
+            order = list(range(S))
+        ranked = [sorted(range(E), key=lambda e: (-probs[g, s, e], e))[:k] for s in range(S)]
+        used = [0] * E
+        for rank in range(k):  # every first choice before any second choice
+            for s in order:
+                e = ranked[s][rank]
+                expert[g, s, rank] = e
+                if rank == 1 and keep_second is not None and not keep_second[g, s]:
+                    continue
+                if C is None or used[e] < C:
+                    slot[g, s, rank] = used[e]
+                    used[e] += 1
+        for s in range(S):
+            chosen = [probs[g, s, e] for e in ranked[s]]
+            total = sum(chosen)
+            for rank in range(k):
+                if slot[g, s, rank] >= 0:
+                    gate[g, s, rank] = (
+                        chosen[rank] / total if gate_norm == "normalized" else chosen[rank]
+                    )
+    return expert, slot, gate
 
 
 def expert_choice_route(probs, C):
-  """Each expert takes its top-C tokens. Returns slot[G, S, E] (rank or -1) and gate[G, S, E]."""
-  G, S, E = probs.shape
-  slot = np.full((G, S, E), -1, np.int64)
-  gate = np.zeros((G, S, E))
-  for g in range(G):
-    for e in range(E):
-      best = sorted(range(S), key=lambda s: (-probs[g, s, e], s))[:C]
-      for rank, s in enumerate(best):
-        slot[g, s, e] = rank
-        gate[g, s, e] = probs[g, s, e]
-  return slot, gate
+    """Each expert takes its top-C tokens. Returns slot[G, S, E] (rank or -1) and gate[G, S, E]."""
+    G, S, E = probs.shape
+    slot = np.full((G, S, E), -1, np.int64)
+    gate = np.zeros((G, S, E))
+    for g in range(G):
+        for e in range(E):
+            best = sorted(range(S), key=lambda s: (-probs[g, s, e], s))[:C]
+            for rank, s in enumerate(best):
+                slot[g, s, e] = rank
+                gate[g, s, e] = probs[g, s, e]
+    return slot, gate
 
 
 def gelu(x):
-  # tanh approximation, as jax.nn.gelu's default.
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    # tanh approximation, as jax.nn.gelu's default.
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def silu(x):
-  return x / (1 + np.exp(-x))
+    return x / (1 + np.exp(-x))
 
 
 def ffn(x, w_in, w_out, w_gate=None, activation="relu"):
-  """One expert on one token vector x[D]."""
-  h = x @ w_in
-  if activation == "relu":
-    h = np.maximum(h, 0)
-  elif activation == "gelu":
-    h = gelu(h)
-  elif activation == "swiglu":
-    h = silu(x @ w_gate) * h
-  elif activation == "geglu":
-    h = gelu(x @ w_gate) * h
-  return h @ w_out
+    """One expert on one token vector x[D]."""
+    h = x @ w_in
+    if activation == "relu":
+        h = np.maximum(h, 0)
+    elif activation == "gelu":
+        h = gelu(h)
+    elif activation == "swiglu":
+        h = silu(x @ w_gate) * h
+    elif activation == "geglu":
+        h = gelu(x @ w_gate) * h
+    return h @ w_out
 
 
 def moe_output(x, expert, slot, gate, w_in, w_out, w_gate=None, activation="relu"):
-  """y[g, s] = Σ_k gate · expert_e(x[g, s]) over kept choices, one token at a time."""
-  G, S, D = x.shape
-  y = np.zeros((G, S, D))
-  for g in range(G):
-    for s in range(S):
-      for k in range(expert.shape[-1]):
-        if slot[g, s, k] >= 0:
-          e = expert[g, s, k]
-          wg = None if w_gate is None else w_gate[e]
-          y[g, s] += gate[g, s, k] * ffn(x[g, s], w_in[e], w_out[e], wg, activation)
-  return y
+    """y[g, s] = Σ_k gate · expert_e(x[g, s]) over kept choices, one token at a time."""
+    G, S, D = x.shape
+    y = np.zeros((G, S, D))
+    for g in range(G):
+        for s in range(S):
+            for k in range(expert.shape[-1]):
+                if slot[g, s, k] >= 0:
+                    e = expert[g, s, k]
+                    wg = None if w_gate is None else w_gate[e]
+                    y[g, s] += gate[g, s, k] * ffn(x[g, s], w_in[e], w_out[e], wg, activation)
+    return y
 
 
 def softmax(logits):
-  z = logits - logits.max(-1, keepdims=True)
-  p = np.exp(z)
-  return p / p.sum(-1, keepdims=True)
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(-1, keepdims=True)

@@ -15,139 +15,167 @@ G, S, E, D, F = 3, 16, 4, 6, 8
 
 
 def make_inputs(seed, activation="relu"):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(keys[0], (G, S, D))
-  router = jax.random.normal(keys[1], (D, E)) + jnp.linspace(0.0, 1.0, E)  # skew: overflow
-  w = {"w_in": jax.random.normal(keys[2], (E, D, F)) / np.sqrt(D),
-       "w_out": jax.random.normal(keys[3], (E, F, D)) / np.sqrt(F)}
-  if activation in ("swiglu", "geglu"):
-    w["w_gate"] = jax.random.normal(keys[4], (E, D, F)) / np.sqrt(D)
-  return x, router, w
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (G, S, D))
+    router = jax.random.normal(keys[1], (D, E)) + jnp.linspace(0.0, 1.0, E)  # skew: overflow
+    w = {
+        "w_in": jax.random.normal(keys[2], (E, D, F)) / np.sqrt(D),
+        "w_out": jax.random.normal(keys[3], (E, F, D)) / np.sqrt(F),
+    }
+    if activation in ("swiglu", "geglu"):
+        w["w_gate"] = jax.random.normal(keys[4], (E, D, F)) / np.sqrt(D)
+    return x, router, w
 
 
 def routed(x, router, k, C, policy="top_k"):
-  logits = routing.router_logits(x, router)
-  if policy == "expert_choice":
-    return routing.expert_choice_route(logits, capacity=C)
-  return routing.top_k_route(logits, num_selected=k, capacity=C)
+    logits = routing.router_logits(x, router)
+    if policy == "expert_choice":
+        return routing.expert_choice_route(logits, capacity=C)
+    return routing.top_k_route(logits, num_selected=k, capacity=C)
 
 
-@pytest.mark.parametrize("policy,k,factor", [
-    ("top_k", 1, 0.5), ("top_k", 1, 1.25), ("top_k", 2, 0.5), ("top_k", 2, 1.0),
-    ("expert_choice", 1, 1.0)])
+@pytest.mark.parametrize(
+    "policy,k,factor",
+    [
+        ("top_k", 1, 0.5),
+        ("top_k", 1, 1.25),
+        ("top_k", 2, 0.5),
+        ("top_k", 2, 1.0),
+        ("expert_choice", 1, 1.0),
+    ],
+)
 def test_backends_agree_on_output_and_gradients(policy, k, factor):
-  x, router, w = make_inputs(seed=k)
-  C = routing.expert_capacity(S, E, 1 if policy == "expert_choice" else k, factor)
+    x, router, w = make_inputs(seed=k)
+    C = routing.expert_capacity(S, E, 1 if policy == "expert_choice" else k, factor)
 
-  def run(backend, x, router, w):
-    experts = StackedExperts(**w, activation="relu")
-    return dispatch.moe_forward(backend, x, routed(x, router, k, C, policy), experts)
+    def run(backend, x, router, w):
+        experts = StackedExperts(**w, activation="relu")
+        return dispatch.moe_forward(backend, x, routed(x, router, k, C, policy), experts)
 
-  r = routed(x, router, k, C, policy)
-  if policy == "top_k" and factor < 1:
-    assert (np.asarray(r.slot) < 0).any(), "overflow case must drop tokens"
-  cotangent = jax.random.normal(jax.random.key(9), (G, S, D))
-  loss = lambda backend, *args: jnp.sum(run(backend, *args) * cotangent)
-  outs, grads = {}, {}
-  for backend in dispatch.BACKENDS:
-    outs[backend] = run(backend, x, router, w)
-    grads[backend] = jax.grad(loss, argnums=(1, 2, 3))(backend, x, router, w)
-  # All backends equal a loop over tokens computing Σ gate·expert(x) over the kept choices.
-  expected = ref.moe_output(np.asarray(x, np.float64), np.asarray(r.expert), np.asarray(r.slot),
-                            np.asarray(r.gate, np.float64),
-                            np.asarray(w["w_in"], np.float64), np.asarray(w["w_out"], np.float64))
-  for backend in dispatch.BACKENDS:
-    np.testing.assert_allclose(outs[backend], expected, atol=1e-5, rtol=1e-5, err_msg=backend)
-    for a, b in zip(jax.tree.leaves(grads[backend]), jax.tree.leaves(grads["einsum"])):
-      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=backend)
-  # The router gets gradient through the gates.
-  assert np.abs(np.asarray(grads["einsum"][1])).max() > 1e-4
+    r = routed(x, router, k, C, policy)
+    if policy == "top_k" and factor < 1:
+        assert (np.asarray(r.slot) < 0).any(), "overflow case must drop tokens"
+    cotangent = jax.random.normal(jax.random.key(9), (G, S, D))
+    loss = lambda backend, *args: jnp.sum(run(backend, *args) * cotangent)
+    outs, grads = {}, {}
+    for backend in dispatch.BACKENDS:
+        outs[backend] = run(backend, x, router, w)
+        grads[backend] = jax.grad(loss, argnums=(1, 2, 3))(backend, x, router, w)
+    # All backends equal a loop over tokens computing Σ gate·expert(x) over the kept choices.
+    expected = ref.moe_output(
+        np.asarray(x, np.float64),
+        np.asarray(r.expert),
+        np.asarray(r.slot),
+        np.asarray(r.gate, np.float64),
+        np.asarray(w["w_in"], np.float64),
+        np.asarray(w["w_out"], np.float64),
+    )
+    for backend in dispatch.BACKENDS:
+        np.testing.assert_allclose(outs[backend], expected, atol=1e-5, rtol=1e-5, err_msg=backend)
+        for a, b in zip(jax.tree.leaves(grads[backend]), jax.tree.leaves(grads["einsum"])):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=backend)
+    # The router gets gradient through the gates.
+    assert np.abs(np.asarray(grads["einsum"][1])).max() > 1e-4
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "geglu"])
 def test_no_drops_equals_loop_over_tokens(activation):
-  x, router, w = make_inputs(seed=3, activation=activation)
-  C = routing.expert_capacity(S, E, 2, 100.0)  # = S: nothing can drop
-  r = routed(x, router, 2, C)
-  assert (np.asarray(r.slot) >= 0).all()
-  f64 = lambda a: np.asarray(a, np.float64)
-  expected = ref.moe_output(f64(x), np.asarray(r.expert), np.asarray(r.slot), f64(r.gate),
-                            f64(w["w_in"]), f64(w["w_out"]),
-                            None if "w_gate" not in w else f64(w["w_gate"]), activation)
-  for backend in dispatch.BACKENDS:
-    y = dispatch.moe_forward(backend, x, r, StackedExperts(**w, activation=activation))
-    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5, err_msg=backend)
+    x, router, w = make_inputs(seed=3, activation=activation)
+    C = routing.expert_capacity(S, E, 2, 100.0)  # = S: nothing can drop
+    r = routed(x, router, 2, C)
+    assert (np.asarray(r.slot) >= 0).all()
+    f64 = lambda a: np.asarray(a, np.float64)
+    expected = ref.moe_output(
+        f64(x),
+        np.asarray(r.expert),
+        np.asarray(r.slot),
+        f64(r.gate),
+        f64(w["w_in"]),
+        f64(w["w_out"]),
+        None if "w_gate" not in w else f64(w["w_gate"]),
+        activation,
+    )
+    for backend in dispatch.BACKENDS:
+        y = dispatch.moe_forward(backend, x, r, StackedExperts(**w, activation=activation))
+        np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5, err_msg=backend)
 
 
 def test_dropped_tokens_give_zero_output():
-  x, router, w = make_inputs(seed=4)
-  r = routed(x, router, 1, 1)  # one slot per expert: most tokens drop
-  dropped = np.asarray(r.slot[..., 0]) < 0
-  assert dropped.sum() > G * S // 2
-  for backend in dispatch.BACKENDS:
-    y = np.asarray(dispatch.moe_forward(backend, x, r, StackedExperts(**w)))
-    assert np.all(y[dropped] == 0), backend
-    assert np.all(np.abs(y[~dropped]).sum(-1) > 0), backend
+    x, router, w = make_inputs(seed=4)
+    r = routed(x, router, 1, 1)  # one slot per expert: most tokens drop
+    dropped = np.asarray(r.slot[..., 0]) < 0
+    assert dropped.sum() > G * S // 2
+    for backend in dispatch.BACKENDS:
+        y = np.asarray(dispatch.moe_forward(backend, x, r, StackedExperts(**w)))
+        assert np.all(y[dropped] == 0), backend
+        assert np.all(np.abs(y[~dropped]).sum(-1) > 0), backend
 
 
 def test_slot_table_and_masks_match_the_routing_result():
-  x, router, w = make_inputs(seed=5)
-  r = routed(x, router, 2, 3)
-  table = np.asarray(dispatch.GatherDispatch.slot_table(r))
-  mask, combine = (np.asarray(m) for m in dispatch.EinsumDispatch.masks(r, jnp.float32))
-  expert, slot, gate = (np.asarray(a) for a in (r.expert, r.slot, r.gate))
-  expected_table = np.full((G, E, 3), -1)
-  expected_mask = np.zeros((G, S, E, 3))
-  expected_combine = np.zeros((G, S, E, 3))
-  for g in range(G):
-    for s in range(S):
-      for k in range(2):
-        if slot[g, s, k] >= 0:
-          expected_table[g, expert[g, s, k], slot[g, s, k]] = s
-          expected_mask[g, s, expert[g, s, k], slot[g, s, k]] = 1
-          expected_combine[g, s, expert[g, s, k], slot[g, s, k]] = gate[g, s, k]
-  np.testing.assert_array_equal(table, expected_table)
-  np.testing.assert_array_equal(mask, expected_mask)
-  np.testing.assert_allclose(combine, expected_combine, rtol=1e-6)
+    x, router, w = make_inputs(seed=5)
+    r = routed(x, router, 2, 3)
+    table = np.asarray(dispatch.GatherDispatch.slot_table(r))
+    mask, combine = (np.asarray(m) for m in dispatch.EinsumDispatch.masks(r, jnp.float32))
+    expert, slot, gate = (np.asarray(a) for a in (r.expert, r.slot, r.gate))
+    expected_table = np.full((G, E, 3), -1)
+    expected_mask = np.zeros((G, S, E, 3))
+    expected_combine = np.zeros((G, S, E, 3))
+    for g in range(G):
+        for s in range(S):
+            for k in range(2):
+                if slot[g, s, k] >= 0:
+                    expected_table[g, expert[g, s, k], slot[g, s, k]] = s
+                    expected_mask[g, s, expert[g, s, k], slot[g, s, k]] = 1
+                    expected_combine[g, s, expert[g, s, k], slot[g, s, k]] = gate[g, s, k]
+    np.testing.assert_array_equal(table, expected_table)
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_allclose(combine, expected_combine, rtol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_dropless_layer_equals_capacity_layers_when_nothing_drops(k):
-  x = jax.random.normal(jax.random.key(0), (2, 16, D))
-  settings = dict(num_experts=E, d_ff=F, num_selected=k, eval_capacity_factor=E / k)
-  layers = {b: MoeLayer(backend=b, **settings) for b in dispatch.BACKENDS}
-  params = layers["einsum"].init(jax.random.key(1), x)
-  outs = {}
-  for backend, layer in layers.items():
-    outs[backend], aux = layer.apply(params, x)
-    assert float(aux["stats"]["dropped_count"]) == 0
-  for backend in ("gather", "dropless"):
-    np.testing.assert_allclose(outs[backend], outs["einsum"], atol=1e-5, rtol=1e-5)
+    x = jax.random.normal(jax.random.key(0), (2, 16, D))
+    settings = dict(num_experts=E, d_ff=F, num_selected=k, eval_capacity_factor=E / k)
+    layers = {b: MoeLayer(backend=b, **settings) for b in dispatch.BACKENDS}
+    params = layers["einsum"].init(jax.random.key(1), x)
+    outs = {}
+    for backend, layer in layers.items():
+        outs[backend], aux = layer.apply(params, x)
+        assert float(aux["stats"]["dropped_count"]) == 0
+    for backend in ("gather", "dropless"):
+        np.testing.assert_allclose(outs[backend], outs["einsum"], atol=1e-5, rtol=1e-5)
 
 
 def test_dropless_layer_keeps_what_capacity_drops():
-  x = jax.random.normal(jax.random.key(0), (2, 16, D))
-  settings = dict(num_experts=E, d_ff=F, eval_capacity_factor=0.25, min_capacity=1)
-  capped = MoeLayer(backend="einsum", **settings)
-  dropless = MoeLayer(backend="dropless", **settings)
-  params = capped.init(jax.random.key(1), x)
-  _, aux_c = capped.apply(params, x)
-  y_d, aux_d = dropless.apply(params, x)
-  assert float(aux_c["stats"]["dropped_fraction"]) > 0.5
-  assert float(aux_d["stats"]["dropped_fraction"]) == 0.0
-  assert np.all(np.abs(np.asarray(y_d)).sum(-1) > 0)
+    x = jax.random.normal(jax.random.key(0), (2, 16, D))
+    settings = dict(num_experts=E, d_ff=F, eval_capacity_factor=0.25, min_capacity=1)
+    capped = MoeLayer(backend="einsum", **settings)
+    dropless = MoeLayer(backend="dropless", **settings)
+    params = capped.init(jax.random.key(1), x)
+    _, aux_c = capped.apply(params, x)
+    y_d, aux_d = dropless.apply(params, x)
+    assert float(aux_c["stats"]["dropped_fraction"]) > 0.5
+    assert float(aux_d["stats"]["dropped_fraction"]) == 0.0
+    assert np.all(np.abs(np.asarray(y_d)).sum(-1) > 0)
 
 
 def test_shared_expert_adds_a_dense_ffn_on_every_token():
-  x = jax.random.normal(jax.random.key(0), (2, 8, D))
-  layer = MoeLayer(num_experts=E, d_ff=F, shared_d_ff=5, eval_capacity_factor=0.25,
-                   min_capacity=1)
-  variables = layer.init(jax.random.key(1), x)
-  y, _ = layer.apply(variables, x)
-  without = MoeLayer(num_experts=E, d_ff=F, eval_capacity_factor=0.25, min_capacity=1)
-  p = nn.meta.unbox(variables["params"])
-  routed_only, _ = without.apply({"params": {k: v for k, v in p.items() if k != "shared"}}, x)
-  shared = p["shared"]
-  dense = np.stack([ref.ffn(np.asarray(t, np.float64), np.asarray(shared["w_in"]),
-                            np.asarray(shared["w_out"])) for t in np.asarray(x).reshape(-1, D)])
-  np.testing.assert_allclose(np.asarray(y - routed_only).reshape(-1, D), dense, atol=1e-5)
+    x = jax.random.normal(jax.random.key(0), (2, 8, D))
+    layer = MoeLayer(
+        num_experts=E, d_ff=F, shared_d_ff=5, eval_capacity_factor=0.25, min_capacity=1
+    )
+    variables = layer.init(jax.random.key(1), x)
+    y, _ = layer.apply(variables, x)
+    without = MoeLayer(num_experts=E, d_ff=F, eval_capacity_factor=0.25, min_capacity=1)
+    p = nn.meta.unbox(variables["params"])
+    routed_only, _ = without.apply({"params": {k: v for k, v in p.items() if k != "shared"}}, x)
+    shared = p["shared"]
+    dense = np.stack(
+        [
+            ref.ffn(
+                np.asarray(t, np.float64), np.asarray(shared["w_in"]), np.asarray(shared["w_out"])
+            )
+            for t in np.asarray(x).reshape(-1, D)
+        ]
+    )
+    np.testing.assert_allclose(np.asarray(y - routed_only).reshape(-1, D), dense, atol=1e-5)
