@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install clean fmt
+.PHONY: test demo install clean fmt
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Build the embedded corpus, train configs/demo.py on CPU, evaluate and print a summary.
+# Run it again to resume (or to just print the summary of a finished run).
+DEMO_DIR ?= runs/demo
+demo: $(STAMP)
+	$(PY) -m experiments.train --config=configs/demo.py --workdir=$(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

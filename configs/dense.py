@@ -1,0 +1,36 @@
+"""Dense baseline: the demo/switch model with every block dense (model.moe.num_experts=0).
+
+With top-1 routing an MoE token passes through one expert of width d_ff, so the dense model with
+the same d_ff has the same active parameters (and FLOPs) per token, minus the tiny router.
+
+  python -m experiments.train --config=configs/dense.py --workdir=runs/dense
+
+Variants:
+  (none)  matches configs/demo.py (d_model 128, d_ff 512): compare with the demo run.
+  top2    d_ff 1024: the active parameters of a top-2 model with d_ff 512 experts.
+  base    T5-Base dimensions in a 12-block decoder (Switch-Base's dense counterpart).
+"""
+
+from switchmoe.config import default_config, for_accelerators, set_size
+
+
+def get_config(variant=None):
+    config = default_config()
+    config.model.moe.num_experts = 0
+    config.model.d_model, config.model.num_layers, config.model.num_heads = 128, 4, 4
+    config.model.d_ff = 512
+    config.data.seq_len = 128
+    config.batch_size = 32
+    config.num_train_steps = 800
+    config.optimizer.learning_rate = 3e-3
+    config.log_every, config.eval_every = 50, 200
+    config.num_eval_batches = 16
+    config.checkpoint_every = 200
+    if variant == "top2":
+        config.model.d_ff = 1024
+    elif variant == "base":
+        set_size(config, d_model=768, d_ff=3072, num_layers=12, num_heads=12, num_experts=0)
+        for_accelerators(config)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}; allowed: top2, base.")
+    return config

@@ -1,0 +1,40 @@
+"""ST-MoE (Zoph et al. 2022) as a decoder-only LM: top-2, router z-loss 1e-3 beside the
+load-balancing loss 1e-2, MoE in one block of four, GEGLU experts.
+
+  python -m experiments.train --config=configs/st_moe.py --workdir=runs/st_moe
+  python -m experiments.param_count --config=configs/st_moe.py:large
+
+Variants:
+  (none)  CPU-sized (d_model 128, 8 blocks so that two are MoE, 8 experts).
+  large   ST-MoE-L dimensions (d_model 1024, d_ff 2816, 16 heads, 32 experts) in a 24-block
+          decoder, for accelerators.
+  b32     ST-MoE-32B dimensions (d_model 5120, d_ff 20480, 64 heads, 64 experts, 27 blocks).
+"""
+
+from switchmoe.config import default_config, for_accelerators, set_size
+
+
+def get_config(variant=None):
+    config = default_config()
+    moe = config.model.moe
+    moe.num_selected = 2
+    moe.gate_norm = "normalized"
+    moe.moe_every = 4
+    moe.train_capacity_factor = 1.25
+    moe.eval_capacity_factor = 2.0
+    moe.load_balancing_weight = 1e-2
+    moe.z_loss_weight = 1e-3
+    config.model.activation = "geglu"
+    config.model.d_model, config.model.num_layers, config.model.num_heads = 128, 8, 4
+    config.model.d_ff = 384  # GEGLU has 3 matrices: 384 keeps the FFN near relu's 512 in size
+    config.data.seq_len = 128
+    config.num_train_steps = 2000
+    if variant == "large":
+        set_size(config, d_model=1024, d_ff=2816, num_layers=24, num_heads=16, num_experts=32)
+        for_accelerators(config)
+    elif variant == "b32":
+        set_size(config, d_model=5120, d_ff=20480, num_layers=27, num_heads=64, num_experts=64)
+        for_accelerators(config)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}; allowed: large, b32.")
+    return config

@@ -1,0 +1,52 @@
+"""Switch Transformer (Fedus et al. 2022) as a decoder-only LM: top-1 routing, MoE every other
+block, capacity factor 1.25 (train) / 2.0 (eval), load-balancing loss 1e-2, router jitter, and
+the paper's reduced initialisation (scale 0.1).
+
+  python -m experiments.train --config=configs/switch.py --workdir=runs/switch
+  python -m experiments.param_count --config=configs/switch.py:base128
+
+Variants:
+  (none)        CPU-sized, as configs/demo.py but with Switch's jitter and init.
+  base8..base128  Switch-Base dimensions (d_model 768, d_ff 3072, 12 heads) in a 12-block
+                decoder with a 32k vocabulary, 8/16/32/64/128 experts, for accelerators.
+  large128      Switch-Large dimensions (d_model 1024, d_ff 4096, 16 heads, 24 blocks).
+Parameter counts: see EXPERIMENTS.md / `experiments.param_count`.
+"""
+
+from switchmoe.config import default_config, for_accelerators, set_size
+
+
+def get_config(variant=None):
+    config = default_config()
+    moe = config.model.moe
+    moe.num_selected = 1
+    moe.moe_every = 2
+    moe.train_capacity_factor = 1.25
+    moe.eval_capacity_factor = 2.0
+    moe.load_balancing_weight = 1e-2
+    moe.jitter_eps = 1e-2
+    moe.router_init_scale = 0.1
+    moe.init_scale = 0.1
+    config.model.d_model, config.model.num_layers, config.model.num_heads = 128, 4, 4
+    config.model.d_ff = 512
+    config.data.seq_len = 128
+    config.num_train_steps = 2000
+    if variant and variant.startswith("base"):
+        set_size(
+            config,
+            d_model=768,
+            d_ff=3072,
+            num_layers=12,
+            num_heads=12,
+            num_experts=int(variant[len("base") :]),
+        )
+        for_accelerators(config)
+    elif variant == "large128":
+        set_size(config, d_model=1024, d_ff=4096, num_layers=24, num_heads=16, num_experts=128)
+        for_accelerators(config)
+    elif variant:
+        raise ValueError(
+            f"unknown variant {variant!r}; allowed: base8, base16, base32, base64, "
+            "base128, large128."
+        )
+    return config

@@ -1,0 +1,1 @@
+"""Entry points: train, parameter counts (and, later, sweeps, reports, benchmarks)."""

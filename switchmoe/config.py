@@ -1,0 +1,259 @@
+"""The default switchmoe config and its validation.
+
+Every experiment config under configs/ starts from `default_config()` and overrides fields. Each
+field has a comment; optional fields are `placeholder`s so the command line can set them
+(`--config.model.moe.group_size=256`).
+
+`validate_config` runs before anything is traced or written, and names the setting and the
+allowed values in its message.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from switchmoe import dispatch, experts, routing
+from switchmoe.data import pipeline as data_pipeline
+from switchmoe.data.tokenizers import make_tokenizer
+
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("rsqrt", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+ARCHITECTURES = ("decoder",)
+
+
+def default_moe_config() -> ml_collections.ConfigDict:
+    moe = ml_collections.ConfigDict()
+    # Experts per MoE layer; 0 makes every block dense (the dense baseline).
+    moe.num_experts = 8
+    # Every moe_every-th block is an MoE block (Switch/GShard: 2, ST-MoE: 4, all blocks: 1).
+    moe.moe_every = 2
+    # Experts per token (top-k): 1 Switch, 2 GShard / ST-MoE.
+    moe.num_selected = 1
+    # 'top_k' (token choice) or 'expert_choice' (each expert picks its tokens; not causal).
+    moe.router = "top_k"
+    # 'einsum' (one-hot masks), 'gather' (slot tables) or 'dropless' (sorted grouped matmul; the
+    # top-k router then drops nothing and ignores the capacity factors).
+    moe.backend = "einsum"
+    # Capacity C = ceil(k·S/E·factor) while training...
+    moe.train_capacity_factor = 1.25
+    # ...and at evaluation (Switch evaluates at 2.0).
+    moe.eval_capacity_factor = 2.0
+    # Lower bound on C per group.
+    moe.min_capacity = 4
+    # Tokens per routing group S; None routes each sequence as one group.
+    moe.group_size = config_dict.placeholder(int)
+    # Gate: 'raw' router probability (Switch) or 'normalized' over the chosen k (GShard).
+    moe.gate_norm = "raw"
+    # V-MoE batch prioritized routing (looks at the whole group: not allowed in a decoder).
+    moe.batch_prioritized = False
+    # GShard random routing of the second expert while training.
+    moe.random_routing = False
+    # Keep the second expert if U(0,1) < g2 / threshold (GShard: 0.5).
+    moe.random_routing_threshold = 0.5
+    # Multiplicative jitter on the router input while training (Switch: 1e-2; 0 = off).
+    moe.jitter_eps = 0.0
+    # Weight α of the Switch load-balancing loss.
+    moe.load_balancing_weight = 1e-2
+    # Weight β of the ST-MoE router z-loss (1e-3 in ST-MoE; 0 = off).
+    moe.z_loss_weight = 0.0
+    # Dropout on the experts' hidden activations while training.
+    moe.expert_dropout = 0.0
+    # Hidden width of a shared dense expert applied to every token (0 = none).
+    moe.shared_d_ff = 0
+    # Router kernel init: truncated normal with variance scale/D (Switch: 0.1; 0 = zeros).
+    moe.router_init_scale = 0.1
+    # Learned bias on the router logits.
+    moe.router_bias = False
+    # Variance scale of the expert weights' init (Switch scales all inits by 0.1).
+    moe.init_scale = 1.0
+    return moe
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Seed of parameter init and of the per-step dropout/routing keys.
+    config.seed = 0
+    # Data: corpus, tokenizer, sequence length (switchmoe/data/pipeline.py documents each field).
+    config.data = data_pipeline.default_data_config()
+
+    model = config.model = ml_collections.ConfigDict()
+    # Architecture: 'decoder' (decoder-only LM).
+    model.arch = "decoder"
+    # Vocabulary size; None: the tokenizer's (259 + sentinels for bytes).
+    model.vocab_size = config_dict.placeholder(int)
+    # Model width D.
+    model.d_model = 128
+    # Transformer blocks.
+    model.num_layers = 4
+    # Attention heads.
+    model.num_heads = 4
+    # Width per head; None: d_model // num_heads.
+    model.head_dim = config_dict.placeholder(int)
+    # Hidden width F of the dense FFN and of each expert.
+    model.d_ff = 512
+    # 'relu', 'gelu', 'swiglu' or 'geglu' (dense FFN and experts alike).
+    model.activation = "relu"
+    # Dropout on attention probabilities and residual branches.
+    model.dropout_rate = 0.0
+    # Compute dtype: 'bfloat16' on accelerators, 'float32' on CPU (bf16 matmuls are slow there).
+    model.dtype = "float32"
+    # MoE settings.
+    model.moe = default_moe_config()
+
+    opt = config.optimizer = ml_collections.ConfigDict()
+    # 'adafactor' (Switch / T5) or 'adamw'.
+    opt.name = "adamw"
+    # Peak learning rate.
+    opt.learning_rate = 3e-3
+    # Linear warm-up steps.
+    opt.warmup_steps = 100
+    # After warm-up: 'rsqrt' (T5: lr·sqrt(warmup/step)), 'cosine' (to 10% at the end), 'constant'.
+    opt.schedule = "cosine"
+    # Decoupled weight decay (AdamW); Adafactor uses it as its weight_decay_rate.
+    opt.weight_decay = 0.01
+    # Adam β1, β2.
+    opt.b1 = 0.9
+    opt.b2 = 0.98
+    # Clip gradients to this global norm (0 = off).
+    opt.grad_clip_norm = 1.0
+
+    mesh = config.mesh = ml_collections.ConfigDict()
+    # Data-parallel devices (-1: all of them). The batch is split across them.
+    mesh.data = 1
+
+    # Global batch size (sequences per step, all devices together).
+    config.batch_size = 32
+    # Training steps.
+    config.num_train_steps = 1000
+    # Write train metrics every N steps.
+    config.log_every = 50
+    # Evaluate every N steps (and at the end).
+    config.eval_every = 250
+    # Validation batches per evaluation (fixed, the same ones every time; 0 = the whole split).
+    config.num_eval_batches = 8
+    # Save a checkpoint every N steps (and at the end).
+    config.checkpoint_every = 500
+    # Checkpoints kept (the newest).
+    config.keep_checkpoints = 2
+    return config
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy with derived fields filled in (vocabulary size from the tokenizer)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.model.get("vocab_size") is None:
+        with config.unlocked():
+            config.model.vocab_size = make_tokenizer(config.data).vocab_size
+    return config
+
+
+def _one_of(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}.")
+
+
+def _positive(name, value):
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name} must be > 0; got {value!r}.")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Raises ValueError naming the bad setting and what is allowed. Touches no file, no device."""
+    model, moe, opt = config.model, config.model.moe, config.optimizer
+    data_pipeline.validate_data_config(config.data)
+    _one_of("model.arch", model.arch, ARCHITECTURES)
+    _one_of("model.dtype", model.dtype, DTYPES)
+    experts.check_activation(model.activation)
+    for name in ("d_model", "num_layers", "num_heads", "d_ff"):
+        _positive(f"model.{name}", model[name])
+    if model.get("head_dim") is None and model.d_model % model.num_heads:
+        raise ValueError(
+            f"model.d_model={model.d_model} must be divisible by model.num_heads="
+            f"{model.num_heads} (or set model.head_dim)."
+        )
+    if not 0 <= model.dropout_rate < 1:
+        raise ValueError(f"model.dropout_rate must be in [0, 1); got {model.dropout_rate}.")
+    if moe.num_experts < 0:
+        raise ValueError(f"model.moe.num_experts must be >= 0 (0 = dense); got {moe.num_experts}.")
+    if moe.num_experts:
+        _positive("model.moe.moe_every", moe.moe_every)
+        if not 1 <= moe.num_selected <= moe.num_experts:
+            raise ValueError(
+                f"model.moe.num_selected (k) must be in [1, model.moe.num_experts="
+                f"{moe.num_experts}]; got {moe.num_selected}."
+            )
+        _one_of("model.moe.router", moe.router, routing.ROUTERS)
+        _one_of("model.moe.backend", moe.backend, dispatch.BACKENDS)
+        _one_of("model.moe.gate_norm", moe.gate_norm, routing.GATE_NORMS)
+        _positive("model.moe.train_capacity_factor", moe.train_capacity_factor)
+        _positive("model.moe.eval_capacity_factor", moe.eval_capacity_factor)
+        if moe.batch_prioritized and model.arch == "decoder":
+            raise ValueError(
+                "model.moe.batch_prioritized=True is not allowed in a decoder: it orders tokens "
+                "by router confidence over the whole group, so a token's routing would depend on "
+                "later tokens. Allowed: False (in-order priority)."
+            )
+        if moe.random_routing and moe.num_selected < 2:
+            raise ValueError(
+                "model.moe.random_routing needs model.moe.num_selected >= 2; "
+                f"got {moe.num_selected}."
+            )
+        tokens_per_device = config.batch_size // max(num_devices, 1) * config.data.seq_len
+        group = moe.get("group_size") or config.data.seq_len
+        if tokens_per_device % group:
+            raise ValueError(
+                f"model.moe.group_size={group} must divide the tokens per batch shard "
+                f"(batch_size {config.batch_size} / {num_devices} device(s) × data.seq_len "
+                f"{config.data.seq_len} = {tokens_per_device})."
+            )
+    _one_of("optimizer.name", opt.name, OPTIMIZERS)
+    _one_of("optimizer.schedule", opt.schedule, SCHEDULES)
+    _positive("optimizer.learning_rate", opt.learning_rate)
+    if opt.warmup_steps < 0:
+        raise ValueError(f"optimizer.warmup_steps must be >= 0; got {opt.warmup_steps}.")
+    _positive("batch_size", config.batch_size)
+    if config.batch_size % num_devices:
+        raise ValueError(
+            f"batch_size={config.batch_size} must be divisible by the number of devices "
+            f"({num_devices})."
+        )
+    for name in ("num_train_steps", "log_every", "eval_every", "checkpoint_every"):
+        _positive(name, config[name])
+    _positive("keep_checkpoints", config.keep_checkpoints)
+
+
+def set_size(config, *, d_model, d_ff, num_layers, num_heads, num_experts, vocab_size=None):
+    """Sets a config's model dimensions (used by the paper-sized variants in configs/)."""
+    m = config.model
+    m.d_model, m.d_ff, m.num_layers, m.num_heads = d_model, d_ff, num_layers, num_heads
+    m.moe.num_experts = num_experts
+    if vocab_size is not None:
+        m.vocab_size = vocab_size
+    return config
+
+
+def for_accelerators(config):
+    """Settings of the papers' runs on TPU/GPU: bf16 compute, Adafactor with an rsqrt schedule,
+    512-token sequences, 256 sequences per batch, a 32k SentencePiece vocabulary (T5's 32128).
+
+    The SentencePiece model path must be given (--config.data.spm_model_path=...), with a public
+    TFDS dataset (--config.data.dataset=c4/en:3.1.0); parameter counts need neither.
+    """
+    config.model.dtype = "bfloat16"
+    config.model.vocab_size = 32128
+    config.data.tokenizer = "sentencepiece"
+    config.data.dataset = "c4/en"
+    config.data.seq_len = 512
+    config.batch_size = 256
+    config.optimizer.name = "adafactor"
+    config.optimizer.schedule = "rsqrt"
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.warmup_steps = 10_000
+    config.optimizer.weight_decay = 0.0
+    config.num_train_steps = 100_000
+    config.log_every = 100
+    config.eval_every = 5_000
+    config.checkpoint_every = 5_000
+    return config

@@ -1,0 +1,105 @@
+"""Metrics: metrics.jsonl (read by notebooks and reports) beside TensorBoard events, and a
+progress line.
+
+JSONL holds every metric, vectors included (expert load per layer); TensorBoard gets the scalar
+ones. tensorboardX writes event files without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _jsonable(value: Any) -> Any:
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step; on resume, drops lines past the restored step.
+
+    Lines after the last checkpoint were written by steps that the resumed run recomputes; keeping
+    them would leave two records of one step. Everything up to the checkpoint is kept as written.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        from tensorboardX import SummaryWriter  # imported late: only training needs it
+
+        self.path = os.path.join(workdir, METRICS_FILE)
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [
+                    line for line in f if line.strip() and json.loads(line)["step"] <= resume_step
+                ]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        self.tensorboard = SummaryWriter(logdir=workdir, purge_step=resume_step + 1)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl, in order."""
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def first_non_finite(metrics: dict[str, Any]) -> str | None:
+    """The name of the first metric holding a NaN or infinity, or None."""
+    for name, value in metrics.items():
+        if not np.all(np.isfinite(np.asarray(value, np.float64))):
+            return name
+    return None
+
+
+class Progress:
+    """One line per log step: step, loss, aux loss, dropped fraction, tokens/s, ETA."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
+        self.total, self.tokens_per_step = total_steps, tokens_per_step
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def tokens_per_second(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        return rate
+
+    def line(self, step: int, metrics: dict[str, Any], tokens_per_second: float) -> str:
+        remaining = (self.total - step) * self.tokens_per_step / max(tokens_per_second, 1e-9)
+        loss = float(metrics["train/loss"])
+        parts = [
+            f"step {step}/{self.total}",
+            f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/tok)",
+        ]
+        if "train/aux_loss" in metrics:
+            parts.append(f"aux {float(metrics['train/aux_loss']):.4f}")
+        if "train/dropped_fraction" in metrics:
+            parts.append(f"dropped {100 * float(metrics['train/dropped_fraction']):.1f}%")
+        parts += [f"{tokens_per_second / 1e3:.1f}k tok/s", f"ETA {format_seconds(remaining)}"]
+        return " | ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -1,0 +1,238 @@
+"""Decoder-only MoE Transformer language model (GShard decoder, GLaM, Switch-style LM).
+
+Shape legend: B batch, L sequence length, D model width, H heads, Dh head width, V vocabulary.
+
+Pre-norm blocks (RMSNorm → causal self-attention → residual; RMSNorm → FFN → residual) with
+rotary position embeddings. Every `moe_every`-th block replaces its dense FFN with a `MoeLayer`
+(Switch/GShard: every other block, ST-MoE: one in four); with `num_experts == 0` every block is
+dense, which is the dense baseline. Dropped tokens leave the MoE layer as zeros and the residual
+connection carries them to the next block unchanged.
+
+Precision: parameters are float32; matmuls run in `dtype` (bfloat16 on accelerators); norms,
+softmaxes, the router and the output logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from switchmoe.experts import ACTIVATIONS, StackedExperts
+from switchmoe.moe_layer import MoeLayer
+
+Array = jax.Array
+
+# The MoeLayer fields a config's `model.moe` block may set (everything but sizes and dtypes,
+# which come from the model).
+MOE_FIELDS = (
+    "num_selected",
+    "router",
+    "backend",
+    "train_capacity_factor",
+    "eval_capacity_factor",
+    "min_capacity",
+    "group_size",
+    "gate_norm",
+    "batch_prioritized",
+    "random_routing",
+    "random_routing_threshold",
+    "jitter_eps",
+    "load_balancing_weight",
+    "z_loss_weight",
+    "expert_dropout",
+    "shared_d_ff",
+    "router_init_scale",
+    "router_bias",
+    "init_scale",
+)
+
+
+def is_moe_block(index: int, num_experts: int, moe_every: int) -> bool:
+    """Block `index` (0-based) is an MoE block: the last of every `moe_every` blocks.
+
+    With moe_every=2 blocks 1, 3, 5… are MoE (Switch, GShard); with 4, blocks 3, 7, 11… (ST-MoE).
+    """
+    return num_experts > 0 and (index + 1) % moe_every == 0
+
+
+def rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
+    """Rotary position embedding (Su et al. 2021) on x[B, L, H, Dh], positions int[B, L]."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None, None].astype(jnp.float32) * freq  # [B, L, 1, half]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no mean subtraction, no bias), computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+        )
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * scale).astype(self.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary positions; softmax in float32."""
+
+    num_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    causal: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool):
+        """x[B, L, D] -> [B, L, D]. mask: optional bool[B, 1, L, L] of allowed attention."""
+        D = x.shape[-1]
+        dense = lambda name, axes, shape_out, in_axes=-1: nn.DenseGeneral(
+            shape_out,
+            axis=in_axes,
+            dtype=self.dtype,
+            use_bias=False,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+            name=name,
+        )
+        heads = (self.num_heads, self.head_dim)
+        q = dense("query", ("embed", "heads", "kv"), heads)(x)
+        k = dense("key", ("embed", "heads", "kv"), heads)(x)
+        v = dense("value", ("embed", "heads", "kv"), heads)(x)
+        q, k = rope(q, positions), rope(k, positions)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
+        L = x.shape[1]
+        allowed = jnp.ones((1, 1, L, L), bool)
+        if self.causal:
+            allowed = jnp.tril(allowed)
+        if mask is not None:
+            allowed = allowed & mask
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return dense("out", ("heads", "kv", "embed"), D, in_axes=(-2, -1))(out)
+
+
+class DenseFFN(nn.Module):
+    """The dense feed-forward block; the same maths as one expert (single-expert StackedExperts)."""
+
+    d_ff: int
+    activation: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        D = x.shape[-1]
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        param = lambda name, shape, axes: self.param(
+            name, nn.with_logical_partitioning(init, axes), shape
+        )
+        gated = ACTIVATIONS[self.activation][1]
+        ffn = StackedExperts(
+            w_in=param("w_in", (D, self.d_ff), ("embed", "mlp"))[None],
+            w_out=param("w_out", (self.d_ff, D), ("mlp", "embed"))[None],
+            w_gate=param("w_gate", (D, self.d_ff), ("embed", "mlp"))[None] if gated else None,
+            activation=self.activation,
+            dtype=self.dtype,
+        )
+        return ffn(x.reshape(1, -1, D)).reshape(x.shape)
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block; `moe` holds MoeLayer settings or is None (dense)."""
+
+    config: ml_collections.ConfigDict
+    moe: bool
+    causal: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask, deterministic):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        h = RMSNorm(dtype=dtype, name="attention_norm")(x)
+        h = SelfAttention(
+            cfg.num_heads, head_dim(cfg), cfg.dropout_rate, self.causal, dtype, name="attention"
+        )(h, positions, mask, deterministic)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = RMSNorm(dtype=dtype, name="ffn_norm")(x)
+        aux = None
+        if self.moe:
+            settings = {name: cfg.moe[name] for name in MOE_FIELDS}
+            h, aux = MoeLayer(
+                num_experts=cfg.moe.num_experts,
+                d_ff=cfg.d_ff,
+                activation=cfg.activation,
+                dtype=dtype,
+                name="moe",
+                **settings,
+            )(h, deterministic=deterministic)
+        else:
+            h = DenseFFN(cfg.d_ff, cfg.activation, dtype, name="ffn")(h)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return x, aux
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+    return cfg.head_dim if cfg.get("head_dim") else cfg.d_model // cfg.num_heads
+
+
+def sum_aux(auxes: list[dict]) -> dict[str, Any]:
+    """Combines the per-layer MoE aux dicts: losses summed, statistics stacked per layer.
+
+    Returns {"loss": scalar, "losses": {name: scalar sum}, "stats": {name: [num_moe_layers, ...]}}
+    or zeros / empty dicts for a dense model.
+    """
+    if not auxes:
+        return {"loss": jnp.zeros(()), "losses": {}, "stats": {}}
+    return {
+        "loss": sum(a["loss"] for a in auxes),
+        "losses": jax.tree.map(lambda *v: sum(v), *[a["losses"] for a in auxes]),
+        "stats": jax.tree.map(lambda *v: jnp.stack(v), *[a["stats"] for a in auxes]),
+    }
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only MoE language model: tokens[B, L] -> logits float32[B, L, V], aux.
+
+    `config` is the `model` block of a switchmoe config (see switchmoe/config.py).
+    """
+
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, tokens: Array, deterministic: bool = True):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+            ),
+            dtype=dtype,
+            name="embed",
+        )
+        x = embed(tokens)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        auxes = []
+        for i in range(cfg.num_layers):
+            moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every)
+            x, aux = Block(cfg, moe, name=f"block_{i}")(x, positions, None, deterministic)
+            if aux is not None:
+                auxes.append(aux)
+        x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)
+        # Tied input/output embeddings, scaled by 1/sqrt(D) so the initial logits are O(1).
+        logits = embed.attend(x.astype(dtype)).astype(jnp.float32) / jnp.sqrt(cfg.d_model)
+        return logits, sum_aux(auxes)

@@ -1,0 +1,42 @@
+"""Reading a finished (or running) run's workdir: one call gives its config and parameters.
+
+    from switchmoe.runs import restore_run
+    config, params = restore_run("/path/to/workdir")          # latest checkpoint
+    config, params = restore_run("/path/to/workdir", step=500)
+
+Works on whatever devices the caller has: the parameters are restored onto the first local
+device, whatever mesh wrote them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from switchmoe import checkpoints
+from switchmoe.metrics import read_metrics  # noqa: F401  (re-exported for notebooks)
+from switchmoe.train import abstract_params, build_model
+
+
+def restore_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params) of `workdir`'s checkpoint at `step` (default: the latest)."""
+    config = checkpoints.read_config(workdir)
+    if config is None:
+        raise FileNotFoundError(f"{os.path.join(workdir, checkpoints.CONFIG_FILE)} not found.")
+    ckpt = checkpoints.Checkpointer(workdir)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {ckpt.directory}.")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint at step {step}; available: {sorted(steps)}.")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = checkpoints.abstract_like(abstract_params(build_model(config), config), device)
+        params = ckpt.restore_params(step, target)
+    finally:
+        ckpt.close()
+    return config, params

@@ -1,0 +1,322 @@
+"""Training and evaluation of an MoE language model from a config.
+
+`train_and_evaluate(config, workdir)` is the whole job: it validates the config (before anything
+is traced or written), builds the data pipeline and the model, restores the latest checkpoint of
+`workdir` if there is one, then loops: a pure `train_step` jitted once, metrics to metrics.jsonl
+and TensorBoard, periodic evaluation, async Orbax checkpoints.
+
+Reproducibility: the batch of step t is a pure function of (data.seed, t) and the dropout/routing
+key of step t is fold_in(key(seed), t), so a run resumed from a checkpoint at step t computes
+exactly what the uninterrupted run computed.
+
+Shape legend: B batch (global), L sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from switchmoe import checkpoints, metrics as metrics_lib, optim
+from switchmoe.config import resolve, validate_config
+from switchmoe.data.pipeline import LMDataPipeline
+from switchmoe.model import DecoderLM
+
+# MoE statistics that are vectors per layer ([num_moe_layers, E] or [num_moe_layers, K]); they
+# are logged per layer. All other statistics are averaged over the MoE layers.
+VECTOR_STATS = ("expert_load", "dropped_fraction_by_rank", "requested_fraction_by_rank")
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+    return DecoderLM(config.model)
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """A 1-D data-parallel mesh of `mesh.data` devices (-1: all devices)."""
+    devices = jax.devices()
+    n = config.mesh.data if config.mesh.data != -1 else len(devices)
+    if not 1 <= n <= len(devices):
+        raise ValueError(
+            f"mesh.data={config.mesh.data} needs that many devices; {len(devices)} available "
+            "(use -1 for all)."
+        )
+    return Mesh(np.asarray(devices[:n]), ("data",))
+
+
+def mesh_size(config: ml_collections.ConfigDict) -> int:
+    return config.mesh.data if config.mesh.data != -1 else jax.device_count()
+
+
+def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
+    """Parameter shapes and dtypes, computed without allocating (jax.eval_shape)."""
+    tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+    variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+    return nn.meta.unbox(variables["params"])
+
+
+def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Total parameters, expert parameters, and parameters active per token (top-k experts)."""
+    config = resolve(config)
+    params = abstract_params(build_model(config), config)
+    total = expert = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        n = math.prod(leaf.shape)
+        total += n
+        if any(getattr(k, "key", None) in ("w_in", "w_out", "w_gate") for k in path) and any(
+            getattr(k, "key", None) == "moe" for k in path
+        ):
+            expert += n
+    E, k = config.model.moe.num_experts, config.model.moe.num_selected
+    active = total - expert + (expert * k // E if E else 0)
+    return {"total": total, "experts": expert, "active_per_token": active}
+
+
+def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy (nats) and the number of scored tokens."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
+
+
+def moe_metrics(aux: dict[str, Any], moe: ml_collections.ConfigDict, prefix: str) -> dict:
+    """Named MoE metrics of one step from the model's aux output (see model.sum_aux)."""
+    if not aux["stats"]:
+        return {}
+    out = {
+        # What the auxiliary losses add to the objective, summed over MoE layers.
+        f"{prefix}/aux_loss": moe.load_balancing_weight * aux["losses"]["load_balancing"],
+        f"{prefix}/z_loss": moe.z_loss_weight * aux["losses"]["z_loss"],
+    }
+    num_layers = next(iter(aux["stats"].values())).shape[0]
+    # Unweighted, averaged over layers: 1.0 is perfectly balanced.
+    out[f"{prefix}/load_balancing"] = aux["losses"]["load_balancing"] / num_layers
+    out[f"{prefix}/router_z"] = aux["losses"]["z_loss"] / num_layers
+    for name, value in aux["stats"].items():
+        out[f"{prefix}/{name}"] = value if name in VECTOR_STATS else jnp.mean(value)
+    return out
+
+
+class Trainer:
+    """The jitted pieces of a run: init, train_step, eval_step, with their shardings."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        self.model = build_model(config)
+        self.schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
+        self.optimizer = optim.make_optimizer(config.optimizer, config.num_train_steps)
+        self.replicated = NamedSharding(mesh, P())
+        self.batch_sharding = NamedSharding(mesh, P("data"))
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.replicated, self.replicated, self.batch_sharding, None),
+            out_shardings=(self.replicated, self.replicated, self.replicated),
+            donate_argnums=(0, 1),
+        )
+        self.eval_step = jax.jit(
+            self._eval_step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
+
+    def init(self) -> tuple[Any, Any]:
+        """Fresh (params, opt_state), replicated over the mesh."""
+
+        def init_fn(key):
+            tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
+            params = nn.meta.unbox(self.model.init(key, tokens)["params"])
+            return params, self.optimizer.init(params)
+
+        init = jax.jit(init_fn, out_shardings=self.replicated)
+        return init(jax.random.key(self.config.seed))
+
+    def abstract_state(self) -> tuple[Any, Any]:
+        params = abstract_params(self.model, self.config)
+        opt_state = jax.eval_shape(self.optimizer.init, params)
+        return (
+            checkpoints.abstract_like(params, self.replicated),
+            checkpoints.abstract_like(opt_state, self.replicated),
+        )
+
+    def _train_step(self, params, opt_state, batch, step):
+        key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+
+        def objective(params):
+            logits, aux = self.model.apply(
+                {"params": params}, batch["inputs"], deterministic=False, rngs={"dropout": key}
+            )
+            ce_sum, count = cross_entropy(logits, batch)
+            loss = ce_sum / jnp.maximum(count, 1.0)
+            return loss + aux["loss"], (loss, aux)
+
+        (total, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "train/loss": loss,
+            "train/objective": total,
+            "train/grad_norm": optax.tree_utils.tree_l2_norm(grads),
+            "train/learning_rate": self.schedule(step),
+            **moe_metrics(aux, self.config.model.moe, "train"),
+        }
+        return params, opt_state, metrics
+
+    def _eval_step(self, params, batch):
+        logits, aux = self.model.apply({"params": params}, batch["inputs"], deterministic=True)
+        ce_sum, count = cross_entropy(logits, batch)
+        return {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, self.config.model.moe, "eval")}
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.device_put(batch, self.batch_sharding)
+
+    def evaluate(self, params, pipeline: LMDataPipeline) -> dict[str, Any]:
+        """eval/loss over the fixed validation batches, plus averaged MoE statistics."""
+        num = self.config.num_eval_batches or None
+        sums, stats, batches = 0.0, 0.0, 0
+        count = 0.0
+        for batch in pipeline.eval_batches(num):
+            out = jax.device_get(self.eval_step(params, self.put_batch(batch)))
+            sums += float(out.pop("ce_sum"))
+            count += float(out.pop("count"))
+            stats = jax.tree.map(lambda a, b: a + b, stats, out) if batches else out
+            batches += 1
+        loss = sums / max(count, 1.0)
+        result = {"eval/loss": loss, "eval/bits_per_token": loss / math.log(2)}
+        result.update(jax.tree.map(lambda v: np.asarray(v) / batches, stats))
+        return result
+
+
+def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses a workdir whose checkpoint belongs to a different model or optimizer.
+
+    Compares the parameter shapes the two configs produce (and the optimizer), so settings that
+    do not change what is stored (capacity factors, loss weights, steps) may change on resume.
+    """
+    previous = checkpoints.read_config(workdir)
+    if previous is None or not checkpoints.has_checkpoint(workdir):
+        return
+    try:
+        old_params = abstract_params(build_model(previous), previous)
+    except Exception as e:  # a config.json written by an incompatible switchmoe version
+        raise ValueError(f"workdir {workdir} holds a config.json this version cannot read: {e}")
+    new_params = abstract_params(build_model(config), config)
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+    differences = [
+        f"{section}.{key}: {previous[section].get(key)!r} -> {config[section].get(key)!r}"
+        for section in ("model", "optimizer")
+        for key in sorted(set(config[section].keys()) | set(previous[section].keys()))
+        if key != "moe" and previous[section].get(key) != config[section].get(key)
+    ]
+    differences += [
+        f"model.moe.{key}: {previous.model.moe.get(key)!r} -> {config.model.moe.get(key)!r}"
+        for key in sorted(config.model.moe.keys())
+        if previous.model.moe.get(key) != config.model.moe.get(key)
+    ]
+    if shapes(old_params) != shapes(new_params) or previous.optimizer.name != config.optimizer.name:
+        raise ValueError(
+            f"workdir {workdir} holds a checkpoint of an incompatible model; use a new workdir "
+            "or the same model settings. Differences: " + "; ".join(differences)
+        )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+    Args:
+      config: a switchmoe config (configs/*.py).
+      workdir: output directory (config.json, metrics.jsonl, TensorBoard events, checkpoints/).
+      stop_at: stop after this many steps as if interrupted (after that step's checkpoint, if
+        any); the schedule still follows num_train_steps. For tests and preemption drills.
+      log: where progress lines go.
+
+    Returns:
+      The last logged train metrics and eval metrics, merged.
+
+    Raises:
+      ValueError: a bad setting or an incompatible workdir, before anything is written.
+      FloatingPointError: a non-finite metric; the checkpoints already written are intact.
+    """
+    config = resolve(config)
+    validate_config(config, num_devices=mesh_size(config))
+    check_workdir_compatible(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints.write_config(workdir, config)
+
+    mesh = make_mesh(config)
+    trainer = Trainer(config, mesh)
+    pipeline = LMDataPipeline(config.data, config.batch_size)
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        params, opt_state, meta = ckpt.restore(start, *trainer.abstract_state())
+        if meta["data_step"] != start:
+            raise ValueError(f"checkpoint {start} records data position {meta['data_step']}.")
+        log(f"Resumed from {ckpt.directory}/{start}.")
+    else:
+        params, opt_state = trainer.init()
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    total = config.num_train_steps
+    progress = metrics_lib.Progress(total, config.batch_size * config.data.seq_len, start)
+    pending: list[dict] = []
+    last: dict[str, Any] = {}
+    try:
+        for step in range(start, total):
+            batch = trainer.put_batch(pipeline.batch(step))
+            params, opt_state, step_metrics = trainer.train_step(
+                params, opt_state, batch, jnp.asarray(step, jnp.int32)
+            )
+            pending.append(step_metrics)
+            done = step + 1
+            record: dict[str, Any] = {}
+            is_last = done == total or done == stop_at
+            if done % config.log_every == 0 or is_last:
+                # Mean over the steps since the last log; one device->host transfer per log.
+                host = jax.device_get(pending)
+                record.update(jax.tree.map(lambda *v: np.mean(np.stack(v), axis=0), *host))
+                pending = []
+                bad = metrics_lib.first_non_finite(record)
+                if bad:
+                    raise FloatingPointError(
+                        f"non-finite {bad} at step {done} (averaged over the last "
+                        f"{len(host)} steps); stopping without saving. Latest checkpoint: "
+                        f"{ckpt.latest_step()}."
+                    )
+                tokens_per_second = progress.tokens_per_second(done)
+                record["train/tokens_per_second"] = tokens_per_second
+                log(progress.line(done, record, tokens_per_second))
+            if done % config.eval_every == 0 or is_last:
+                record.update(trainer.evaluate(params, pipeline))
+                log(
+                    f"step {done}: eval loss {record['eval/loss']:.4f} "
+                    f"({record['eval/bits_per_token']:.3f} bits/token)"
+                )
+            if done % config.checkpoint_every == 0 or is_last:
+                if pending:  # never save parameters that a non-finite step produced
+                    loss = float(jax.device_get(pending[-1]["train/loss"]))
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite train/loss at step {done}; not saved."
+                        )
+                ckpt.save(done, params, opt_state, {"step": done, "data_step": done})
+            if record:
+                writer.write(done, record)
+                last.update(record)
+            if stop_at is not None and done >= stop_at:
+                break
+    finally:
+        ckpt.close()  # waits for async saves: what was saved stays intact
+        writer.close()
+    return last

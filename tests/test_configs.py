@@ -1,0 +1,50 @@
+"""Experiment configs: each loads and validates; paper-sized parameter counts match a hand count."""
+
+import importlib.util
+import os
+
+import pytest
+
+from switchmoe.config import resolve, validate_config
+from switchmoe.train import count_params
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def load(name, variant=None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+@pytest.mark.parametrize("name", ["demo", "switch", "gshard", "st_moe", "dense"])
+def test_cpu_configs_validate(name):
+    validate_config(resolve(load(name)))
+
+
+def test_switch_base_parameter_count_by_hand():
+    V, D, F, E, blocks = 32128, 768, 3072, 8, 12
+    attention = 4 * D * D  # query, key, value, out; heads × head_dim = D
+    norms = 2 * D  # two RMSNorm scales per block
+    dense_ffn = 2 * D * F
+    moe = D * E + E * 2 * D * F  # router + E experts
+    moe_blocks = blocks // 2  # blocks 1, 3, ..., 11
+    expected = (
+        V * D
+        + blocks * (attention + norms)
+        + (blocks - moe_blocks) * dense_ffn
+        + moe_blocks * moe
+        + D
+    )  # + final norm
+    counts = count_params(load("switch", "base8"))
+    assert counts["total"] == expected == 307_845_888
+    assert counts["experts"] == moe_blocks * E * 2 * D * F
+    # Active per token: the same model with one expert's FFN per MoE block (plus the router).
+    assert counts["active_per_token"] == expected - moe_blocks * (E - 1) * 2 * D * F
+
+
+def test_dense_counterpart_has_the_active_parameters_of_top1():
+    moe, dense = count_params(load("demo")), count_params(load("dense"))
+    routers = 2 * 128 * 8  # the only extra active parameters: two routers of D × E
+    assert moe["active_per_token"] == dense["total"] + routers

@@ -1,0 +1,162 @@
+"""End-to-end training: loss falls, exact resume, restore, non-finite guard, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from switchmoe import checkpoints, metrics
+from switchmoe.runs import restore_run
+from switchmoe.train import Trainer, make_mesh, train_and_evaluate
+from switchmoe.config import resolve
+from switchmoe.data.pipeline import LMDataPipeline
+from tiny import tiny_config
+
+quiet = lambda line: None
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_tiny_run_loss_falls_and_writes_its_outputs(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny_config(data_dir, num_train_steps=30), workdir, log=quiet)
+    records = metrics.read_metrics(workdir)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert train[-1]["train/loss"] < train[0]["train/loss"] - 0.5
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    # The MoE metrics DESIGN.md promises, with their shapes.
+    last = train[-1]
+    for name in ("train/aux_loss", "train/z_loss", "train/dropped_fraction"):
+        assert np.isfinite(last[name])
+    assert np.asarray(last["train/expert_load"]).shape == (1, 4)  # 1 MoE layer, 4 experts
+    np.testing.assert_allclose(np.sum(last["train/expert_load"], axis=-1), 1.0, rtol=1e-5)
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["vocab_size"] == 259
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    assert checkpoints.Checkpointer(workdir).all_steps() == [20, 30]  # keep 2
+
+
+def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
+    config = tiny_config(
+        data_dir,
+        **{
+            "model.moe.num_selected": 2,
+            "model.moe.random_routing": True,
+            "model.moe.jitter_eps": 0.01,
+            "model.dropout_rate": 0.1,
+        },
+    )
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train_and_evaluate(config, straight, log=quiet)
+    train_and_evaluate(config, interrupted, stop_at=10, log=quiet)
+    assert checkpoints.Checkpointer(interrupted).all_steps() == [10]
+    train_and_evaluate(config, interrupted, log=quiet)
+
+    drop_timing = lambda rs: [{k: v for k, v in r.items() if "per_second" not in k} for r in rs]
+    assert drop_timing(metrics.read_metrics(straight)) == drop_timing(
+        metrics.read_metrics(interrupted)
+    )
+    _, a = restore_run(straight)
+    _, b = restore_run(interrupted)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_restore_run_reproduces_the_final_eval_loss(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    result = train_and_evaluate(tiny_config(data_dir), workdir, log=quiet)
+    config, params = restore_run(workdir)
+    assert config.model.d_model == 32
+    assert all(p.devices() == {jax.local_devices()[0]} for p in jax.tree.leaves(params))
+    config = resolve(config)
+    trainer = Trainer(config, make_mesh(config))
+    again = trainer.evaluate(params, LMDataPipeline(config.data, config.batch_size))
+    assert again["eval/loss"] == pytest.approx(result["eval/loss"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"no checkpoint at step 3; available: \[10, 20\]"):
+        restore_run(workdir, step=3)
+
+
+def test_non_finite_loss_stops_and_names_the_metric(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(
+        data_dir,
+        **{
+            "optimizer.learning_rate": 1e30,
+            "optimizer.warmup_steps": 0,
+            "optimizer.grad_clip_norm": 0.0,
+            "log_every": 1,
+        },
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite train/\w+ at step \d+"):
+        train_and_evaluate(config, workdir, log=quiet)
+    assert checkpoints.Checkpointer(workdir).all_steps() == []
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            {"model.moe.num_selected": 5},
+            r"model.moe.num_selected \(k\) must be in \[1, model.moe.num_experts=4\]; got 5",
+        ),
+        ({"model.moe.train_capacity_factor": 0.0}, "model.moe.train_capacity_factor must be > 0"),
+        ({"model.moe.group_size": 48}, r"model.moe.group_size=48 must divide the tokens per batch"),
+        (
+            {"mesh.data": 8, "batch_size": 12},
+            r"batch_size=12 must be divisible by the number of "
+            r"devices \(8\)",
+        ),
+        ({"model.moe.backend": "cuda"}, r"model.moe.backend must be one of \('einsum', 'gather', "),
+        (
+            {"model.moe.batch_prioritized": True},
+            "batch_prioritized=True is not allowed in a decoder",
+        ),
+        ({"optimizer.name": "sgd"}, r"optimizer.name must be one of \('adafactor', 'adamw'\)"),
+    ],
+)
+def test_bad_settings_raise_before_anything_is_written(data_dir, tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(tiny_config(data_dir, **overrides), str(workdir), log=quiet)
+    assert not workdir.exists()
+
+
+def test_incompatible_workdir_is_refused_and_left_intact(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny_config(data_dir, num_train_steps=10), workdir, log=quiet)
+    before = {
+        f: open(os.path.join(workdir, f), "rb").read() for f in ("config.json", "metrics.jsonl")
+    }
+    with pytest.raises(ValueError, match=r"incompatible model.*model.d_model: 32 -> 48"):
+        train_and_evaluate(tiny_config(data_dir, **{"model.d_model": 48}), workdir, log=quiet)
+    for f, content in before.items():
+        assert open(os.path.join(workdir, f), "rb").read() == content
+    assert checkpoints.Checkpointer(workdir).all_steps() == [10]
+
+
+def test_entry_point_rejects_unknown_config_keys(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.model.moe.num_expert=4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode != 0
+    assert "num_expert" in proc.stderr
+    assert not (tmp_path / "run").exists()
