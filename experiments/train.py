@@ -6,10 +6,12 @@
 Writes under the workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints/.
 """
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from switchmoe import distributed
 from switchmoe.config import resolve
 from switchmoe.data.pipeline import corpus_statistics
 from switchmoe.metrics import format_seconds
@@ -19,6 +21,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py[:variant])."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; resumes if it has checkpoints.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs (jax.distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,10 +69,12 @@ def main(argv):
     import time
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     start = time.perf_counter()
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(summary(_CONFIG.value, _WORKDIR.value, result, time.perf_counter() - start))
+    if jax.process_index() == 0:
+        print(summary(_CONFIG.value, _WORKDIR.value, result, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from switchmoe import dispatch, experts, routing
+from switchmoe import dispatch, experts, routing, sharding
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data.tokenizers import make_tokenizer
 
@@ -120,8 +120,18 @@ def default_config() -> ml_collections.ConfigDict:
     opt.grad_clip_norm = 1.0
 
     mesh = config.mesh = ml_collections.ConfigDict()
-    # Data-parallel devices (-1: all of them). The batch is split across them.
+    # Device mesh (data, expert, model); one axis may be -1 to take the remaining devices. With
+    # fixed sizes whose product is below the device count, the first devices are used (one
+    # process only). The batch is split over data × expert; experts over expert; hidden widths
+    # and attention heads over model.
     mesh.data = 1
+    mesh.expert = 1
+    mesh.model = 1
+    # How MoE layers exchange tokens when mesh.expert > 1: 'shard_map' (explicit all-to-all) or
+    # 'jit' (sharding constraints; the partitioner inserts the all-to-alls).
+    mesh.expert_parallelism = "shard_map"
+    # Logical parameter axis -> mesh axes (switchmoe/sharding.py documents the names).
+    mesh.rules = sharding.DEFAULT_RULES
 
     # Global batch size (sequences per step, all devices together).
     config.batch_size = 32
@@ -160,8 +170,14 @@ def _positive(name, value):
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ValueError naming the bad setting and what is allowed. Touches no file, no device."""
+    """Raises ValueError naming the bad setting and what is allowed. Touches no file, no device.
+
+    `num_devices` is the number of devices the run has (all processes).
+    """
     model, moe, opt = config.model, config.model.moe, config.optimizer
+    data_size, expert_size, _ = sharding.mesh_shape(config.mesh, num_devices)
+    batch_shards = data_size * expert_size
+    _one_of("mesh.expert_parallelism", config.mesh.expert_parallelism, sharding.EXPERT_PARALLELISM)
     data_pipeline.validate_data_config(config.data)
     _one_of("model.arch", model.arch, ARCHITECTURES)
     _one_of("model.dtype", model.dtype, DTYPES)
@@ -200,13 +216,24 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 "model.moe.random_routing needs model.moe.num_selected >= 2; "
                 f"got {moe.num_selected}."
             )
-        tokens_per_device = config.batch_size // max(num_devices, 1) * config.data.seq_len
+        tokens_per_shard = config.batch_size // batch_shards * config.data.seq_len
         group = moe.get("group_size") or config.data.seq_len
-        if tokens_per_device % group:
+        if tokens_per_shard % group:
             raise ValueError(
                 f"model.moe.group_size={group} must divide the tokens per batch shard "
-                f"(batch_size {config.batch_size} / {num_devices} device(s) × data.seq_len "
-                f"{config.data.seq_len} = {tokens_per_device})."
+                f"(batch_size {config.batch_size} / {batch_shards} batch shard(s) × data.seq_len "
+                f"{config.data.seq_len} = {tokens_per_shard}), so that every device routes whole "
+                "groups."
+            )
+        if moe.num_experts % expert_size:
+            raise ValueError(
+                f"model.moe.num_experts={moe.num_experts} must be divisible by mesh.expert="
+                f"{expert_size} (each device holds num_experts / mesh.expert experts)."
+            )
+        if expert_size > 1 and moe.backend == "dropless" and moe.router == "top_k":
+            raise ValueError(
+                "mesh.expert > 1 needs model.moe.backend in ('einsum', 'gather'): the dropless "
+                "backend would need a ragged all-to-all."
             )
     _one_of("optimizer.name", opt.name, OPTIMIZERS)
     _one_of("optimizer.schedule", opt.schedule, SCHEDULES)
@@ -214,10 +241,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     if opt.warmup_steps < 0:
         raise ValueError(f"optimizer.warmup_steps must be >= 0; got {opt.warmup_steps}.")
     _positive("batch_size", config.batch_size)
-    if config.batch_size % num_devices:
+    if config.batch_size % batch_shards:
         raise ValueError(
-            f"batch_size={config.batch_size} must be divisible by the number of devices "
-            f"({num_devices})."
+            f"batch_size={config.batch_size} must be divisible by the number of batch shards "
+            f"mesh.data × mesh.expert = {data_size}×{expert_size} = {batch_shards}."
         )
     for name in ("num_train_steps", "log_every", "eval_every", "checkpoint_every"):
         _positive(name, config[name])

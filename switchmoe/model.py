@@ -156,6 +156,7 @@ class Block(nn.Module):
     config: ml_collections.ConfigDict
     moe: bool
     causal: bool = True
+    expert_parallelism: str | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, deterministic):
@@ -175,6 +176,7 @@ class Block(nn.Module):
                 d_ff=cfg.d_ff,
                 activation=cfg.activation,
                 dtype=dtype,
+                expert_parallelism=self.expert_parallelism,
                 name="moe",
                 **settings,
             )(h, deterministic=deterministic)
@@ -206,10 +208,12 @@ def sum_aux(auxes: list[dict]) -> dict[str, Any]:
 class DecoderLM(nn.Module):
     """Decoder-only MoE language model: tokens[B, L] -> logits float32[B, L, V], aux.
 
-    `config` is the `model` block of a switchmoe config (see switchmoe/config.py).
+    `config` is the `model` block of a switchmoe config (see switchmoe/config.py);
+    `expert_parallelism` is None, "jit" or "shard_map" (see switchmoe/expert_parallel.py).
     """
 
     config: ml_collections.ConfigDict
+    expert_parallelism: str | None = None
 
     @nn.compact
     def __call__(self, tokens: Array, deterministic: bool = True):
@@ -229,7 +233,8 @@ class DecoderLM(nn.Module):
         auxes = []
         for i in range(cfg.num_layers):
             moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every)
-            x, aux = Block(cfg, moe, name=f"block_{i}")(x, positions, None, deterministic)
+            block = Block(cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}")
+            x, aux = block(x, positions, None, deterministic)
             if aux is not None:
                 auxes.append(aux)
         x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)

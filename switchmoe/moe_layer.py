@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from switchmoe import dispatch as dispatch_lib
+from switchmoe import expert_parallel
 from switchmoe import experts as experts_lib
 from switchmoe import routing as routing_lib
 
@@ -67,7 +68,10 @@ class MoeLayer(nn.Module):
         of the default; 0 gives zeros as in Shazeer et al. 2017, every expert equally likely).
       router_bias: add a learned bias to the router logits.
       init_scale: variance scale of the expert weights' fan-in initialisation (Switch: 0.1).
-      dtype: compute dtype of the experts (bfloat16 on accelerators); the router is always float32.
+      expert_parallelism: None (single device or plain data parallelism), "jit" (sharding
+      constraints; the partitioner inserts the all-to-alls) or "shard_map" (explicit all-to-all);
+      both split the experts over the mesh axis "expert" and must run under `jax.set_mesh`.
+    dtype: compute dtype of the experts (bfloat16 on accelerators); the router is always float32.
       param_dtype: storage dtype of the parameters (float32).
     """
 
@@ -93,6 +97,7 @@ class MoeLayer(nn.Module):
     router_init_scale: float = 0.1
     router_bias: bool = False
     init_scale: float = 1.0
+    expert_parallelism: Optional[str] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -255,7 +260,12 @@ class MoeLayer(nn.Module):
             dropout_rate=self.expert_dropout,
             dropout_key=dropout_key,
         )
-        y = dispatch_lib.moe_forward(self.backend, groups.astype(self.dtype), routing, experts)
+        if self.expert_parallelism:
+            y = expert_parallel.expert_parallel_moe(
+                self.expert_parallelism, self.backend, groups.astype(self.dtype), routing, experts
+            )
+        else:
+            y = dispatch_lib.moe_forward(self.backend, groups.astype(self.dtype), routing, experts)
         y = y.reshape(B, L, D)
 
         if self.shared_d_ff:

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from switchmoe import checkpoints, metrics as metrics_lib, optim
+from switchmoe import checkpoints, metrics as metrics_lib, optim, sharding
 from switchmoe.config import resolve, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
 from switchmoe.model import DecoderLM
@@ -36,24 +37,11 @@ from switchmoe.model import DecoderLM
 VECTOR_STATS = ("expert_load", "dropped_fraction_by_rank", "requested_fraction_by_rank")
 
 
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    return DecoderLM(config.model)
-
-
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-    """A 1-D data-parallel mesh of `mesh.data` devices (-1: all devices)."""
-    devices = jax.devices()
-    n = config.mesh.data if config.mesh.data != -1 else len(devices)
-    if not 1 <= n <= len(devices):
-        raise ValueError(
-            f"mesh.data={config.mesh.data} needs that many devices; {len(devices)} available "
-            "(use -1 for all)."
-        )
-    return Mesh(np.asarray(devices[:n]), ("data",))
-
-
-def mesh_size(config: ml_collections.ConfigDict) -> int:
-    return config.mesh.data if config.mesh.data != -1 else jax.device_count()
+def build_model(
+    config: ml_collections.ConfigDict, expert_parallelism: Optional[str] = None
+) -> nn.Module:
+    """The model of `config`; the parameters do not depend on `expert_parallelism`."""
+    return DecoderLM(config.model, expert_parallelism=expert_parallelism)
 
 
 def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
@@ -105,45 +93,67 @@ def moe_metrics(aux: dict[str, Any], moe: ml_collections.ConfigDict, prefix: str
 
 
 class Trainer:
-    """The jitted pieces of a run: init, train_step, eval_step, with their shardings."""
+    """The jitted pieces of a run on a mesh: init, train_step, eval_step, with their shardings.
+
+    Parameters and optimizer state are placed by the logical axis rules (experts split over
+    `expert`, hidden widths over `model`, the rest replicated); the batch is split over
+    (data, expert). With mesh.expert > 1 the MoE layers exchange tokens with all-to-alls.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
         self.config, self.mesh = config, mesh
-        self.model = build_model(config)
+        parallel = config.mesh.expert_parallelism if mesh.shape["expert"] > 1 else None
+        self.model = build_model(config, parallel)
         self.schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
         self.optimizer = optim.make_optimizer(config.optimizer, config.num_train_steps)
-        self.replicated = NamedSharding(mesh, P())
-        self.batch_sharding = NamedSharding(mesh, P("data"))
+        self.replicated = sharding.replicated(mesh)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+        boxed = jax.eval_shape(lambda t: self.model.init(jax.random.key(0), t), tokens)["params"]
+        self.param_sharding = sharding.param_shardings(
+            boxed, mesh, sharding.logical_rules(config.mesh)
+        )
+        abstract = checkpoints.abstract_like(nn.meta.unbox(boxed), None)
+        with jax.set_mesh(mesh):
+            # Optimizer-state placement follows the parameters' (the partitioner propagates it).
+            init_opt = jax.jit(self.optimizer.init, in_shardings=(self.param_sharding,))
+            self.opt_sharding = init_opt.lower(abstract).compile().output_shardings
+        self._abstract_params = abstract
         self.train_step = jax.jit(
             self._train_step,
-            in_shardings=(self.replicated, self.replicated, self.batch_sharding, None),
-            out_shardings=(self.replicated, self.replicated, self.replicated),
+            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None),
+            out_shardings=(self.param_sharding, self.opt_sharding, self.replicated),
             donate_argnums=(0, 1),
         )
         self.eval_step = jax.jit(
             self._eval_step,
-            in_shardings=(self.replicated, self.batch_sharding),
+            in_shardings=(self.param_sharding, self.batch_sharding),
             out_shardings=self.replicated,
         )
 
     def init(self) -> tuple[Any, Any]:
-        """Fresh (params, opt_state), replicated over the mesh."""
+        """Fresh (params, opt_state), placed on the mesh."""
 
         def init_fn(key):
             tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
             params = nn.meta.unbox(self.model.init(key, tokens)["params"])
             return params, self.optimizer.init(params)
 
-        init = jax.jit(init_fn, out_shardings=self.replicated)
+        # Outside the mesh context on purpose: a one-row dummy batch cannot be split over the
+        # batch shards, and the parameters do not depend on how tokens are exchanged.
+        init = jax.jit(init_fn, out_shardings=(self.param_sharding, self.opt_sharding))
         return init(jax.random.key(self.config.seed))
 
     def abstract_state(self) -> tuple[Any, Any]:
-        params = abstract_params(self.model, self.config)
-        opt_state = jax.eval_shape(self.optimizer.init, params)
-        return (
-            checkpoints.abstract_like(params, self.replicated),
-            checkpoints.abstract_like(opt_state, self.replicated),
-        )
+        """Restore targets: shapes, dtypes and this mesh's shardings."""
+        place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        params = jax.tree.map(place, self._abstract_params, self.param_sharding)
+        opt_state = jax.eval_shape(self.optimizer.init, self._abstract_params)
+        return params, jax.tree.map(place, opt_state, self.opt_sharding)
+
+    def run_train_step(self, params, opt_state, batch, step: int):
+        with jax.set_mesh(self.mesh):
+            return self.train_step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
 
     def _train_step(self, params, opt_state, batch, step):
         key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
@@ -162,7 +172,7 @@ class Trainer:
         metrics = {
             "train/loss": loss,
             "train/objective": total,
-            "train/grad_norm": optax.tree_utils.tree_l2_norm(grads),
+            "train/grad_norm": optax.tree_utils.tree_norm(grads),
             "train/learning_rate": self.schedule(step),
             **moe_metrics(aux, self.config.model.moe, "train"),
         }
@@ -174,15 +184,19 @@ class Trainer:
         return {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, self.config.model.moe, "eval")}
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return jax.device_put(batch, self.batch_sharding)
+        """This process's rows of a global batch -> global arrays split over (data, expert)."""
+        return jax.tree.map(
+            lambda rows: jax.make_array_from_process_local_data(self.batch_sharding, rows), batch
+        )
 
     def evaluate(self, params, pipeline: LMDataPipeline) -> dict[str, Any]:
         """eval/loss over the fixed validation batches, plus averaged MoE statistics."""
         num = self.config.num_eval_batches or None
         sums, stats, batches = 0.0, 0.0, 0
         count = 0.0
-        for batch in pipeline.eval_batches(num):
-            out = jax.device_get(self.eval_step(params, self.put_batch(batch)))
+        for batch in pipeline.eval_batches(num, jax.process_index(), jax.process_count()):
+            with jax.set_mesh(self.mesh):
+                out = jax.device_get(self.eval_step(params, self.put_batch(batch)))
             sums += float(out.pop("ce_sum"))
             count += float(out.pop("count"))
             stats = jax.tree.map(lambda a, b: a + b, stats, out) if batches else out
@@ -250,14 +264,23 @@ def train_and_evaluate(
       FloatingPointError: a non-finite metric; the checkpoints already written are intact.
     """
     config = resolve(config)
-    validate_config(config, num_devices=mesh_size(config))
+    validate_config(config, num_devices=jax.device_count())
     check_workdir_compatible(config, workdir)
+    lead = jax.process_index() == 0  # one process writes config, metrics and progress
+    if not lead:
+        log = lambda line: None
     os.makedirs(workdir, exist_ok=True)
-    checkpoints.write_config(workdir, config)
+    if lead:
+        checkpoints.write_config(workdir, config)
 
-    mesh = make_mesh(config)
+    mesh = sharding.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
     pipeline = LMDataPipeline(config.data, config.batch_size)
+    if jax.process_count() > 1:
+        # Process 0 prepares the TFDS data once; the others wait, then read what it wrote.
+        if lead:
+            pipeline.packed(config.data.train_split)
+        multihost_utils.sync_global_devices("switchmoe: data prepared")
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
@@ -267,16 +290,16 @@ def train_and_evaluate(
         log(f"Resumed from {ckpt.directory}/{start}.")
     else:
         params, opt_state = trainer.init()
-    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else None
     total = config.num_train_steps
     progress = metrics_lib.Progress(total, config.batch_size * config.data.seq_len, start)
     pending: list[dict] = []
     last: dict[str, Any] = {}
     try:
         for step in range(start, total):
-            batch = trainer.put_batch(pipeline.batch(step))
-            params, opt_state, step_metrics = trainer.train_step(
-                params, opt_state, batch, jnp.asarray(step, jnp.int32)
+            rows = pipeline.batch(step, jax.process_index(), jax.process_count())
+            params, opt_state, step_metrics = trainer.run_train_step(
+                params, opt_state, trainer.put_batch(rows), step
             )
             pending.append(step_metrics)
             done = step + 1
@@ -311,12 +334,13 @@ def train_and_evaluate(
                             f"non-finite train/loss at step {done}; not saved."
                         )
                 ckpt.save(done, params, opt_state, {"step": done, "data_step": done})
-            if record:
+            if record and writer:
                 writer.write(done, record)
                 last.update(record)
             if stop_at is not None and done >= stop_at:
                 break
     finally:
         ckpt.close()  # waits for async saves: what was saved stays intact
-        writer.close()
+        if writer:
+            writer.close()
     return last

@@ -11,7 +11,8 @@ import pytest
 
 from switchmoe import checkpoints, metrics
 from switchmoe.runs import restore_run
-from switchmoe.train import Trainer, make_mesh, train_and_evaluate
+from switchmoe.sharding import make_mesh
+from switchmoe.train import Trainer, train_and_evaluate
 from switchmoe.config import resolve
 from switchmoe.data.pipeline import LMDataPipeline
 from tiny import tiny_config
@@ -78,7 +79,7 @@ def test_restore_run_reproduces_the_final_eval_loss(data_dir, tmp_path):
     assert config.model.d_model == 32
     assert all(p.devices() == {jax.local_devices()[0]} for p in jax.tree.leaves(params))
     config = resolve(config)
-    trainer = Trainer(config, make_mesh(config))
+    trainer = Trainer(config, make_mesh(config.mesh))
     again = trainer.evaluate(params, LMDataPipeline(config.data, config.batch_size))
     assert again["eval/loss"] == pytest.approx(result["eval/loss"], rel=1e-6)
     with pytest.raises(ValueError, match=r"no checkpoint at step 3; available: \[10, 20\]"):
@@ -113,7 +114,7 @@ def test_non_finite_loss_stops_and_names_the_metric(data_dir, tmp_path):
         (
             {"mesh.data": 8, "batch_size": 12},
             r"batch_size=12 must be divisible by the number of "
-            r"devices \(8\)",
+            r"batch shards mesh.data × mesh.expert = 8×1 = 8",
         ),
         ({"model.moe.backend": "cuda"}, r"model.moe.backend must be one of \('einsum', 'gather', "),
         (

@@ -1,0 +1,96 @@
+"""Two processes on localhost (jax.distributed, gloo CPU collectives) train with the experts split
+across them and reproduce the single-process losses."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from switchmoe import metrics
+from switchmoe.data.pipeline import corpus_statistics
+from switchmoe.train import train_and_evaluate
+from tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {
+    "num_train_steps": 4,
+    "log_every": 1,
+    "eval_every": 4,
+    "checkpoint_every": 4,
+    "model.moe.num_experts": 4,
+    "model.moe.num_selected": 2,
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flag_value(value):
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    config = tiny_config(data_dir, **OVERRIDES)
+    corpus_statistics(config.data)  # build the corpus before the processes start
+    single = str(tmp_path / "single")
+    train_and_evaluate(config, single, log=lambda line: None)
+
+    # Each process has 2 CPU devices; mesh expert=4 puts 1 expert per device, 2 per process.
+    settings = {
+        **OVERRIDES,
+        "data.data_dir": data_dir,
+        "data.max_files": 40,
+        "data.seq_len": 32,
+        "model.d_model": 32,
+        "model.num_layers": 2,
+        "model.num_heads": 2,
+        "model.d_ff": 64,
+        "batch_size": 8,
+        "optimizer.learning_rate": 1e-2,
+        "optimizer.warmup_steps": 5,
+        "num_eval_batches": 2,
+        "mesh.expert": 4,
+    }
+    port = free_port()
+    workdir = str(tmp_path / "two")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.train",
+                "--config=configs/demo.py",
+                f"--workdir={workdir}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ]
+            + [f"--config.{k}={flag_value(v)}" for k, v in settings.items()],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=400)[0])
+        finally:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    losses = lambda w: [r["train/loss"] for r in metrics.read_metrics(w)]
+    assert len(losses(workdir)) == 4
+    np.testing.assert_allclose(losses(workdir), losses(single), rtol=1e-5)
