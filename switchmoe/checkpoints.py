@@ -99,11 +99,14 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
+    """The run's config.json, with fields added to switchmoe since it was written defaulted."""
+    from switchmoe.config import with_defaults  # noqa: PLC0415  (config imports the data stack)
+
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return with_defaults(ml_collections.ConfigDict(json.load(f)))
 
 
 def has_checkpoint(workdir: str) -> bool:

@@ -11,6 +11,7 @@ allowed values in its message.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from switchmoe import dispatch, experts, routing, sharding
@@ -27,11 +28,16 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe = ml_collections.ConfigDict()
     # Experts per MoE layer; 0 makes every block dense (the dense baseline).
     moe.num_experts = 8
+    # Hidden width of each expert; None: model.d_ff (the dense blocks' width). Top-2 models at the
+    # FLOPs of top-1 ones use half the width.
+    moe.expert_d_ff = config_dict.placeholder(int)
     # Every moe_every-th block is an MoE block (Switch/GShard: 2, ST-MoE: 4, all blocks: 1).
     moe.moe_every = 2
     # Experts per token (top-k): 1 Switch, 2 GShard / ST-MoE.
     moe.num_selected = 1
-    # 'top_k' (token choice) or 'expert_choice' (each expert picks its tokens; not causal).
+    # 'top_k' (token choice), 'expert_choice' (each expert picks its tokens; not causal),
+    # 'noisy_top_k' (Shazeer et al. 2017), 'hash' (fixed token-id table) or 'sbase' (balanced
+    # assignment by Sinkhorn iterations while training; not causal).
     moe.router = "top_k"
     # 'einsum' (one-hot masks), 'gather' (slot tables) or 'dropless' (sorted grouped matmul; the
     # top-k router then drops nothing and ignores the capacity factors).
@@ -52,6 +58,16 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe.random_routing = False
     # Keep the second expert if U(0,1) < g2 / threshold (GShard: 0.5).
     moe.random_routing_threshold = 0.5
+    # Noisy top-k's importance and load loss weights (Shazeer et al.: 0.1 each).
+    moe.importance_weight = 0.0
+    moe.load_weight = 0.0
+    # Hash router table: 'random' (seeded hash) or 'balanced' (greedy on training-corpus token
+    # frequencies); the table itself is computed when the run starts and saved in config.json.
+    moe.hash_kind = "random"
+    moe.hash_table = config_dict.placeholder(tuple)
+    # S-BASE: Sinkhorn iterations and temperature (on standardised logits).
+    moe.sbase_iters = 200
+    moe.sbase_temperature = 0.02
     # Multiplicative jitter on the router input while training (Switch: 1e-2; 0 = off).
     moe.jitter_eps = 0.0
     # Weight α of the Switch load-balancing loss.
@@ -64,6 +80,9 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe.shared_d_ff = 0
     # Router kernel init: truncated normal with variance scale/D (Switch: 0.1; 0 = zeros).
     moe.router_init_scale = 0.1
+    # Router matmul precision: 'float32' (Switch's selective precision) or 'bfloat16' (the
+    # ablation it argues against). Probabilities and losses are float32 either way.
+    moe.router_dtype = "float32"
     # Learned bias on the router logits.
     moe.router_bias = False
     # Variance scale of the expert weights' init (Switch scales all inits by 0.1).
@@ -150,13 +169,50 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with the fields it lacks taken from `default_config()`.
+
+    A config.json written before a field was added to switchmoe lacks it; the default is what
+    that older version did.
+    """
+
+    def merge(values: dict, defaults: dict) -> dict:
+        out = dict(values)
+        for key, default in defaults.items():
+            if key not in out:
+                out[key] = default
+            elif isinstance(default, dict) and isinstance(out[key], dict):
+                out[key] = merge(out[key], default)
+        return out
+
+    return ml_collections.ConfigDict(merge(config.to_dict(), default_config().to_dict()))
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy with derived fields filled in (vocabulary size from the tokenizer)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if config.model.get("vocab_size") is None:
         with config.unlocked():
             config.model.vocab_size = make_tokenizer(config.data).vocab_size
+    moe = config.model.moe
+    if moe.num_experts and moe.router == "hash" and moe.get("hash_table") is None:
+        with config.unlocked():
+            moe.hash_table = tuple(int(e) for e in hash_table(config))
     return config
+
+
+def hash_table(config: ml_collections.ConfigDict):
+    """The hash router's token id -> expert table for `config` (int32[vocab_size])."""
+    from switchmoe import hash_routing  # noqa: PLC0415  (only hash runs need it)
+
+    moe, vocab = config.model.moe, config.model.vocab_size
+    if moe.hash_kind == "random":
+        return hash_routing.random_hash_table(vocab, moe.num_experts, config.seed)
+    from switchmoe.data.pipeline import LMDataPipeline  # noqa: PLC0415
+
+    windows = LMDataPipeline(config.data, config.batch_size).packed(config.data.train_split)
+    counts = np.bincount(np.asarray(windows.windows, np.int64).ravel(), minlength=vocab)
+    return hash_routing.balanced_hash_table(counts[:vocab], moe.num_experts)
 
 
 def _one_of(name, value, allowed):
@@ -203,6 +259,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         _one_of("model.moe.router", moe.router, routing.ROUTERS)
         _one_of("model.moe.backend", moe.backend, dispatch.BACKENDS)
         _one_of("model.moe.gate_norm", moe.gate_norm, routing.GATE_NORMS)
+        _one_of("model.moe.router_dtype", moe.router_dtype, DTYPES)
+        _one_of("model.moe.hash_kind", moe.hash_kind, ("random", "balanced"))
+        if moe.router == "noisy_top_k" and moe.num_selected >= moe.num_experts:
+            raise ValueError(
+                "model.moe.router='noisy_top_k' needs model.moe.num_selected < "
+                f"model.moe.num_experts={moe.num_experts}; got {moe.num_selected}."
+            )
+        if (
+            moe.router == "sbase"
+            and (moe.get("group_size") or config.data.seq_len) % moe.num_experts
+        ):
+            raise ValueError(
+                f"model.moe.router='sbase' needs the group size "
+                f"({moe.get('group_size') or config.data.seq_len}) divisible by "
+                f"model.moe.num_experts={moe.num_experts} (every expert gets exactly S/E tokens)."
+            )
         _positive("model.moe.train_capacity_factor", moe.train_capacity_factor)
         _positive("model.moe.eval_capacity_factor", moe.eval_capacity_factor)
         if moe.batch_prioritized and model.arch == "decoder":

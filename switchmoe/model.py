@@ -43,10 +43,15 @@ MOE_FIELDS = (
     "jitter_eps",
     "load_balancing_weight",
     "z_loss_weight",
+    "importance_weight",
+    "load_weight",
+    "sbase_iters",
+    "sbase_temperature",
     "expert_dropout",
     "shared_d_ff",
     "router_init_scale",
     "router_bias",
+    "router_dtype",
     "init_scale",
 )
 
@@ -159,7 +164,7 @@ class Block(nn.Module):
     expert_parallelism: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, deterministic):
+    def __call__(self, x, positions, mask, deterministic, token_ids=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         h = RMSNorm(dtype=dtype, name="attention_norm")(x)
@@ -171,15 +176,17 @@ class Block(nn.Module):
         aux = None
         if self.moe:
             settings = {name: cfg.moe[name] for name in MOE_FIELDS}
+            table = cfg.moe.get("hash_table")
             h, aux = MoeLayer(
                 num_experts=cfg.moe.num_experts,
-                d_ff=cfg.d_ff,
+                d_ff=cfg.moe.get("expert_d_ff") or cfg.d_ff,
                 activation=cfg.activation,
                 dtype=dtype,
                 expert_parallelism=self.expert_parallelism,
+                hash_table=None if table is None else tuple(table),
                 name="moe",
                 **settings,
-            )(h, deterministic=deterministic)
+            )(h, deterministic=deterministic, token_ids=token_ids)
         else:
             h = DenseFFN(cfg.d_ff, cfg.activation, dtype, name="ffn")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -234,7 +241,7 @@ class DecoderLM(nn.Module):
         for i in range(cfg.num_layers):
             moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every)
             block = Block(cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}")
-            x, aux = block(x, positions, None, deterministic)
+            x, aux = block(x, positions, None, deterministic, token_ids=tokens)
             if aux is not None:
                 auxes.append(aux)
         x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from switchmoe import dispatch as dispatch_lib
-from switchmoe import expert_parallel
+from switchmoe import expert_parallel, hash_routing, noisy_top_k, sbase
 from switchmoe import experts as experts_lib
 from switchmoe import routing as routing_lib
 
@@ -46,7 +46,9 @@ class MoeLayer(nn.Module):
       num_experts: E.
       d_ff: F, hidden width of each expert.
       num_selected: K, experts per token for the top-k router (1 Switch, 2 GShard/ST-MoE).
-      router: "top_k" (token choice) or "expert_choice" (non-causal).
+      router: "top_k" (token choice), "expert_choice" (non-causal), "noisy_top_k" (Shazeer et al.
+      2017), "hash" (fixed token-id table, no router parameters) or "sbase" (balanced assignment
+      by Sinkhorn while training, greedy top-1 at evaluation; non-causal).
       backend: "einsum", "gather" or "dropless". With the top-k router, "dropless" routes without
         capacity (no token is ever dropped) and ignores the capacity factors.
       train_capacity_factor, eval_capacity_factor: C = ceil(K·S/E·factor) during training
@@ -61,12 +63,18 @@ class MoeLayer(nn.Module):
       jitter_eps: multiplicative jitter on the router input during training (Switch: 1e-2).
       load_balancing_weight: α of the Switch load-balancing loss (1e-2).
       z_loss_weight: β of the router z-loss (ST-MoE: 1e-3).
+    importance_weight, load_weight: weights of noisy top-k's importance and load losses
+      (Shazeer et al.: 0.1 each; only the noisy_top_k router reports these losses).
+    hash_table: token id -> expert, for router="hash" (see switchmoe/hash_routing.py).
+    sbase_iters, sbase_temperature: Sinkhorn iterations and temperature of router="sbase".
       activation: "relu", "gelu", "swiglu" or "geglu".
       expert_dropout: dropout rate on the experts' hidden activations during training.
       shared_d_ff: hidden width of a shared dense FFN applied to every token (0 = none).
       router_init_scale: router kernel ~ truncated normal with variance scale·1/D (Switch uses 0.1
         of the default; 0 gives zeros as in Shazeer et al. 2017, every expert equally likely).
       router_bias: add a learned bias to the router logits.
+    router_dtype: precision of the router matmul, "float32" (default, Switch §2.4) or "bfloat16"
+      (for the ablation); the logits are float32 either way.
       init_scale: variance scale of the expert weights' fan-in initialisation (Switch: 0.1).
       expert_parallelism: None (single device or plain data parallelism), "jit" (sharding
       constraints; the partitioner inserts the all-to-alls) or "shard_map" (explicit all-to-all);
@@ -91,11 +99,17 @@ class MoeLayer(nn.Module):
     jitter_eps: float = 0.0
     load_balancing_weight: float = 1e-2
     z_loss_weight: float = 0.0
+    importance_weight: float = 0.0
+    load_weight: float = 0.0
+    hash_table: Optional[tuple] = None
+    sbase_iters: int = 200
+    sbase_temperature: float = 0.02
     activation: str = "relu"
     expert_dropout: float = 0.0
     shared_d_ff: int = 0
     router_init_scale: float = 0.1
     router_bias: bool = False
+    router_dtype: str = "float32"
     init_scale: float = 1.0
     expert_parallelism: Optional[str] = None
     dtype: Any = jnp.float32
@@ -132,9 +146,15 @@ class MoeLayer(nn.Module):
                 "random_routing (GShard second-expert routing) needs num_selected >= 2; "
                 f"got num_selected={self.num_selected}."
             )
-        if self.batch_prioritized and self.router != "top_k":
+        if self.batch_prioritized and self.router not in ("top_k", "noisy_top_k"):
             raise ValueError(
-                f"batch_prioritized applies to router='top_k' only; got router={self.router!r}."
+                "batch_prioritized applies to router 'top_k' or 'noisy_top_k'; "
+                f"got router={self.router!r}."
+            )
+        if self.router == "noisy_top_k" and self.num_selected >= self.num_experts:
+            raise ValueError(
+                f"router='noisy_top_k' needs num_selected < num_experts={self.num_experts}; "
+                f"got {self.num_selected}."
             )
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> Optional[int]:
@@ -144,10 +164,13 @@ class MoeLayer(nn.Module):
             return routing_lib.expert_capacity(
                 tokens_per_group, self.num_experts, 1, factor, self.min_capacity
             )
+        if self.router == "sbase" and not deterministic:
+            return tokens_per_group // self.num_experts  # exactly balanced
         if self.backend == "dropless":
             return None
+        k = 1 if self.router in ("hash", "sbase") else self.num_selected
         return routing_lib.expert_capacity(
-            tokens_per_group, self.num_experts, self.num_selected, factor, self.min_capacity
+            tokens_per_group, self.num_experts, k, factor, self.min_capacity
         )
 
     def _groups(self, x: Array) -> Array:
@@ -161,12 +184,89 @@ class MoeLayer(nn.Module):
             )
         return x.reshape(B * L // S, S, D)
 
+    def _route(self, groups, token_ids, deterministic, keys) -> routing_lib.RoutingResult:
+        """Creates the router's parameters (if it has any) and routes groups[G, S, D]."""
+        G, S, D = groups.shape
+        E = self.num_experts
+        train = not deterministic
+        capacity = self.capacity(S, deterministic)
+        if self.router == "hash":
+            if token_ids is None:
+                raise ValueError(
+                    "router='hash' needs the token ids: call the layer with token_ids."
+                )
+            if self.hash_table is None:
+                raise ValueError("router='hash' needs hash_table (token id -> expert).")
+            table = jnp.asarray(self.hash_table, jnp.int32)
+            return hash_routing.hash_route(token_ids, table, E, capacity=capacity)
+
+        def router_weights(name, init):
+            return self.param(
+                name, nn.with_logical_partitioning(init, ("embed", None)), (D, E), self.param_dtype
+            )
+
+        fan_in = lambda scale: nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+        # Noisy top-k starts from zero weights (Shazeer et al.): every expert equally likely.
+        zero = self.router_init_scale == 0 or self.router == "noisy_top_k"
+        router_kernel = router_weights(
+            "router_kernel", nn.initializers.zeros if zero else fan_in(self.router_init_scale)
+        )
+        router_b = None
+        if self.router_bias:
+            router_b = self.param(
+                "router_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                (E,),
+                self.param_dtype,
+            )
+        jitter_key = keys[0] if train and self.jitter_eps > 0 else None
+        logits_of = lambda kernel, bias, jitter: routing_lib.router_logits(
+            groups,
+            kernel,
+            bias,
+            jitter_key=jitter,
+            jitter_eps=self.jitter_eps,
+            dtype=jnp.dtype(self.router_dtype),
+        )
+        logits = logits_of(router_kernel, router_b, jitter_key)
+        self.sow("intermediates", "router_logits", logits)
+
+        if self.router == "expert_choice":
+            return routing_lib.expert_choice_route(logits, capacity=capacity)
+        if self.router == "noisy_top_k":
+            noise_kernel = router_weights("noise_kernel", nn.initializers.zeros)
+            return noisy_top_k.noisy_top_k_route(
+                logits,
+                logits_of(noise_kernel, None, jitter_key),
+                num_selected=self.num_selected,
+                capacity=capacity,
+                noise_key=keys[3] if train else None,
+                batch_prioritized=self.batch_prioritized,
+            )
+        if self.router == "sbase" and train:
+            return sbase.sbase_route(
+                logits, num_iters=self.sbase_iters, temperature=self.sbase_temperature
+            )
+        # top_k, and S-BASE at evaluation (greedy top-1).
+        return routing_lib.top_k_route(
+            logits,
+            num_selected=1 if self.router == "sbase" else self.num_selected,
+            capacity=capacity,
+            gate_norm=self.gate_norm,
+            batch_prioritized=self.batch_prioritized,
+            random_routing_key=keys[1] if train and self.random_routing else None,
+            random_routing_threshold=self.random_routing_threshold,
+        )
+
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> tuple[Array, dict[str, Any]]:
+    def __call__(
+        self, x: Array, deterministic: bool = True, token_ids: Optional[Array] = None
+    ) -> tuple[Array, dict[str, Any]]:
         """Applies the layer.
 
         Args:
           x: [B, L, D] tokens.
+          token_ids: int[B, L] token ids, needed by the hash router only.
           deterministic: evaluation mode: eval capacity factor, no jitter, no random routing, no
             expert dropout. When False and any of those is active, the "dropout" PRNG stream is used.
 
@@ -178,25 +278,23 @@ class MoeLayer(nn.Module):
         E, F = self.num_experts, self.d_ff
         groups = self._groups(x)
         G, S, _ = groups.shape
+        if token_ids is not None:
+            token_ids = token_ids.reshape(G, S)
 
-        fan_in = lambda scale: nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-        router_init = (
-            nn.initializers.zeros if self.router_init_scale == 0 else fan_in(self.router_init_scale)
+        train = not deterministic
+        # Stochastic parts, training only: one key each from the "dropout" stream (split so
+        # jitter, random routing, router noise and expert dropout draw independently).
+        needs_rng = train and (
+            self.jitter_eps > 0
+            or self.random_routing
+            or self.expert_dropout > 0
+            or self.router == "noisy_top_k"
         )
-        router_kernel = self.param(
-            "router_kernel",
-            nn.with_logical_partitioning(router_init, ("embed", None)),
-            (D, E),
-            self.param_dtype,
-        )
-        router_b = None
-        if self.router_bias:
-            router_b = self.param(
-                "router_bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-                (E,),
-                self.param_dtype,
-            )
+        keys = jax.random.split(self.make_rng("dropout"), 4) if needs_rng else [None] * 4
+        dropout_key = keys[2] if train and self.expert_dropout > 0 else None
+        routing = self._route(groups, token_ids, deterministic, keys)
+        self.sow("intermediates", "routing", routing)
+
         # Batched over experts: fan-in is the axis D (or F) of each expert's matrix.
         expert_init = nn.initializers.variance_scaling(
             self.init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
@@ -221,35 +319,6 @@ class MoeLayer(nn.Module):
                 (E, D, F),
                 self.param_dtype,
             )
-
-        # Stochastic parts, training only: one key each from the "dropout" stream.
-        train = not deterministic
-        needs_rng = train and (
-            self.jitter_eps > 0 or self.random_routing or self.expert_dropout > 0
-        )
-        keys = jax.random.split(self.make_rng("dropout"), 3) if needs_rng else [None] * 3
-        jitter_key = keys[0] if train and self.jitter_eps > 0 else None
-        routing_key = keys[1] if train and self.random_routing else None
-        dropout_key = keys[2] if train and self.expert_dropout > 0 else None
-
-        logits = routing_lib.router_logits(
-            groups, router_kernel, router_b, jitter_key=jitter_key, jitter_eps=self.jitter_eps
-        )
-        self.sow("intermediates", "router_logits", logits)
-        capacity = self.capacity(S, deterministic)
-        if self.router == "expert_choice":
-            routing = routing_lib.expert_choice_route(logits, capacity=capacity)
-        else:
-            routing = routing_lib.top_k_route(
-                logits,
-                num_selected=self.num_selected,
-                capacity=capacity,
-                gate_norm=self.gate_norm,
-                batch_prioritized=self.batch_prioritized,
-                random_routing_key=routing_key,
-                random_routing_threshold=self.random_routing_threshold,
-            )
-        self.sow("intermediates", "routing", routing)
 
         experts = experts_lib.StackedExperts(
             w_in=w_in,
@@ -278,10 +347,13 @@ class MoeLayer(nn.Module):
                 name="shared",
             )(x)
 
-        loss = (
-            self.load_balancing_weight * routing.losses["load_balancing"]
-            + self.z_loss_weight * routing.losses["z_loss"]
-        )
+        weights = {
+            "load_balancing": self.load_balancing_weight,
+            "z_loss": self.z_loss_weight,
+            "importance": self.importance_weight,
+            "load": self.load_weight,
+        }
+        loss = sum(weights[name] * value for name, value in routing.losses.items())
         return y.astype(self.dtype), {
             "loss": loss,
             "losses": routing.losses,

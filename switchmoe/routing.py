@@ -121,6 +121,7 @@ def router_logits(
     *,
     jitter_key: Optional[Array] = None,
     jitter_eps: float = 0.0,
+    dtype: jnp.dtype = jnp.float32,
 ) -> Array:
     """Router logits h = x·W_r (+ b), always in float32 ("selective precision", Switch §2.4).
 
@@ -136,6 +137,8 @@ def router_logits(
       jitter_key: PRNG key for multiplicative jitter x ← x·U(1-ε, 1+ε) (Switch, ε=1e-2), applied
         to the router's input only; None (evaluation) disables it.
       jitter_eps: ε.
+      dtype: precision of the matmul; float32 unless ablating selective precision (bfloat16
+        rounds inputs and weights to 8 mantissa bits; the result is returned as float32).
 
     Returns:
       float32[G, S, E] logits.
@@ -146,11 +149,16 @@ def router_logits(
             jitter_key, x.shape, jnp.float32, minval=1.0 - jitter_eps, maxval=1.0 + jitter_eps
         )
     logits = jnp.einsum(
-        "gsd,de->gse", x, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        "gsd,de->gse",
+        x.astype(dtype),
+        kernel.astype(dtype),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
     )
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    return logits
+    # The ablation also rounds the logits themselves, as a bf16 router would produce them.
+    return logits.astype(dtype).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +362,8 @@ def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
     )
 
 
-ROUTERS = ("top_k", "expert_choice")
+# Every router the MoE layer offers; the last three live in their own modules.
+ROUTERS = ("top_k", "expert_choice", "noisy_top_k", "hash", "sbase")
 
 
 def route(logits: Array, *, router: str, **kwargs: Any) -> RoutingResult:

@@ -87,6 +87,8 @@ def moe_metrics(aux: dict[str, Any], moe: ml_collections.ConfigDict, prefix: str
     # Unweighted, averaged over layers: 1.0 is perfectly balanced.
     out[f"{prefix}/load_balancing"] = aux["losses"]["load_balancing"] / num_layers
     out[f"{prefix}/router_z"] = aux["losses"]["z_loss"] / num_layers
+    for name in aux["losses"].keys() - {"load_balancing", "z_loss"}:  # e.g. importance, load
+        out[f"{prefix}/{name}"] = aux["losses"][name] / num_layers
     for name, value in aux["stats"].items():
         out[f"{prefix}/{name}"] = value if name in VECTOR_STATS else jnp.mean(value)
     return out

@@ -48,3 +48,22 @@ def test_dense_counterpart_has_the_active_parameters_of_top1():
     moe, dense = count_params(load("demo")), count_params(load("dense"))
     routers = 2 * 128 * 8  # the only extra active parameters: two routers of D × E
     assert moe["active_per_token"] == dense["total"] + routers
+
+
+@pytest.mark.parametrize("study", ["expert_count", "capacity", "routing"])
+def test_every_study_trial_validates(study):
+    module_path = os.path.join(ROOT, "configs", "studies.py")
+    spec = importlib.util.spec_from_file_location("studies", module_path)
+    studies = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(studies)
+    for overrides in studies.get_sweep(study):
+        config = studies.get_config(study)
+        for key, value in overrides.items():
+            node = config
+            *path, leaf = key.split(".")
+            for part in path:
+                node = node[part]
+            node[leaf] = value
+        if config.model.moe.router == "hash":
+            config.model.moe.hash_kind = "random"  # the balanced table would read the corpus
+        validate_config(resolve(config))

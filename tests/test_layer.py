@@ -129,7 +129,10 @@ def test_layer_output_equals_loop_reference():
         (dict(train_capacity_factor=0.0), "train_capacity_factor must be > 0; got 0.0"),
         (dict(eval_capacity_factor=-1.0), "eval_capacity_factor must be > 0"),
         (dict(backend="megablocks"), r"backend must be one of \('einsum', 'gather', 'dropless'\)"),
-        (dict(router="hash"), r"router must be one of \('top_k', 'expert_choice'\)"),
+        (
+            dict(router="switch"),
+            r"router must be one of \('top_k', 'expert_choice', 'noisy_top_k', 'hash', 'sbase'\)",
+        ),
         (
             dict(activation="tanh"),
             r"activation must be one of \('relu', 'gelu', 'swiglu', 'geglu'\)",
@@ -169,3 +172,18 @@ def test_capacity_routing_matches_routing_function():
     )
     np.testing.assert_array_equal(r.slot, direct.slot)
     assert not r.causal
+
+
+def test_bfloat16_router_ablation_rounds_the_logits():
+    x = jax.random.normal(jax.random.key(0), (2, 8, D))
+    f32 = MoeLayer(num_experts=4, d_ff=8)
+    bf16 = MoeLayer(num_experts=4, d_ff=8, router_dtype="bfloat16")
+    variables = f32.init(jax.random.key(1), x)
+    _, s32 = f32.apply(variables, x, mutable=["intermediates"])
+    _, s16 = bf16.apply(variables, x, mutable=["intermediates"])
+    (l32,), (l16,) = s32["intermediates"]["router_logits"], s16["intermediates"]["router_logits"]
+    assert l16.dtype == jnp.float32
+    # Every bf16 logit is exactly representable in bfloat16 and within its rounding of float32.
+    np.testing.assert_array_equal(l16, np.asarray(l16).astype(jnp.bfloat16).astype(np.float32))
+    np.testing.assert_allclose(l16, l32, rtol=2**-7, atol=1e-3)
+    assert not np.array_equal(l16, l32)

@@ -1,0 +1,199 @@
+"""Report a sweep: a CSV, a markdown table and PNG plots under <workdir>/report/.
+
+  python -m experiments.report --workdir=runs/sweeps/expert_count
+
+Always: one row per trial (final eval loss, dropped fractions, load spread, step time, parameter
+counts) and eval-loss curves. When the trials vary model.moe.num_experts: loss and step time
+against experts. When they vary model.moe.train_capacity_factor: every finished checkpoint is
+evaluated again at eval capacity factors 0.5, 1.0, 1.25, 2.0 and dropless (cached per trial in
+capacity_eval.json), as a table and a plot.
+"""
+
+import csv
+import json
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from switchmoe import analysis, sweeps
+from switchmoe.config import resolve
+from switchmoe.train import count_params
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
+_CAPACITY_FACTORS = flags.DEFINE_list(
+    "eval_capacity_factors", ["0.5", "1.0", "1.25", "2.0"], "Eval factors of the capacity study."
+)
+flags.mark_flags_as_required(["workdir"])
+
+COLUMNS = (
+    "trial", "experts", "k", "train_cf", "eval_loss", "eval_bits_per_token", "train_loss",
+    "train_dropped_pct", "eval_dropped_pct", "load_cv", "logit_rms", "step_time_ms",
+    "params_total", "params_active", "steps", "finished",
+)  # fmt: skip
+
+
+def step_time_ms(trial) -> float | None:
+    """Median seconds per step over the logged intervals, leaving out the first (compilation)."""
+    rates = [
+        r["train/tokens_per_second"] for r in trial["records"] if "train/tokens_per_second" in r
+    ]
+    if len(rates) < 2:
+        return None
+    c = trial["config"]
+    return 1e3 * c.batch_size * c.data.seq_len / float(np.median(rates[1:]))
+
+
+def row(trial) -> dict:
+    records, config = trial["records"], trial["config"]
+    last = lambda m: analysis.last_value(records, m)
+    load = last("eval/expert_load")
+    load_cv = None
+    if load is not None:
+        load = np.asarray(load, np.float64)  # [layers, E]
+        load_cv = float(np.mean(load.std(-1) / np.maximum(load.mean(-1), 1e-12)))
+    counts = count_params(resolve(config))
+    pct = lambda v: None if v is None else 100 * v
+    eval_loss = trial["final_eval_loss"]
+    return {
+        "trial": trial["name"],
+        "experts": config.model.moe.num_experts,
+        "k": config.model.moe.num_selected,
+        "train_cf": config.model.moe.train_capacity_factor,
+        "eval_loss": eval_loss,
+        "eval_bits_per_token": None if eval_loss is None else eval_loss / np.log(2),
+        "train_loss": last("train/loss"),
+        "train_dropped_pct": pct(last("train/dropped_fraction")),
+        "eval_dropped_pct": pct(last("eval/dropped_fraction")),
+        "load_cv": load_cv,
+        "logit_rms": last("train/logit_rms"),
+        "step_time_ms": step_time_ms(trial),
+        "params_total": counts["total"],
+        "params_active": counts["active_per_token"],
+        "steps": trial["last_step"],
+        "finished": trial["finished"],
+    }
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1e4:
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(rows, columns) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path, rows, columns):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: r[c] for c in columns} for r in rows)
+
+
+def capacity_evaluation(trials, factors) -> list[dict]:
+    """Each finished checkpoint at each eval capacity factor and dropless (cached per trial)."""
+    rows = []
+    for t in trials:
+        if not (t["finished"] and t["config"].model.moe.num_experts):
+            continue
+        cache = os.path.join(t["workdir"], "capacity_eval.json")
+        if os.path.exists(cache):
+            with open(cache) as f:
+                results = json.load(f)
+        else:
+            results = analysis.evaluate_at_capacities(t["workdir"], factors=factors)
+            with open(cache, "w") as f:
+                json.dump(results, f, indent=1)
+        for r in results:
+            rows.append(
+                {
+                    "trial": t["name"],
+                    "k": t["config"].model.moe.num_selected,
+                    "train_cf": t["config"].model.moe.train_capacity_factor,
+                    "eval_cf": r["capacity_factor"],
+                    "eval_loss": r["eval_loss"],
+                    "eval_dropped_pct": 100 * r["dropped_fraction"],
+                }
+            )
+    return rows
+
+
+def plot_capacity_evaluation(rows):
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_drop) = plt.subplots(1, 2, figsize=(11, 4))
+    for trial in sorted({r["trial"] for r in rows}):
+        mine = [r for r in rows if r["trial"] == trial and r["eval_cf"] != "dropless"]
+        xs = [float(r["eval_cf"]) for r in mine]
+        ax_loss.plot(xs, [r["eval_loss"] for r in mine], "o-", label=trial)
+        ax_drop.plot(xs, [r["eval_dropped_pct"] for r in mine], "o-", label=trial)
+        dropless = [r for r in rows if r["trial"] == trial and r["eval_cf"] == "dropless"]
+        if dropless:
+            ax_loss.axhline(dropless[0]["eval_loss"], ls=":", color=ax_loss.lines[-1].get_color())
+    ax_loss.set(xlabel="eval capacity factor", ylabel="eval loss (nats/token; dotted: dropless)")
+    ax_drop.set(xlabel="eval capacity factor", ylabel="tokens dropped at eval (%)")
+    for ax in (ax_loss, ax_drop):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    sweep_dir = _WORKDIR.value
+    trials = analysis.load_sweep(sweep_dir)
+    if not trials:
+        raise app.UsageError(f"no trial with a config.json under {sweep_dir}.")
+    out = os.path.join(sweep_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    rows = [row(t) for t in trials]
+    write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
+    sections = [f"# Sweep report: {sweep_dir}", "", markdown(rows, COLUMNS)]
+    figures = {"eval_curves.png": analysis.plot_eval_curves(trials)}
+
+    varied = set()
+    if os.path.exists(os.path.join(sweep_dir, sweeps.SWEEP_FILE)):
+        for trial in sweeps.read_sweep_file(sweep_dir)["trials"]:
+            varied |= set(trial["overrides"])
+    if "model.moe.num_experts" in varied:
+        figures["loss_vs_experts.png"] = analysis.plot_loss_vs_experts(trials)
+        figures["step_time_vs_experts.png"] = analysis.plot_final_vs(
+            trials, "model.moe.num_experts", y=step_time_ms
+        )
+    if "model.moe.train_capacity_factor" in varied:
+        figures["capacity_train.png"] = analysis.plot_capacity_factor(
+            trials, group_by="model.moe.num_selected"
+        )
+        factors = [float(f) for f in _CAPACITY_FACTORS.value]
+        cap_rows = capacity_evaluation(trials, factors)
+        if cap_rows:
+            columns = ("trial", "k", "train_cf", "eval_cf", "eval_loss", "eval_dropped_pct")
+            write_csv(os.path.join(out, "capacity_eval.csv"), cap_rows, columns)
+            sections += [
+                "",
+                "## Every checkpoint at every eval capacity factor",
+                "",
+                markdown(cap_rows, columns),
+            ]
+            figures["capacity_eval.png"] = plot_capacity_evaluation(cap_rows)
+    for name, fig in figures.items():
+        fig.savefig(os.path.join(out, name), dpi=110)
+    sections += ["", "Plots: " + ", ".join(f"report/{n}" for n in figures)]
+    text = "\n".join(sections) + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

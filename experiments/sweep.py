@@ -1,0 +1,78 @@
+"""Run every trial of a config's get_sweep(), each in its own sub-workdir; rerun to resume.
+
+  python -m experiments.sweep --config=configs/expert_count.py --workdir=runs/sweeps/expert_count \
+      [--parallel=2] [--config.num_train_steps=100 ...]
+
+Finished trials are skipped, unfinished ones resume from their latest checkpoint. Each trial runs
+as `python -m experiments.train` in a subprocess (--parallel of them at a time), so a crash in one
+trial leaves the others running; its output goes to <trial>/train.log.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from absl import app, flags
+
+from switchmoe import sweeps
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file with get_sweep() (path[:variant]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one sub-directory per trial).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at the same time.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_trial(name: str, command: list[str], trial_dir: str) -> tuple[str, int, float]:
+    os.makedirs(trial_dir, exist_ok=True)
+    start = time.perf_counter()
+    with open(os.path.join(trial_dir, "train.log"), "a") as log:
+        rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    return name, rc, time.perf_counter() - start
+
+
+def main(argv):
+    # Everything after the known flags that looks like --config.KEY=VALUE applies to all trials.
+    base = [a for a in argv[1:] if a.startswith("--config.")]
+    unknown = [a for a in argv[1:] if not a.startswith("--config.")]
+    if unknown:
+        raise app.UsageError(f"unexpected arguments: {unknown}")
+    trials = sweeps.get_sweep(_CONFIG.value)
+    sweeps.write_sweep_file(_WORKDIR.value, _CONFIG.value, base, trials)
+    jobs = []
+    for overrides in trials:
+        name = sweeps.trial_name(overrides)
+        trial_dir = os.path.join(_WORKDIR.value, name)
+        if sweeps.is_finished(trial_dir):
+            print(f"[skip] {name}: finished")
+            continue
+        command = [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            f"--config={_CONFIG.value}",
+            f"--workdir={trial_dir}",
+            *base,
+            *sweeps.override_flags(overrides),
+        ]
+        jobs.append((name, command, trial_dir))
+    print(f"{len(jobs)} of {len(trials)} trials to run, {_PARALLEL.value} at a time.")
+    if jobs:  # build the dataset once, before trials that would race to build it together
+        subprocess.check_call(
+            [sys.executable, "-m", "experiments.prepare_data", f"--config={_CONFIG.value}", *base]
+        )
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(_PARALLEL.value, 1)) as pool:
+        for name, rc, seconds in pool.map(lambda job: run_trial(*job), jobs):
+            status = "done" if rc == 0 else f"FAILED (exit {rc}; see {name}/train.log)"
+            print(f"[{status}] {name} in {seconds / 60:.1f} min", flush=True)
+            if rc:
+                failed.append(name)
+    if failed:
+        sys.exit(f"{len(failed)} trial(s) failed: {failed}")
+
+
+if __name__ == "__main__":
+    # --config.* flags are passed through to the trials; absl must not reject them here.
+    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

@@ -1,0 +1,85 @@
+"""Hash layers (Roller et al. 2021): a fixed token-id -> expert table, no router parameters.
+
+Shape legend: G groups, S tokens per group, E experts, V vocabulary.
+
+The table is part of the model's definition, not learned: it lives in the config
+(`model.moe.hash_table`, filled when a run starts) and so is saved in config.json, and evaluation,
+resumption and `restore_run` all route with the table the run trained with.
+  random    expert = a seeded hash of the token id (Roller et al.'s "random hash").
+  balanced  greedy packing of the training corpus' token frequencies: tokens in decreasing
+            frequency, each to the expert with the fewest tokens so far. The final per-expert
+            counts differ by at most the largest single token's count (when the fullest expert
+            took its last token it was the emptiest, so max − min ≤ that token's count).
+A hash-routed token goes to one expert with gate 1 (the layer output is that expert's output).
+The layer's loss weights still apply to the reported load-balancing value, which has no gradient.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from switchmoe import losses as losses_lib
+from switchmoe.routing import RoutingResult, assign_slots
+
+Array = jax.Array
+HASH_KINDS = ("random", "balanced")
+
+
+def random_hash_table(vocab_size: int, num_experts: int, seed: int = 0) -> np.ndarray:
+    """int32[V]: expert of each token id, from a seeded permutation (near-uniform counts)."""
+    rng = np.random.default_rng(seed)
+    return (rng.permutation(vocab_size) % num_experts).astype(np.int32)
+
+
+def balanced_hash_table(token_counts: Sequence[int], num_experts: int) -> np.ndarray:
+    """int32[V]: greedy least-loaded assignment of tokens by decreasing frequency."""
+    counts = np.asarray(token_counts, np.int64)
+    table = np.zeros(len(counts), np.int32)
+    heap = [(0, e) for e in range(num_experts)]  # (tokens so far, expert)
+    for token in np.argsort(-counts, kind="stable"):
+        load, e = heapq.heappop(heap)
+        table[token] = e
+        heapq.heappush(heap, (load + int(counts[token]), e))
+    return table
+
+
+def hash_route(
+    token_ids: Array, table: Array, num_experts: int, *, capacity: Optional[int]
+) -> RoutingResult:
+    """Routes token_ids[G, S] through table[V]: one choice per token, gate 1.
+
+    Tokens of a group claim slots in sequence order (causal). `probs` is the one-hot assignment,
+    so the statistics (load, drops) read the same as for learned routers; there are no losses.
+    """
+    expert = jnp.asarray(table)[token_ids].astype(jnp.int32)[..., None]  # [G, S, 1]
+    G, S, _ = expert.shape
+    requested = jnp.ones(expert.shape, bool)
+    order = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
+    slot, overflow = assign_slots(expert, requested, num_experts, capacity, order)
+    probs = jax.nn.one_hot(expert[..., 0], num_experts, dtype=jnp.float32)
+    result = RoutingResult(
+        expert=expert,
+        slot=slot,
+        gate=jnp.where(slot >= 0, 1.0, 0.0),
+        probs=probs,
+        logits=jnp.zeros_like(probs),
+        losses={},
+        stats={},
+        capacity=capacity,
+        causal=True,
+    )
+    # No router parameters, so nothing to train: the load-balancing value (E·Σ f_i², 1 when the
+    # table balances this batch) is reported for comparison with learned routers; z-loss is 0.
+    losses = {
+        "load_balancing": losses_lib.load_balancing_loss(probs, expert),
+        "z_loss": jnp.zeros((), jnp.float32),
+    }
+    return result.replace(
+        losses=losses,
+        stats=losses_lib.routing_stats(result, requested=requested, overflow=overflow),
+    )

@@ -1,0 +1,112 @@
+"""Noisy top-k gating (Shazeer et al. 2017, "Outrageously large neural networks").
+
+Shape legend: G groups, S tokens per group, E experts, K experts per token.
+
+  H(x)_i = (x·W_g)_i + N(0, 1) · softplus((x·W_noise)_i)
+  G(x)   = softmax(KeepTopK(H(x), K))          (zero outside the top K, sums to 1 over them)
+
+The learned noise lets the router explore and, with the load loss below, gives a smooth estimate
+of how many tokens each expert would receive. Two auxiliary losses, over all tokens of the batch:
+  importance = CV(Σ_x G(x))²                    balances the gate mass per expert,
+  load       = CV(Σ_x P(x, ·))²                 balances the expected token count per expert,
+  P(x, i)    = Φ(((x·W_g)_i − kth_excluding(H(x), K, i)) / softplus((x·W_noise)_i)),
+the probability that expert i stays in the top K if its noise were drawn again (Φ: the standard
+normal CDF; kth_excluding: the K-th largest of H(x) without component i). CV² is the population
+variance over the mean squared. The paper weighs both by 0.1. Both W_g and W_noise start at zero,
+so every expert starts equally likely.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.stats import norm
+
+from switchmoe import losses as losses_lib
+from switchmoe.routing import RoutingResult, _priority_order, assign_slots
+
+Array = jax.Array
+
+
+def cv_squared(x: Array, eps: float = 1e-10) -> Array:
+    """Squared coefficient of variation of x[E]: var(x) / mean(x)², population variance."""
+    return jnp.var(x) / (jnp.square(jnp.mean(x)) + eps)
+
+
+def load_probability(clean: Array, noisy: Array, noise_std: Array, k: int) -> Array:
+    """P(x, i)[G, S, E]: probability that expert i is in the top k under fresh noise.
+
+    kth_excluding(H, k, i) is the k-th largest of H when i is not among the top k, and the
+    (k+1)-th largest when it is (removing i moves the threshold down by one place).
+    """
+    top = jax.lax.top_k(noisy, k + 1)[0]  # [G, S, k+1], descending
+    kth, next_after = top[..., k - 1 : k], top[..., k : k + 1]
+    in_top_k = noisy >= kth
+    threshold = jnp.where(in_top_k, next_after, kth)
+    return norm.cdf((clean - threshold) / noise_std)
+
+
+def noisy_top_k_route(
+    clean_logits: Array,
+    noise_logits: Array,
+    *,
+    num_selected: int,
+    capacity: Optional[int],
+    noise_key: Optional[Array],
+    batch_prioritized: bool = False,
+) -> RoutingResult:
+    """Noisy top-k routing with capacity.
+
+    Args:
+      clean_logits: float32[G, S, E] x·W_g.
+      noise_logits: float32[G, S, E] x·W_noise (the noise scale is its softplus).
+      num_selected: K; needs K < E (the load loss looks at the (K+1)-th value).
+      capacity: C, or None for dropless.
+      noise_key: PRNG key of the noise, drawn as `jax.random.normal(noise_key, [G, S, E])`;
+        None (evaluation) routes on the clean logits.
+      batch_prioritized: claim slots by descending top-1 gate (not causal).
+
+    Returns:
+      A RoutingResult with K choices, gates G(x) over the chosen experts, `probs` = G(x) (zero
+      outside the top K) and losses importance, load, z_loss, load_balancing (unweighted).
+    """
+    G, S, E = clean_logits.shape
+    if not 1 <= num_selected < E:
+        raise ValueError(
+            f"noisy top-k needs num_selected (k) in [1, num_experts={E}); got {num_selected}."
+        )
+    noise_std = jax.nn.softplus(noise_logits)
+    noisy = clean_logits
+    if noise_key is not None:
+        noisy = clean_logits + jax.random.normal(noise_key, clean_logits.shape) * noise_std
+    top_h, expert = jax.lax.top_k(noisy, num_selected)  # [G, S, K]
+    expert = expert.astype(jnp.int32)
+    gate = jax.nn.softmax(top_h, axis=-1)  # softmax of KeepTopK: zero outside the top K
+    gates_full = jnp.sum(jax.nn.one_hot(expert, E) * gate[..., None], axis=-2)  # [G, S, E]
+
+    order = _priority_order(gates_full, batch_prioritized)
+    requested = jnp.ones(expert.shape, bool)
+    slot, overflow = assign_slots(expert, requested, E, capacity, order)
+    kept_gate = jnp.where(slot >= 0, gate, 0.0)
+
+    importance = jnp.sum(gates_full, axis=(0, 1))  # Σ_x G(x), [E]
+    load = jnp.sum(load_probability(clean_logits, noisy, noise_std, num_selected), axis=(0, 1))
+    result = RoutingResult(
+        expert=expert,
+        slot=slot,
+        gate=kept_gate,
+        probs=gates_full,
+        logits=clean_logits,
+        losses={},
+        stats={},
+        capacity=capacity,
+        causal=not batch_prioritized,
+    )
+    losses = losses_lib.router_losses(clean_logits, jax.nn.softmax(clean_logits, -1), expert)
+    losses.update(importance=cv_squared(importance), load=cv_squared(load))
+    return result.replace(
+        losses=losses,
+        stats=losses_lib.routing_stats(result, requested=requested, overflow=overflow),
+    )

@@ -1,0 +1,102 @@
+"""Sweeps: a config module's `get_sweep()` -> named trials, each a normal run workdir.
+
+A config module may define `get_sweep(variant=None)` returning a list of override dicts
+({"model.moe.num_experts": 8, ...}); every dict is one trial. A sweep directory holds
+  sweep.json         the config file, variant, base overrides and every trial's overrides
+  <trial name>/      a run workdir (config.json, metrics.jsonl, checkpoints/) per trial
+Trial names come from the overrides (last key component=value, joined by ','), so they are stable
+and readable: `num_experts=8,train_capacity_factor=1.25`. A trial is finished when its
+metrics.jsonl has an eval record at its final step; unfinished trials resume from their latest
+checkpoint (train_and_evaluate does that), finished ones are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from typing import Any
+
+from switchmoe.metrics import METRICS_FILE
+
+SWEEP_FILE = "sweep.json"
+
+
+def load_config_module(path: str):
+    """Imports configs/NAME.py by path (configs/ is not a package)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"switchmoe_config_{name}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file {path!r} not found.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def split_config_arg(arg: str) -> tuple[str, str | None]:
+    """'configs/x.py:variant' -> ('configs/x.py', 'variant')."""
+    path, _, variant = arg.partition(":")
+    return path, variant or None
+
+
+def get_sweep(config_arg: str) -> list[dict[str, Any]]:
+    path, variant = split_config_arg(config_arg)
+    module = load_config_module(path)
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"{path} defines no get_sweep(); a sweep config returns override dicts.")
+    trials = module.get_sweep(variant) if variant else module.get_sweep()
+    if not trials:
+        raise ValueError(f"{path}:get_sweep() returned no trial.")
+    names = [trial_name(t) for t in trials]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ValueError(f"{path}:get_sweep() gives several trials named {sorted(duplicates)}.")
+    return trials
+
+
+def _format(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def trial_name(overrides: dict[str, Any]) -> str:
+    """A directory name for a trial: 'num_experts=8,train_capacity_factor=1.25'."""
+    if not overrides:
+        return "base"
+    parts = [f"{key.split('.')[-1]}={_format(value)}" for key, value in overrides.items()]
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts))
+
+
+def override_flags(overrides: dict[str, Any]) -> list[str]:
+    return [f"--config.{key}={_format(value)}" for key, value in overrides.items()]
+
+
+def is_finished(trial_dir: str) -> bool:
+    """The trial's metrics.jsonl has an eval record at the trial's final step."""
+    config_path = os.path.join(trial_dir, "config.json")
+    metrics_path = os.path.join(trial_dir, METRICS_FILE)
+    if not (os.path.exists(config_path) and os.path.exists(metrics_path)):
+        return False
+    with open(config_path) as f:
+        final = json.load(f)["num_train_steps"]
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return any(r["step"] == final and "eval/loss" in r for r in records)
+
+
+def write_sweep_file(sweep_dir: str, config_arg: str, base: list[str], trials: list[dict]) -> None:
+    os.makedirs(sweep_dir, exist_ok=True)
+    record = {
+        "config": config_arg,
+        "base_overrides": base,
+        "trials": [{"name": trial_name(t), "overrides": t} for t in trials],
+    }
+    tmp = os.path.join(sweep_dir, SWEEP_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, os.path.join(sweep_dir, SWEEP_FILE))
+
+
+def read_sweep_file(sweep_dir: str) -> dict[str, Any]:
+    with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
+        return json.load(f)
