@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from switchmoe import losses as losses_lib
-from switchmoe.routing import RoutingResult, assign_slots
+from switchmoe.routing import RoutingResult, assign_slots, build_result
 
 Array = jax.Array
 HASH_KINDS = ("random", "balanced")
@@ -62,24 +62,13 @@ def hash_route(
     order = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
     slot, overflow = assign_slots(expert, requested, num_experts, capacity, order)
     probs = jax.nn.one_hot(expert[..., 0], num_experts, dtype=jnp.float32)
-    result = RoutingResult(
-        expert=expert,
-        slot=slot,
-        gate=jnp.where(slot >= 0, 1.0, 0.0),
-        probs=probs,
-        logits=jnp.zeros_like(probs),
-        losses={},
-        stats={},
-        capacity=capacity,
-        causal=True,
-    )
     # No router parameters, so nothing to train: the load-balancing value (E·Σ f_i², 1 when the
     # table balances this batch) is reported for comparison with learned routers; z-loss is 0.
     losses = {
         "load_balancing": losses_lib.load_balancing_loss(probs, expert),
         "z_loss": jnp.zeros((), jnp.float32),
     }
-    return result.replace(
-        losses=losses,
-        stats=losses_lib.routing_stats(result, requested=requested, overflow=overflow),
-    )
+    return build_result(
+        expert, slot, jnp.where(slot >= 0, 1.0, 0.0), probs, jnp.zeros_like(probs),
+        capacity=capacity, causal=True, losses=losses, requested=requested, overflow=overflow,
+    )  # fmt: skip

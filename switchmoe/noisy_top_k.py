@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.scipy.stats import norm
 
 from switchmoe import losses as losses_lib
-from switchmoe.routing import RoutingResult, _priority_order, assign_slots
+from switchmoe.routing import RoutingResult, priority_order, assign_slots, build_result
 
 Array = jax.Array
 
@@ -86,27 +86,17 @@ def noisy_top_k_route(
     gate = jax.nn.softmax(top_h, axis=-1)  # softmax of KeepTopK: zero outside the top K
     gates_full = jnp.sum(jax.nn.one_hot(expert, E) * gate[..., None], axis=-2)  # [G, S, E]
 
-    order = _priority_order(gates_full, batch_prioritized)
+    order = priority_order(gates_full, batch_prioritized)
     requested = jnp.ones(expert.shape, bool)
     slot, overflow = assign_slots(expert, requested, E, capacity, order)
     kept_gate = jnp.where(slot >= 0, gate, 0.0)
 
     importance = jnp.sum(gates_full, axis=(0, 1))  # Σ_x G(x), [E]
     load = jnp.sum(load_probability(clean_logits, noisy, noise_std, num_selected), axis=(0, 1))
-    result = RoutingResult(
-        expert=expert,
-        slot=slot,
-        gate=kept_gate,
-        probs=gates_full,
-        logits=clean_logits,
-        losses={},
-        stats={},
-        capacity=capacity,
-        causal=not batch_prioritized,
-    )
     losses = losses_lib.router_losses(clean_logits, jax.nn.softmax(clean_logits, -1), expert)
     losses.update(importance=cv_squared(importance), load=cv_squared(load))
-    return result.replace(
-        losses=losses,
-        stats=losses_lib.routing_stats(result, requested=requested, overflow=overflow),
-    )
+    return build_result(
+        expert, slot, kept_gate, gates_full, clean_logits,
+        capacity=capacity, causal=not batch_prioritized, losses=losses,
+        requested=requested, overflow=overflow,
+    )  # fmt: skip

@@ -76,6 +76,35 @@ class RoutingResult:
         return self.slot >= 0
 
 
+def build_result(
+    expert: Array,
+    slot: Array,
+    gate: Array,
+    probs: Array,
+    logits: Array,
+    *,
+    capacity: Optional[int],
+    causal: bool,
+    losses: dict[str, Array],
+    requested: Array,
+    overflow: Array,
+    per_rank: bool = True,
+) -> RoutingResult:
+    """A router's RoutingResult with its statistics filled in (losses.routing_stats).
+
+    requested/overflow: bool[G, S, K], the choices that asked for a slot and those dropped for
+    capacity; only the router knows them (random routing skips, expert-choice non-picks).
+    """
+    result = RoutingResult(
+        expert=expert, slot=slot, gate=gate, probs=probs, logits=logits, losses=losses,
+        stats={}, capacity=capacity, causal=causal,
+    )  # fmt: skip
+    stats = losses_lib.routing_stats(
+        result, requested=requested, overflow=overflow, per_rank=per_rank
+    )
+    return result.replace(stats=stats)
+
+
 # ----------------------------------------------------------------------------------------------
 # Capacity.
 
@@ -165,7 +194,7 @@ def router_logits(
 # Slot assignment shared by token-choice routers.
 
 
-def _priority_order(probs: Array, batch_prioritized: bool) -> Array:
+def priority_order(probs: Array, batch_prioritized: bool) -> Array:
     """int32[G, S]: the order in which a group's tokens claim slots.
 
     In-order priority (Switch, GShard) lets earlier tokens go first, so a token's slot depends only
@@ -286,24 +315,15 @@ def top_k_route(
         keep2 = gshard_keep_second(random_routing_key, g2, random_routing_threshold)
         requested = requested.at[..., 1].set(keep2)
 
-    order = _priority_order(probs, batch_prioritized)
+    order = priority_order(probs, batch_prioritized)
     slot, overflow = assign_slots(expert, requested, E, capacity, order)
     gate = jnp.where(slot >= 0, gate, 0.0)
-    result = RoutingResult(
-        expert=expert,
-        slot=slot,
-        gate=gate,
-        probs=probs,
-        logits=logits,
-        losses={},
-        stats={},
-        capacity=capacity,
-        causal=not batch_prioritized,
-    )
-    return result.replace(
+    return build_result(
+        expert, slot, gate, probs, logits,
+        capacity=capacity, causal=not batch_prioritized,
         losses=losses_lib.router_losses(logits, probs, expert),
-        stats=losses_lib.routing_stats(result, requested=requested, overflow=overflow),
-    )
+        requested=requested, overflow=overflow,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,26 +360,15 @@ def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
     slot = jnp.full((G, S, E), -1, jnp.int32).at[g_idx, picked, e_idx].set(c_idx)
     expert = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
     gate = jnp.where(slot >= 0, probs, 0.0)
-    result = RoutingResult(
-        expert=expert,
-        slot=slot,
-        gate=gate,
-        probs=probs,
-        logits=logits,
-        losses={},
-        stats={},
-        capacity=capacity,
-        causal=False,
-    )
     # The load-balancing loss is computed from each token's top-1 preference for reporting; with
     # perfectly balanced slots an expert-choice model normally trains with its weight at 0.
     top1 = jnp.argmax(probs, axis=-1)[..., None].astype(jnp.int32)
-    return result.replace(
+    return build_result(
+        expert, slot, gate, probs, logits,
+        capacity=capacity, causal=False,
         losses=losses_lib.router_losses(logits, probs, top1),
-        stats=losses_lib.routing_stats(
-            result, requested=slot >= 0, overflow=jnp.zeros_like(slot, bool), per_rank=False
-        ),
-    )
+        requested=slot >= 0, overflow=jnp.zeros_like(slot, bool), per_rank=False,
+    )  # fmt: skip
 
 
 # Every router the MoE layer offers; the last three live in their own modules.

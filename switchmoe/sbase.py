@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from switchmoe import losses as losses_lib
-from switchmoe.routing import RoutingResult
+from switchmoe.routing import RoutingResult, build_result
 
 Array = jax.Array
 
@@ -88,21 +88,10 @@ def sbase_route(logits: Array, *, num_iters: int = 200, temperature: float = 0.0
     expert, slot = jax.vmap(_round_group, in_axes=(0, None))(log_plan, capacity)
     expert, slot = expert[..., None], slot[..., None]  # [G, S, 1]
     gate = jnp.take_along_axis(probs, expert, axis=-1)
-    result = RoutingResult(
-        expert=expert,
-        slot=slot,
-        gate=gate,
-        probs=probs,
-        logits=logits,
-        losses={},
-        stats={},
-        capacity=capacity,
-        causal=False,  # the balance couples all tokens of the group
-    )
     requested = jnp.ones(expert.shape, bool)
-    return result.replace(
+    return build_result(
+        expert, slot, gate, probs, logits,
+        capacity=capacity, causal=False,  # the balance couples all tokens of the group
         losses=losses_lib.router_losses(logits, probs, expert),
-        stats=losses_lib.routing_stats(
-            result, requested=requested, overflow=jnp.zeros_like(requested)
-        ),
-    )
+        requested=requested, overflow=jnp.zeros_like(requested),
+    )  # fmt: skip
