@@ -1,0 +1,235 @@
+"""Sweep directories (one run workdir per trial): loading trials, tables and the scaling and
+capacity-factor plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from switchmoe.metrics import METRICS_FILE, read_metrics
+
+
+def config_value(config: ml_collections.ConfigDict, key: str, default: Any = None) -> Any:
+    """`config` at a dotted key ('model.moe.num_experts'), or `default` when absent."""
+    node: Any = config
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            return default
+    return node
+
+
+def metric_series(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that hold `metric`."""
+    pairs = [(r["step"], r[metric]) for r in records if metric in r]
+    if not pairs:
+        return np.zeros([0], np.int64), np.zeros([0])
+    steps, values = zip(*pairs)
+    return np.asarray(steps), np.asarray(values, np.float64)
+
+
+def last_value(records: Sequence[dict], metric: str, default: Any = None) -> Any:
+    """The value of `metric` in the last record that holds it."""
+    for r in reversed(records):
+        if metric in r:
+            return r[metric]
+    return default
+
+
+def load_trial(workdir: str, name: Optional[str] = None) -> dict[str, Any]:
+    """One run workdir as a trial dict (see `load_sweep`)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    path = os.path.join(workdir, METRICS_FILE)
+    records = read_metrics(workdir) if os.path.exists(path) else []
+    total = config_value(config, "num_train_steps")
+    final = [r for r in records if r.get("step") == total and "eval/loss" in r]
+    last_eval = last_value(records, "eval/loss")
+    return {
+        "name": name or os.path.basename(os.path.normpath(workdir)),
+        "workdir": workdir,
+        "config": config,
+        "records": records,
+        "finished": bool(final),
+        "last_step": max((r["step"] for r in records), default=0),
+        "final_eval_loss": final[-1]["eval/loss"] if final else last_eval,
+    }
+
+
+def load_sweep(sweep_dir: str, finished_only: bool = False) -> list[dict[str, Any]]:
+    """The trials of a sweep directory: one sub-directory per trial, each a run workdir.
+
+    Args:
+      sweep_dir: holds `<trial name>/config.json`, `metrics.jsonl`, `checkpoints/`.
+      finished_only: drop trials that are not finished.
+
+    Returns:
+      Trials sorted by name (numbers in names compare as numbers), each {"name", "workdir",
+      "config" (ConfigDict of config.json), "records" (metrics.jsonl), "finished" (an eval/loss
+      record at step == num_train_steps), "last_step", "final_eval_loss" (at the last step if
+      finished, else the latest eval/loss, None if none)}. Sub-directories without config.json
+      (not started) are skipped.
+    """
+    natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    trials = []
+    for name in sorted(os.listdir(sweep_dir), key=natural):
+        workdir = os.path.join(sweep_dir, name)
+        if os.path.isfile(os.path.join(workdir, "config.json")):
+            trials.append(load_trial(workdir, name))
+    return [t for t in trials if t["finished"] or not finished_only]
+
+
+def format_sweep_table(
+    trials: Sequence[dict], keys: Sequence[str] = ("model.moe.num_experts",)
+) -> str:
+    """One line per trial: name, the given config keys, steps, final eval loss."""
+    w = max([len("trial")] + [len(t["name"]) for t in trials]) + 2
+    head = f"{'trial':<{w}}" + "".join(f"{k.split('.')[-1]:>22}" for k in keys)
+    lines = [head + f"{'step':>8}{'eval loss':>11}{'finished':>10}"]
+    for t in trials:
+        loss = t["final_eval_loss"]
+        lines.append(
+            f"{t['name']:<{w}}"
+            + "".join(f"{str(config_value(t['config'], k)):>22}" for k in keys)
+            + f"{t['last_step']:>8}{(f'{loss:.4f}' if loss is not None else '-'):>11}"
+            + f"{str(t['finished']):>10}"
+        )
+    return "\n".join(lines)
+
+
+def plot_eval_curves(trials: Sequence[dict], metric: str = "eval/loss"):
+    """`metric` vs step, one line per trial."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in trials:
+        steps, values = metric_series(t["records"], metric)
+        if len(steps):
+            ax.plot(steps, values, "o-", ms=3, label=t["name"])
+    ax.set(xlabel="step", ylabel=metric)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run_curves(records: Sequence[dict], metrics: Sequence[str] = ("train/loss", "eval/loss")):
+    """One run's metrics (from `read_metrics`) vs step, one line per metric."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for metric in metrics:
+        steps, values = metric_series(records, metric)
+        if len(steps):
+            ax.plot(steps, values, "o-", ms=3, label=metric)
+    ax.set(xlabel="step", ylabel="loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _groups(trials: Sequence[dict], x_key: str, group_by: Optional[str]):
+    groups: dict[Any, list] = {}
+    for t in trials:
+        x = config_value(t["config"], x_key)
+        if x is None:
+            continue
+        label = config_value(t["config"], group_by) if group_by else None
+        groups.setdefault(label, []).append((x, t))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in groups.items()}
+
+
+def plot_final_vs(
+    trials: Sequence[dict],
+    x_key: str,
+    y: Any = "final_eval_loss",
+    group_by: Optional[str] = None,
+    ax=None,
+    **plot_kwargs,
+):
+    """A final value of each trial vs a config value, one line per `group_by` value.
+
+    Args:
+      trials: from `load_sweep`.
+      x_key: dotted config key for x ('model.moe.num_experts').
+      y: a trial key ('final_eval_loss'), a metric name whose last value is used
+        ('train/dropped_fraction'), or a function trial -> value. Trials without it are skipped.
+      group_by: dotted config key separating lines.
+      ax: draw into this axes (default: a new figure).
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    get = y if callable(y) else (lambda t: t[y] if y in t else last_value(t["records"], y))
+    for label, points in _groups(trials, x_key, group_by).items():
+        xy = [(x, get(t)) for x, t in points if get(t) is not None]
+        if xy:
+            xs, ys = zip(*xy)
+            name = f"{group_by.split('.')[-1]}={label}" if group_by else None
+            ax.plot(xs, ys, "o-", label=name, **plot_kwargs)
+    ax.set(xlabel=x_key, ylabel=y if isinstance(y, str) else "")
+    ax.grid(alpha=0.3)
+    if group_by and ax.lines:
+        ax.legend(fontsize=8)
+    return ax.figure
+
+
+def plot_loss_vs_experts(
+    trials: Sequence[dict], group_by: Optional[str] = None, finished_only: bool = True
+):
+    """Final eval loss vs number of experts (0 = dense): the Switch Figure 4 / GShard scaling plot."""
+    trials = [t for t in trials if t["finished"] or not finished_only]
+    fig = plot_final_vs(trials, "model.moe.num_experts", group_by=group_by)
+    ax = fig.axes[0]
+    counts = sorted({config_value(t["config"], "model.moe.num_experts") for t in trials})
+    if counts and max(counts) > 4:
+        ax.set_xscale("symlog", base=2, linthresh=1)
+    ax.set_xticks(counts, ["dense" if c == 0 else str(c) for c in counts])
+    ax.set(xlabel="experts per MoE layer", ylabel="final eval loss (nats/token)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_capacity_factor(
+    trials: Sequence[dict],
+    x_key: str = "model.moe.train_capacity_factor",
+    group_by: Optional[str] = None,
+    finished_only: bool = True,
+):
+    """Final eval loss and dropped fraction (train and eval, last logged) vs the capacity factor
+    the trials trained with (Switch Table 1). Dense trials (no experts) are left out."""
+    import matplotlib.pyplot as plt
+
+    trials = [
+        t
+        for t in trials
+        if (t["finished"] or not finished_only)
+        and config_value(t["config"], "model.moe.num_experts")
+    ]
+    fig, (ax_loss, ax_drop) = plt.subplots(1, 2, figsize=(11, 4))
+    plot_final_vs(trials, x_key, group_by=group_by, ax=ax_loss)
+    ax_loss.set(ylabel="final eval loss (nats/token)")
+    for metric, style in (("train/dropped_fraction", "o-"), ("eval/dropped_fraction", "s--")):
+        for label, points in _groups(trials, x_key, group_by).items():
+            values = [(x, last_value(t["records"], metric)) for x, t in points]
+            xy = [(x, 100 * v) for x, v in values if v is not None]
+            if xy:
+                suffix = f" {group_by.split('.')[-1]}={label}" if group_by else ""
+                ax_drop.plot(*zip(*xy), style, label=metric + suffix)
+    ax_drop.set(xlabel=x_key)
+    ax_drop.grid(alpha=0.3)
+    ax_drop.set(ylabel="tokens dropped (%)")
+    if ax_drop.lines:
+        ax_drop.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
