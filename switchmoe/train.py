@@ -345,4 +345,7 @@ def train_and_evaluate(
         ckpt.close()  # waits for async saves: what was saved stays intact
         if writer:
             writer.close()
+    if not last and lead:  # nothing left to train: report what the finished run logged
+        for record in metrics_lib.read_metrics(workdir):
+            last.update(record)
     return last

@@ -161,3 +161,11 @@ def test_entry_point_rejects_unknown_config_keys(tmp_path):
     assert proc.returncode != 0
     assert "num_expert" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_rerunning_a_finished_run_returns_its_last_metrics(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    first = train_and_evaluate(tiny_config(data_dir, num_train_steps=10), workdir, log=quiet)
+    again = train_and_evaluate(tiny_config(data_dir, num_train_steps=10), workdir, log=quiet)
+    assert again["eval/loss"] == pytest.approx(first["eval/loss"])
+    assert len(metrics.read_metrics(workdir)) == 2  # steps 5 and 10, nothing appended
