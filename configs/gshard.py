@@ -4,6 +4,9 @@ two, random routing of the second expert (keep if 2·g2 > U), MoE every other bl
   python -m experiments.train --config=configs/gshard.py --workdir=runs/gshard
   python -m experiments.param_count --config=configs/gshard.py:e128
 
+Result on this machine: not yet trained to its 2,000 steps (about 10 minutes on 2 cores);
+configs/demo.py and EXPERIMENTS.md hold runs of the same model family.
+
 Variants:
   (none)           CPU-sized (d_model 128, 4 blocks, 8 experts).
   e128, e512, e2048  GShard's MoE dimensions (d_model 1024, d_ff 8192, 16 heads) in a 12-block

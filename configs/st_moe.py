@@ -4,6 +4,9 @@ load-balancing loss 1e-2, MoE in one block of four, GEGLU experts.
   python -m experiments.train --config=configs/st_moe.py --workdir=runs/st_moe
   python -m experiments.param_count --config=configs/st_moe.py:large
 
+Result on this machine: not yet trained to its 2,000 steps (about 10 minutes on 2 cores);
+configs/demo.py and EXPERIMENTS.md hold runs of the same model family.
+
 Variants:
   (none)  CPU-sized (d_model 128, 8 blocks so that two are MoE, 8 experts).
   large   ST-MoE-L dimensions (d_model 1024, d_ff 2816, 16 heads, 32 experts) in a 24-block

@@ -5,6 +5,9 @@ the paper's reduced initialisation (scale 0.1).
   python -m experiments.train --config=configs/switch.py --workdir=runs/switch
   python -m experiments.param_count --config=configs/switch.py:base128
 
+Result on this machine: not yet trained to its 2,000 steps (about 10 minutes on 2 cores);
+configs/demo.py and EXPERIMENTS.md hold runs of the same model family.
+
 Variants:
   (none)        CPU-sized, as configs/demo.py but with Switch's jitter and init.
   base8..base128  Switch-Base dimensions (d_model 768, d_ff 3072, 12 heads) in a 12-block
