@@ -7,6 +7,7 @@ import pytest
 
 from switchmoe.config import resolve, validate_config
 from switchmoe.train import count_params
+from tiny import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -57,13 +58,7 @@ def test_every_study_trial_validates(study):
     studies = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(studies)
     for overrides in studies.get_sweep(study):
-        config = studies.get_config(study)
-        for key, value in overrides.items():
-            node = config
-            *path, leaf = key.split(".")
-            for part in path:
-                node = node[part]
-            node[leaf] = value
+        config = apply_overrides(studies.get_config(study), overrides)
         if config.model.moe.router == "hash":
             config.model.moe.hash_kind = "random"  # the balanced table would read the corpus
         validate_config(resolve(config))

@@ -22,10 +22,15 @@ def tiny_config(data_dir: str, **overrides):
     c.eval_every = 10
     c.checkpoint_every = 10
     c.num_eval_batches = 2
+    return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+    """Sets dotted keys ({"model.moe.num_experts": 8}) as --config.KEY=VALUE would."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *path, leaf = key.split(".")
         for part in path:
             node = node[part]
         node[leaf] = value
-    return c
+    return config
