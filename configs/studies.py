@@ -9,8 +9,8 @@ expert_count  Switch Fig. 4 / Table 9: 1 (dense), 2, 4, 8, 16, 32, 64 experts, t
               expert width, so the FLOPs per token are the same and only parameters grow.
 capacity      Switch Table 1: top-1 and top-2 trained at capacity factors 0.5, 1.0, 1.25, 2.0;
               the report evaluates each checkpoint at those factors and dropless.
-routing       every router at matched expert FLOPs: Switch top-1, GShard top-2, ST-MoE top-2 +
-              z-loss, expert-choice, noisy top-k, hash (random, balanced), S-BASE, dropless
+routing       every router at matched expert FLOPs: Switch top-1, plain top-2, GShard top-2
+              (random routing), ST-MoE top-2 + z-loss, expert-choice, noisy top-k, hash (random, balanced), S-BASE, dropless
               top-1, and top-1 with a bfloat16 router (float32 vs bf16 router).
 Top-2 trials use experts of half the width (model.moe.expert_d_ff=256) so that two experts cost
 what one does in the top-1 trials; the dense blocks keep d_ff=512 throughout.
@@ -60,6 +60,7 @@ TOP2 = {
 # Routing comparison at matched expert FLOPs per token (issue: the rest of the routing literature).
 ROUTING_TRIALS = [
     {"model.moe.router": "top_k", "model.moe.num_selected": 1},  # Switch
+    {**TOP2},  # top-2, no random routing and no z-loss: the control for the next two
     {**TOP2, "model.moe.random_routing": True},  # GShard
     {**TOP2, "model.moe.z_loss_weight": 1e-3},  # ST-MoE
     {
