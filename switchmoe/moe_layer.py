@@ -58,6 +58,10 @@ class MoeLayer(nn.Module):
         the number of tokens B·L.
       gate_norm: "raw" (Switch) or "normalized" over the chosen K (GShard, Mixtral).
       batch_prioritized: V-MoE batch prioritized routing (not causal: encoders only).
+      causal_routing: with K >= 2, place each token's choices before the next token's
+        (token-major) instead of all first choices first (GShard's rank-major order, in which an
+        early token's second choice can be displaced by later tokens' first choices). Decoders
+        that must decode one token at a time as they trained need it; top_k and noisy_top_k only.
       random_routing: GShard random routing of the second expert during training.
       random_routing_threshold: keep the second expert when U < g2/threshold (GShard: 0.5).
       jitter_eps: multiplicative jitter on the router input during training (Switch: 1e-2).
@@ -94,6 +98,7 @@ class MoeLayer(nn.Module):
     group_size: Optional[int] = None
     gate_norm: str = "raw"
     batch_prioritized: bool = False
+    causal_routing: bool = False
     random_routing: bool = False
     random_routing_threshold: float = 0.5
     jitter_eps: float = 0.0
@@ -242,6 +247,7 @@ class MoeLayer(nn.Module):
                 capacity=capacity,
                 noise_key=keys[3] if train else None,
                 batch_prioritized=self.batch_prioritized,
+                rank_major=not self.causal_routing,
             )
         if self.router == "sbase" and train:
             return sbase.sbase_route(
@@ -256,6 +262,7 @@ class MoeLayer(nn.Module):
             batch_prioritized=self.batch_prioritized,
             random_routing_key=keys[1] if train and self.random_routing else None,
             random_routing_threshold=self.random_routing_threshold,
+            rank_major=not self.causal_routing,
         )
 
     @nn.compact

@@ -56,6 +56,7 @@ def noisy_top_k_route(
     capacity: Optional[int],
     noise_key: Optional[Array],
     batch_prioritized: bool = False,
+    rank_major: bool = True,
 ) -> RoutingResult:
     """Noisy top-k routing with capacity.
 
@@ -67,6 +68,7 @@ def noisy_top_k_route(
       noise_key: PRNG key of the noise, drawn as `jax.random.normal(noise_key, [G, S, E])`;
         None (evaluation) routes on the clean logits.
       batch_prioritized: claim slots by descending top-1 gate (not causal).
+      rank_major: slot order across choices (see `routing.assign_slots`).
 
     Returns:
       A RoutingResult with K choices, gates G(x) over the chosen experts, `probs` = G(x) (zero
@@ -88,7 +90,7 @@ def noisy_top_k_route(
 
     order = priority_order(gates_full, batch_prioritized)
     requested = jnp.ones(expert.shape, bool)
-    slot, overflow = assign_slots(expert, requested, E, capacity, order)
+    slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major)
     kept_gate = jnp.where(slot >= 0, gate, 0.0)
 
     importance = jnp.sum(gates_full, axis=(0, 1))  # Σ_x G(x), [E]
@@ -97,6 +99,7 @@ def noisy_top_k_route(
     losses.update(importance=cv_squared(importance), load=cv_squared(load))
     return build_result(
         expert, slot, kept_gate, gates_full, clean_logits,
-        capacity=capacity, causal=not batch_prioritized, losses=losses,
+        capacity=capacity, losses=losses,
+        causal=not batch_prioritized and (num_selected == 1 or not rank_major or capacity is None),
         requested=requested, overflow=overflow,
     )  # fmt: skip

@@ -197,8 +197,9 @@ def router_logits(
 def priority_order(probs: Array, batch_prioritized: bool) -> Array:
     """int32[G, S]: the order in which a group's tokens claim slots.
 
-    In-order priority (Switch, GShard) lets earlier tokens go first, so a token's slot depends only
-    on the tokens before it: causal, safe for decoders. Batch Prioritized Routing (V-MoE, Riquelme
+    In-order priority (Switch, GShard) lets earlier tokens go first; with one choice per token (or
+    token-major slots, see `assign_slots`) a token's slot then depends only on the tokens before
+    it: causal, safe for decoders. Batch Prioritized Routing (V-MoE, Riquelme
     et al. 2021) lets the tokens the router is most confident about go first — by their top-1
     probability, the same order for every choice rank — so at low capacity the dropped tokens are
     the ones the router cared least about. It looks at the whole group, so it is not causal.
@@ -216,11 +217,16 @@ def assign_slots(
     num_experts: int,
     capacity: Optional[int],
     order: Array,
+    rank_major: bool = True,
 ) -> tuple[Array, Array]:
     """Places every requested (token, choice) pair in its expert's buffer.
 
-    All tokens' first choices are placed before any second choice (GShard): a token's backup expert
-    never evicts another token's preferred one. Within a rank, tokens claim slots in `order`.
+    Rank-major (GShard, the default): all tokens' first choices are placed before any second
+    choice, so a token's backup expert never evicts another token's preferred one; within a rank,
+    tokens claim slots in `order`. With K >= 2 this is not causal: whether an early token's second
+    choice fits depends on how many later tokens chose that expert first. Token-major
+    (`rank_major=False`): each token places all its choices before the next token in `order`
+    does; with in-order priority every slot depends only on earlier tokens (decoders).
     The position of a pair is the number of pairs ahead of it (in that order) that asked for the same
     expert: one cumulative sum over the flattened [K·S] sequence of one-hot expert masks.
 
@@ -230,16 +236,17 @@ def assign_slots(
       num_experts: E.
       capacity: C, or None to place everything (dropless).
       order: int32[G, S] priority order of tokens (a permutation of 0..S-1 per group).
+      rank_major: first choices of all tokens before second choices (True), or token by token.
 
     Returns:
       slot: int32[G, S, K], -1 where not requested or over capacity.
       overflow: bool[G, S, K], requested but over capacity (the dropped pairs).
     """
     G, S, K = expert.shape
-    # Gather into priority order, rank-major: [G, K, S] -> flattened [G, K·S].
+    # Gather into priority order, then flatten rank-major [G, K, S] or token-major [G, S, K].
     take = lambda a: jnp.take_along_axis(a, order[:, :, None], axis=1)
-    expert_o = jnp.swapaxes(take(expert), 1, 2).reshape(G, K * S)
-    requested_o = jnp.swapaxes(take(requested), 1, 2).reshape(G, K * S)
+    flatten = lambda a: (jnp.swapaxes(a, 1, 2) if rank_major else a).reshape(G, K * S)
+    expert_o, requested_o = flatten(take(expert)), flatten(take(requested))
     onehot = jax.nn.one_hot(expert_o, num_experts, dtype=jnp.int32) * requested_o[..., None]
     # [G, K·S, E] running count of pairs per expert; the pair's own position is count - 1.
     position = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)
@@ -247,7 +254,9 @@ def assign_slots(
     slot_o = jnp.where(fits, position, -1).astype(jnp.int32)
     overflow_o = requested_o & ~fits
     # Back to token order: undo the flattening, then scatter rows back through the permutation.
-    unflatten = lambda a: jnp.swapaxes(a.reshape(G, K, S), 1, 2)
+    unflatten = lambda a: (
+        jnp.swapaxes(a.reshape(G, K, S), 1, 2) if rank_major else a.reshape(G, S, K)
+    )
     inverse = jnp.argsort(order, axis=-1)
     untake = lambda a: jnp.take_along_axis(a, inverse[:, :, None], axis=1)
     return untake(unflatten(slot_o)), untake(unflatten(overflow_o))
@@ -278,6 +287,7 @@ def top_k_route(
     batch_prioritized: bool = False,
     random_routing_key: Optional[Array] = None,
     random_routing_threshold: float = 0.5,
+    rank_major: bool = True,
 ) -> RoutingResult:
     """Token-choice routing: each token picks its K most probable experts, subject to capacity.
 
@@ -293,6 +303,8 @@ def top_k_route(
       random_routing_key: if given and K >= 2, GShard random routing decides whether each token's
         second choice is used at all (`gshard_keep_second`). None (evaluation) keeps all K choices.
       random_routing_threshold: see `gshard_keep_second`.
+      rank_major: slot order across choices (see `assign_slots`); False makes in-order routing
+        causal for K >= 2.
 
     Returns:
       A RoutingResult with K choices per token.
@@ -316,11 +328,12 @@ def top_k_route(
         requested = requested.at[..., 1].set(keep2)
 
     order = priority_order(probs, batch_prioritized)
-    slot, overflow = assign_slots(expert, requested, E, capacity, order)
+    slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major)
     gate = jnp.where(slot >= 0, gate, 0.0)
+    causal = not batch_prioritized and (num_selected == 1 or not rank_major or capacity is None)
     return build_result(
         expert, slot, gate, probs, logits,
-        capacity=capacity, causal=not batch_prioritized,
+        capacity=capacity, causal=causal,
         losses=losses_lib.router_losses(logits, probs, expert),
         requested=requested, overflow=overflow,
     )  # fmt: skip

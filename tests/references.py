@@ -12,10 +12,13 @@ def capacity(S, E, k, factor, min_capacity=1):
     return min(max(math.ceil(k * S / E * factor), min_capacity), S)
 
 
-def top_k_route(probs, k, C, gate_norm="raw", batch_prioritized=False, keep_second=None):
+def top_k_route(
+    probs, k, C, gate_norm="raw", batch_prioritized=False, keep_second=None, rank_major=True
+):
     """Brute-force token-choice routing.
 
-    probs: [G, S, E]; C: capacity or None; keep_second: optional bool [G, S] (random routing).
+    probs: [G, S, E]; C: capacity or None; keep_second: optional bool [G, S] (random routing);
+    rank_major: every first choice before any second choice (GShard), else token by token.
     Returns expert, slot, gate as numpy arrays [G, S, k].
     """
     G, S, E = probs.shape
@@ -29,15 +32,19 @@ def top_k_route(probs, k, C, gate_norm="raw", batch_prioritized=False, keep_seco
             order = list(range(S))
         ranked = [sorted(range(E), key=lambda e: (-probs[g, s, e], e))[:k] for s in range(S)]
         used = [0] * E
-        for rank in range(k):  # every first choice before any second choice
-            for s in order:
-                e = ranked[s][rank]
-                expert[g, s, rank] = e
-                if rank == 1 and keep_second is not None and not keep_second[g, s]:
-                    continue
-                if C is None or used[e] < C:
-                    slot[g, s, rank] = used[e]
-                    used[e] += 1
+        pairs = (
+            [(s, rank) for rank in range(k) for s in order]  # all first choices, then seconds
+            if rank_major
+            else [(s, rank) for s in order for rank in range(k)]  # token by token
+        )
+        for s, rank in pairs:
+            e = ranked[s][rank]
+            expert[g, s, rank] = e
+            if rank == 1 and keep_second is not None and not keep_second[g, s]:
+                continue
+            if C is None or used[e] < C:
+                slot[g, s, rank] = used[e]
+                used[e] += 1
         for s in range(S):
             chosen = [probs[g, s, e] for e in ranked[s]]
             total = sum(chosen)

@@ -32,21 +32,29 @@ def test_capacity_formula_by_hand():
 @pytest.mark.parametrize("batch_prioritized", [False, True])
 @pytest.mark.parametrize("factor", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("gate_norm", ["raw", "normalized"])
-def test_top_k_equals_per_token_loop(k, batch_prioritized, factor, gate_norm):
+@pytest.mark.parametrize("rank_major", [True, False])
+def test_top_k_equals_per_token_loop(k, batch_prioritized, factor, gate_norm, rank_major):
     logits = skewed_logits(seed=k * 100 + int(factor * 10))
     G, S, E = logits.shape
     C = routing.expert_capacity(S, E, k, factor)
     result = routing.top_k_route(
-        logits, num_selected=k, capacity=C, gate_norm=gate_norm, batch_prioritized=batch_prioritized
+        logits,
+        num_selected=k,
+        capacity=C,
+        gate_norm=gate_norm,
+        batch_prioritized=batch_prioritized,
+        rank_major=rank_major,
     )
     probs = ref.softmax(np.asarray(logits, np.float64))
-    expert, slot, gate = ref.top_k_route(probs, k, C, gate_norm, batch_prioritized)
+    expert, slot, gate = ref.top_k_route(
+        probs, k, C, gate_norm, batch_prioritized, rank_major=rank_major
+    )
     np.testing.assert_array_equal(result.expert, expert)
     np.testing.assert_array_equal(result.slot, slot)
     np.testing.assert_allclose(result.gate, gate, rtol=1e-5, atol=1e-7)
     if factor == 0.5:
         assert (slot < 0).any(), "the low-capacity case must overflow, or the test proves nothing"
-    assert result.causal == (not batch_prioritized)
+    assert result.causal == (not batch_prioritized and (k == 1 or not rank_major))
 
 
 def test_batch_prioritized_drops_the_least_confident_tokens():
@@ -129,9 +137,18 @@ def test_in_order_routing_is_causal():
         if k == 1:
             np.testing.assert_array_equal(a.slot[:, :12], b.slot[:, :12])
         else:
-            # With K=2, later tokens' first choices are placed before earlier second choices, so only
-            # the first choices are causal; GShard decoders accept this (or use K=1).
+            # With K=2 in GShard's rank-major order, later tokens' first choices are placed before
+            # earlier second choices, so only the first choices are causal...
             np.testing.assert_array_equal(a.slot[:, :12, 0], b.slot[:, :12, 0])
+            assert not np.array_equal(a.slot[:, :12, 1], b.slot[:, :12, 1])
+            assert not a.causal
+            # ...token-major order (causal_routing) makes every choice causal.
+            a, b = (
+                routing.top_k_route(x, num_selected=k, capacity=3, rank_major=False)
+                for x in (logits, changed)
+            )
+            np.testing.assert_array_equal(a.slot[:, :12], b.slot[:, :12])
+            assert a.causal
 
 
 def test_router_logits_are_float32_and_jitter_is_bounded():
