@@ -1,6 +1,7 @@
 """Parameter counts of a config, computed with jax.eval_shape (nothing is allocated).
 
 python -m experiments.param_count --config=configs/switch.py:base128
+python -m experiments.param_count --config=configs/switch_t5.py:base128   (encoder–decoder)
 """
 
 from absl import app, flags
@@ -19,8 +20,12 @@ def main(argv):
     config = _CONFIG.value
     counts = count_params(config)
     m, moe = config.model, config.model.moe
+    layers = m.num_layers
+    if m.get("arch", "decoder") == "encoder_decoder":
+        layers = f"{m.num_layers}+{m.get('num_decoder_layers') or m.num_layers}"
     print(
-        f"d_model={m.d_model} d_ff={m.d_ff} layers={m.num_layers} heads={m.num_heads} "
+        f"{m.get('arch', 'decoder')} d_model={m.d_model} d_ff={m.d_ff} layers={layers} "
+        f"heads={m.num_heads} "
         f"experts={moe.num_experts} k={moe.num_selected} moe_every={moe.moe_every}: "
         f"total {counts['total']:,} "
         f"({counts['total'] / 1e9:.3f}B), experts {counts['experts']:,}, "

@@ -21,7 +21,7 @@ from switchmoe.data.tokenizers import make_tokenizer
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
-ARCHITECTURES = ("decoder",)
+ARCHITECTURES = ("decoder", "encoder_decoder")
 
 
 def default_moe_config() -> ml_collections.ConfigDict:
@@ -54,6 +54,13 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe.gate_norm = "raw"
     # V-MoE batch prioritized routing (looks at the whole group: not allowed in a decoder).
     moe.batch_prioritized = False
+    # Batch prioritized routing in an encoder–decoder's encoder only (its decoder stays causal).
+    moe.encoder_batch_prioritized = False
+    # Top-k with k >= 2: place each token's choices before the next token's, so that routing is
+    # causal. False: GShard's order (all first choices first), under which an early token's
+    # second choice can be displaced by later tokens. An encoder–decoder's decoder is always
+    # causal; a decoder-only LM that will decode token by token should set this.
+    moe.causal_routing = False
     # GShard random routing of the second expert while training.
     moe.random_routing = False
     # Keep the second expert if U(0,1) < g2 / threshold (GShard: 0.5).
@@ -98,14 +105,23 @@ def default_config() -> ml_collections.ConfigDict:
     config.data = data_pipeline.default_data_config()
 
     model = config.model = ml_collections.ConfigDict()
-    # Architecture: 'decoder' (decoder-only LM).
+    # Architecture: 'decoder' (decoder-only LM, next-token prediction, rotary positions) or
+    # 'encoder_decoder' (T5-style, span corruption, relative position buckets).
     model.arch = "decoder"
     # Vocabulary size; None: the tokenizer's (259 + sentinels for bytes).
     model.vocab_size = config_dict.placeholder(int)
     # Model width D.
     model.d_model = 128
-    # Transformer blocks.
+    # Transformer blocks (the encoder's, for an encoder–decoder).
     model.num_layers = 4
+    # Decoder blocks of an encoder–decoder; None: num_layers.
+    model.num_decoder_layers = config_dict.placeholder(int)
+    # Encoder–decoder relative attention: buckets per stack and the distance where the last
+    # bucket starts (T5: 32 and 128).
+    model.relative_attention_num_buckets = 32
+    model.relative_attention_max_distance = 128
+    # Output logits from the input embedding (tied, T5 v1.0) or a separate kernel (T5 v1.1).
+    model.tie_embeddings = True
     # Attention heads.
     model.num_heads = 4
     # Width per head; None: d_model // num_heads.
@@ -236,6 +252,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _one_of("mesh.expert_parallelism", config.mesh.expert_parallelism, sharding.EXPERT_PARALLELISM)
     data_pipeline.validate_data_config(config.data)
     _one_of("model.arch", model.arch, ARCHITECTURES)
+    if model.arch == "encoder_decoder":
+        _validate_encoder_decoder(config)
     _one_of("model.dtype", model.dtype, DTYPES)
     experts.check_activation(model.activation)
     for name in ("d_model", "num_layers", "num_heads", "d_ff"):
@@ -277,26 +295,33 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
             )
         _positive("model.moe.train_capacity_factor", moe.train_capacity_factor)
         _positive("model.moe.eval_capacity_factor", moe.eval_capacity_factor)
-        if moe.batch_prioritized and model.arch == "decoder":
+        if moe.batch_prioritized:
             raise ValueError(
                 "model.moe.batch_prioritized=True is not allowed in a decoder: it orders tokens "
                 "by router confidence over the whole group, so a token's routing would depend on "
-                "later tokens. Allowed: False (in-order priority)."
+                "later tokens. Allowed: False (in-order priority); for an encoder–decoder, "
+                "model.moe.encoder_batch_prioritized=True applies it to the encoder only."
+            )
+        if moe.get("encoder_batch_prioritized") and model.arch != "encoder_decoder":
+            raise ValueError(
+                "model.moe.encoder_batch_prioritized=True needs model.arch='encoder_decoder'; "
+                f"got model.arch={model.arch!r} (a decoder-only model has no encoder)."
             )
         if moe.random_routing and moe.num_selected < 2:
             raise ValueError(
                 "model.moe.random_routing needs model.moe.num_selected >= 2; "
                 f"got {moe.num_selected}."
             )
-        tokens_per_shard = config.batch_size // batch_shards * config.data.seq_len
-        group = moe.get("group_size") or config.data.seq_len
-        if tokens_per_shard % group:
-            raise ValueError(
-                f"model.moe.group_size={group} must divide the tokens per batch shard "
-                f"(batch_size {config.batch_size} / {batch_shards} batch shard(s) × data.seq_len "
-                f"{config.data.seq_len} = {tokens_per_shard}), so that every device routes whole "
-                "groups."
-            )
+        for stack, length in sequence_lengths(config).items():
+            tokens_per_shard = config.batch_size // batch_shards * length
+            group = moe.get("group_size") or length
+            if tokens_per_shard % group:
+                raise ValueError(
+                    f"model.moe.group_size={group} must divide the tokens per batch shard "
+                    f"({stack}: batch_size {config.batch_size} / {batch_shards} batch shard(s) × "
+                    f"{length} tokens = {tokens_per_shard}), so that every device routes whole "
+                    "groups."
+                )
         if moe.num_experts % expert_size:
             raise ValueError(
                 f"model.moe.num_experts={moe.num_experts} must be divisible by mesh.expert="
@@ -321,6 +346,44 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     for name in ("num_train_steps", "log_every", "eval_every", "checkpoint_every"):
         _positive(name, config[name])
     _positive("keep_checkpoints", config.keep_checkpoints)
+
+
+def sequence_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Tokens per example in each stack: {'decoder': L} or {'encoder': L, 'decoder': T}."""
+    if config.model.arch == "encoder_decoder":
+        from switchmoe.data import span_corruption  # noqa: PLC0415
+
+        lengths = span_corruption.example_lengths(config.data)
+        return {"encoder": config.data.seq_len, "decoder": lengths.targets}
+    return {"decoder": config.data.seq_len}
+
+
+def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
+    from switchmoe.data import span_corruption  # noqa: PLC0415
+
+    model = config.model
+    if model.get("num_decoder_layers") is not None:
+        _positive("model.num_decoder_layers", model.num_decoder_layers)
+    _positive("model.relative_attention_num_buckets", model.relative_attention_num_buckets)
+    if model.relative_attention_num_buckets < 4 or model.relative_attention_num_buckets % 2:
+        raise ValueError(
+            "model.relative_attention_num_buckets must be an even number >= 4 (half per "
+            f"direction, half of those exact); got {model.relative_attention_num_buckets}."
+        )
+    if model.relative_attention_max_distance <= model.relative_attention_num_buckets // 2:
+        raise ValueError(
+            "model.relative_attention_max_distance must exceed half the buckets "
+            f"({model.relative_attention_num_buckets // 2}); "
+            f"got {model.relative_attention_max_distance}."
+        )
+    lengths = span_corruption.example_lengths(config.data)
+    if config.data.num_sentinels < lengths.num_spans:
+        raise ValueError(
+            f"data.num_sentinels={config.data.num_sentinels} is below the {lengths.num_spans} "
+            f"noise spans of a span-corruption example (data.seq_len={config.data.seq_len}, "
+            f"data.noise_density={config.data.noise_density}, data.mean_noise_span_length="
+            f"{config.data.mean_noise_span_length}); allowed: >= {lengths.num_spans}."
+        )
 
 
 def set_size(config, *, d_model, d_ff, num_layers, num_heads, num_experts, vocab_size=None):

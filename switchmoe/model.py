@@ -38,6 +38,7 @@ MOE_FIELDS = (
     "group_size",
     "gate_norm",
     "batch_prioritized",
+    "causal_routing",
     "random_routing",
     "random_routing_threshold",
     "jitter_eps",
@@ -91,18 +92,33 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head causal self-attention with rotary positions; softmax in float32."""
+    """Multi-head attention, softmax in float32: causal self-attention with rotary positions
+    (the decoder-only LM), or, with `rotary=False`, attention over `kv` with an additive
+    position `bias` (T5's relative buckets; encoder–decoder self- and cross-attention)."""
 
     num_heads: int
     head_dim: int
     dropout_rate: float = 0.0
     causal: bool = True
     dtype: Any = jnp.float32
+    rotary: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool):
-        """x[B, L, D] -> [B, L, D]. mask: optional bool[B, 1, L, L] of allowed attention."""
+    def __call__(
+        self,
+        x: Array,
+        positions: Array | None,
+        mask: Array | None,
+        deterministic: bool,
+        kv: Array | None = None,
+        bias: Array | None = None,
+    ):
+        """x[B, Lq, D] -> [B, Lq, D], attending to kv[B, Lk, D] (default x).
+
+        mask: optional bool[B, 1, Lq, Lk] of allowed attention; bias: float32[1|B, H, Lq, Lk].
+        """
         D = x.shape[-1]
+        kv = x if kv is None else kv
         dense = lambda name, axes, shape_out, in_axes=-1: nn.DenseGeneral(
             shape_out,
             axis=in_axes,
@@ -113,12 +129,14 @@ class SelfAttention(nn.Module):
         )
         heads = (self.num_heads, self.head_dim)
         q = dense("query", ("embed", "heads", "kv"), heads)(x)
-        k = dense("key", ("embed", "heads", "kv"), heads)(x)
-        v = dense("value", ("embed", "heads", "kv"), heads)(x)
-        q, k = rope(q, positions), rope(k, positions)
+        k = dense("key", ("embed", "heads", "kv"), heads)(kv)
+        v = dense("value", ("embed", "heads", "kv"), heads)(kv)
+        if self.rotary:
+            q, k = rope(q, positions), rope(k, positions)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
-        L = x.shape[1]
-        allowed = jnp.ones((1, 1, L, L), bool)
+        if bias is not None:
+            scores = scores + bias
+        allowed = jnp.ones((1, 1, x.shape[1], kv.shape[1]), bool)
         if self.causal:
             allowed = jnp.tril(allowed)
         if mask is not None:
@@ -156,26 +174,77 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer block; `moe` holds MoeLayer settings or is None (dense)."""
+    """One pre-norm Transformer block: self-attention, optional cross-attention (an
+    encoder–decoder's decoder), then a dense FFN or, with `moe`, an MoE layer.
+
+    `causal` blocks (decoders) refuse batch-prioritized routing: it orders a group's tokens by
+    router confidence, so a token's expert would depend on later tokens. `batch_prioritized`
+    overrides `config.moe.batch_prioritized` for this block (the encoder's MoE layers);
+    `force_causal_routing` gives the MoE layer token-major slots whatever
+    `config.moe.causal_routing` says (an encoder–decoder's decoder, which greedy decoding needs).
+    """
 
     config: ml_collections.ConfigDict
     moe: bool
     causal: bool = True
     expert_parallelism: str | None = None
+    cross_attention: bool = False
+    rotary: bool = True
+    batch_prioritized: bool | None = None
+    force_causal_routing: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask, deterministic, token_ids=None):
+    def __call__(
+        self,
+        x,
+        positions,
+        mask,
+        deterministic,
+        token_ids=None,
+        *,
+        bias=None,
+        encoded=None,
+        encoded_mask=None,
+    ):
+        """x[B, L, D] -> (x[B, L, D], MoE aux or None).
+
+        bias: self-attention position bias [1, H, L, L]; encoded[B, Le, D] and
+        encoded_mask bool[B, 1, L, Le]: the encoder output a cross-attention block reads.
+        """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        attention = lambda name: SelfAttention(
+            cfg.num_heads,
+            head_dim(cfg),
+            cfg.dropout_rate,
+            self.causal and name == "attention",
+            dtype,
+            rotary=self.rotary,
+            name=name,
+        )
         h = RMSNorm(dtype=dtype, name="attention_norm")(x)
-        h = SelfAttention(
-            cfg.num_heads, head_dim(cfg), cfg.dropout_rate, self.causal, dtype, name="attention"
-        )(h, positions, mask, deterministic)
+        h = attention("attention")(h, positions, mask, deterministic, bias=bias)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        if self.cross_attention:
+            h = RMSNorm(dtype=dtype, name="cross_attention_norm")(x)
+            h = attention("cross_attention")(h, None, encoded_mask, deterministic, kv=encoded)
+            x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         h = RMSNorm(dtype=dtype, name="ffn_norm")(x)
         aux = None
         if self.moe:
             settings = {name: cfg.moe[name] for name in MOE_FIELDS}
+            if self.batch_prioritized is not None:
+                settings["batch_prioritized"] = self.batch_prioritized
+            if self.force_causal_routing:
+                settings["causal_routing"] = True
+            if self.causal and settings["batch_prioritized"]:
+                raise ValueError(
+                    f"{self.name}: batch_prioritized routing is not allowed in a decoder (causal) "
+                    "block: it orders tokens by router confidence over the whole group, so a "
+                    "token's routing would depend on later tokens. Allowed: in-order priority "
+                    "(False); in an encoder–decoder, model.moe.encoder_batch_prioritized=True "
+                    "uses it in the encoder only."
+                )
             table = cfg.moe.get("hash_table")
             h, aux = MoeLayer(
                 num_experts=cfg.moe.num_experts,
@@ -225,16 +294,7 @@ class DecoderLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, deterministic: bool = True):
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=1.0), ("vocab", "embed")
-            ),
-            dtype=dtype,
-            name="embed",
-        )
+        embed = embedding(cfg)
         x = embed(tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         auxes = []
@@ -245,6 +305,44 @@ class DecoderLM(nn.Module):
             if aux is not None:
                 auxes.append(aux)
         x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)
-        # Tied input/output embeddings, scaled by 1/sqrt(D) so the initial logits are O(1).
-        logits = embed.attend(x.astype(dtype)).astype(jnp.float32) / jnp.sqrt(cfg.d_model)
-        return logits, sum_aux(auxes)
+        return output_logits(cfg, embed, logits_head(cfg), x), sum_aux(auxes)
+
+
+def embedding(cfg: ml_collections.ConfigDict) -> nn.Embed:
+    """The token embedding [V, D] (shared by an encoder–decoder's two stacks, as in T5)."""
+    return nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+        ),
+        dtype=jnp.dtype(cfg.dtype),
+        name="embed",
+    )
+
+
+def logits_head(cfg: ml_collections.ConfigDict) -> nn.Module | None:
+    """The untied output kernel [D, V] ("logits"), or None with `model.tie_embeddings`."""
+    if cfg.get("tie_embeddings", True):
+        return None
+    return nn.DenseGeneral(
+        cfg.vocab_size,
+        dtype=jnp.dtype(cfg.dtype),
+        use_bias=False,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("embed", "vocab")
+        ),
+        name="logits",
+    )
+
+
+def output_logits(cfg, embed: nn.Embed, head: nn.Module | None, x: Array) -> Array:
+    """Logits float32[B, L, V] from final hidden states x[B, L, D].
+
+    Tied (`model.tie_embeddings`, T5 v1.0): the input embedding, scaled by 1/sqrt(D) so that the
+    initial logits are O(1). Untied (T5 v1.1): `head`, a separate kernel [D, V].
+    """
+    x = x.astype(jnp.dtype(cfg.dtype))
+    if head is None:
+        return embed.attend(x).astype(jnp.float32) / jnp.sqrt(cfg.d_model)
+    return head(x).astype(jnp.float32)

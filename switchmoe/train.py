@@ -9,7 +9,9 @@ Reproducibility: the batch of step t is a pure function of (data.seed, t) and th
 key of step t is fold_in(key(seed), t), so a run resumed from a checkpoint at step t computes
 exactly what the uninterrupted run computed.
 
-Shape legend: B batch (global), L sequence length, V vocabulary.
+Shape legend: B batch (global), L sequence length, V vocabulary. The model and its batches
+depend on `model.arch`: next-token prediction for the decoder-only LM, span corruption for the
+encoder–decoder (see MODEL_INPUTS and switchmoe.data.span_corruption).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from switchmoe import checkpoints, metrics as metrics_lib, optim, sharding
-from switchmoe.config import resolve, validate_config
+from switchmoe.config import resolve, sequence_lengths, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
+from switchmoe.data.span_corruption import make_pipeline
+from switchmoe.encoder_decoder import EncoderDecoderLM
 from switchmoe.model import DecoderLM
 
 # MoE statistics that are vectors per layer ([num_moe_layers, E] or [num_moe_layers, K]); they
@@ -37,17 +41,46 @@ from switchmoe.model import DecoderLM
 VECTOR_STATS = ("expert_load", "dropped_fraction_by_rank", "requested_fraction_by_rank")
 
 
+# The batch fields each architecture's model reads, in the order of its __call__ arguments.
+MODEL_INPUTS = {
+    "decoder": ("inputs",),
+    "encoder_decoder": ("inputs", "decoder_inputs", "input_mask"),
+}
+
+
 def build_model(
     config: ml_collections.ConfigDict, expert_parallelism: Optional[str] = None
 ) -> nn.Module:
-    """The model of `config`; the parameters do not depend on `expert_parallelism`."""
+    """The model of `config` (by `model.arch`); its parameters do not depend on
+    `expert_parallelism`."""
+    if config.model.get("arch", "decoder") == "encoder_decoder":
+        return EncoderDecoderLM(config.model, expert_parallelism=expert_parallelism)
     return DecoderLM(config.model, expert_parallelism=expert_parallelism)
+
+
+def model_inputs(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> tuple:
+    """The positional model arguments of `batch` (see MODEL_INPUTS)."""
+    return tuple(batch[name] for name in MODEL_INPUTS[config.model.get("arch", "decoder")])
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
+    """Zero model arguments of one example's shapes, for init and eval_shape."""
+    lengths = sequence_lengths(config)
+    shapes = {
+        "inputs": (rows, config.data.seq_len),
+        "decoder_inputs": (rows, lengths["decoder"]),
+        "input_mask": (rows, config.data.seq_len),
+    }
+    dtypes = {"input_mask": jnp.float32}
+    return tuple(
+        jnp.zeros(shapes[name], dtypes.get(name, jnp.int32))
+        for name in MODEL_INPUTS[config.model.get("arch", "decoder")]
+    )
 
 
 def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
     """Parameter shapes and dtypes, computed without allocating (jax.eval_shape)."""
-    tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
-    variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
     return nn.meta.unbox(variables["params"])
 
 
@@ -110,8 +143,9 @@ class Trainer:
         self.optimizer = optim.make_optimizer(config.optimizer, config.num_train_steps)
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
-        tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
-        boxed = jax.eval_shape(lambda t: self.model.init(jax.random.key(0), t), tokens)["params"]
+        boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), *dummy_inputs(config)))[
+            "params"
+        ]
         self.param_sharding = sharding.param_shardings(
             boxed, mesh, sharding.logical_rules(config.mesh)
         )
@@ -137,8 +171,7 @@ class Trainer:
         """Fresh (params, opt_state), placed on the mesh."""
 
         def init_fn(key):
-            tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-            params = nn.meta.unbox(self.model.init(key, tokens)["params"])
+            params = nn.meta.unbox(self.model.init(key, *dummy_inputs(self.config))["params"])
             return params, self.optimizer.init(params)
 
         # Outside the mesh context on purpose: a one-row dummy batch cannot be split over the
@@ -162,7 +195,10 @@ class Trainer:
 
         def objective(params):
             logits, aux = self.model.apply(
-                {"params": params}, batch["inputs"], deterministic=False, rngs={"dropout": key}
+                {"params": params},
+                *model_inputs(self.config, batch),
+                deterministic=False,
+                rngs={"dropout": key},
             )
             ce_sum, count = cross_entropy(logits, batch)
             loss = ce_sum / jnp.maximum(count, 1.0)
@@ -181,7 +217,9 @@ class Trainer:
         return params, opt_state, metrics
 
     def _eval_step(self, params, batch):
-        logits, aux = self.model.apply({"params": params}, batch["inputs"], deterministic=True)
+        logits, aux = self.model.apply(
+            {"params": params}, *model_inputs(self.config, batch), deterministic=True
+        )
         ce_sum, count = cross_entropy(logits, batch)
         return {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, self.config.model.moe, "eval")}
 
@@ -277,7 +315,7 @@ def train_and_evaluate(
 
     mesh = sharding.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
-    pipeline = LMDataPipeline(config.data, config.batch_size)
+    pipeline = make_pipeline(config)
     if jax.process_count() > 1:
         # Process 0 prepares the TFDS data once; the others wait, then read what it wrote.
         if lead:

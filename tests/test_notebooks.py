@@ -22,7 +22,7 @@ from tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
-NOTEBOOKS = ("restore_and_evaluate", "expert_analysis", "sweep_results")
+NOTEBOOKS = ("restore_and_evaluate", "expert_analysis", "sweep_results", "fill_in_the_blanks")
 KERNEL = "switchmoe-test"
 
 quiet = lambda line: None
@@ -39,7 +39,13 @@ def runs(tmp_path_factory):
     shutil.copytree(workdir, sweep / "num_experts=4")
     dense = tiny_config(data_dir, **{"model.moe.num_experts": 0})
     train_and_evaluate(dense, str(sweep / "num_experts=0"), log=quiet)
-    return {"SWITCHMOE_WORKDIR": workdir, "SWITCHMOE_SWEEP_DIR": str(sweep)}
+    t5 = tiny_config(data_dir, **{"model.arch": "encoder_decoder", "data.num_sentinels": 16})
+    train_and_evaluate(t5, str(root / "t5"), log=quiet)
+    return {
+        "SWITCHMOE_WORKDIR": workdir,
+        "SWITCHMOE_SWEEP_DIR": str(sweep),
+        "SWITCHMOE_T5_WORKDIR": str(root / "t5"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +103,7 @@ def test_every_notebook_is_executed_here():
         ("restore_and_evaluate", ["dropless", "logged final eval/loss"]),
         ("expert_analysis", ["block_1: H(expert)", "expert  3"]),
         ("sweep_results", ["num_experts=0", "num_experts=4"]),
+        ("fill_in_the_blanks", ["greedy token accuracy", "decoder_1: first-choice tokens"]),
     ],
 )
 def test_notebook_executes(name, expected, runs, kernel_dirs):

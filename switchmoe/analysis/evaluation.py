@@ -10,7 +10,7 @@ import ml_collections
 
 from switchmoe import sharding
 from switchmoe.config import resolve, with_defaults
-from switchmoe.data.pipeline import LMDataPipeline
+from switchmoe.data.span_corruption import make_pipeline
 from switchmoe.runs import restore_run
 from switchmoe.train import Trainer
 
@@ -77,7 +77,7 @@ def evaluate_at_capacities(
     config = single_device_config(config)
     if num_batches is not None:
         config.num_eval_batches = int(num_batches)
-    pipeline = LMDataPipeline(config.data, config.batch_size)  # packed once, shared
+    pipeline = make_pipeline(config)  # packed once, shared
     settings: list[tuple[Any, ml_collections.ConfigDict]] = []
     for factor in factors:
         c = ml_collections.ConfigDict(config.to_dict())

@@ -122,6 +122,12 @@ def capture_routing(
     config, params = load_run(run, step)
     if not config.model.moe.num_experts:
         raise ValueError("model.moe.num_experts is 0: a dense model has no router to capture.")
+    if config.model.get("arch", "decoder") != "decoder":
+        raise ValueError(
+            f"capture_routing reads decoder-only runs (model.arch='decoder'); got "
+            f"{config.model.arch!r}. For an encoder–decoder, sow-read 'routing' from "
+            "model.apply(..., mutable=['intermediates']) on span-corruption batches."
+        )
     config = single_device_config(config)
     pipeline = pipeline or LMDataPipeline(config.data, config.batch_size)
     packed = pipeline.packed(config.data.eval_split)

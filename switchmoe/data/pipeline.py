@@ -77,6 +77,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.spm_model_path = config_dict.placeholder(str)
     # Sentinel ids reserved at the top of the vocabulary for T5 span corruption; 0 for plain LM.
     config.num_sentinels = 0
+    # Span corruption (encoder–decoder models): fraction of raw tokens masked, and mean span
+    # length (T5, Switch, ST-MoE: 0.15 and 3). Needs num_sentinels >= the spans per example.
+    config.noise_density = 0.15
+    config.mean_noise_span_length = 3.0
     # Tokens per training example (the model's context); packed windows hold seq_len + 1 tokens.
     config.seq_len = 256
     # Corpus limit, 0 = all. stdlib_source: number of files (>= 2; each setting is its own TFDS
@@ -155,6 +159,10 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
         )
     if not isinstance(c.get("num_sentinels", 0), int) or c.get("num_sentinels", 0) < 0:
         raise ValueError(f"data.num_sentinels={c.num_sentinels!r}; allowed: an integer >= 0")
+    if not 0 < c.get("noise_density", 0.15) < 1:
+        raise ValueError(f"data.noise_density={c.noise_density!r}; allowed: in (0, 1)")
+    if not c.get("mean_noise_span_length", 3.0) >= 1:
+        raise ValueError(f"data.mean_noise_span_length={c.mean_noise_span_length!r}; allowed: >= 1")
     if not c.text_key:
         raise ValueError(f"data.text_key={c.text_key!r}; allowed: a feature name such as 'text'")
     _check_dataset(c.dataset)
@@ -364,6 +372,7 @@ class LMDataPipeline:
         self.config = ml_collections.ConfigDict(data_config.to_dict())  # Frozen copy of values.
         self.batch_size = batch_size
         self.seq_len = data_config.seq_len
+        self.window = self.seq_len + 1  # raw tokens per packed window
         self.seed = data_config.seed
         self.tokenizer = tokenizer if tokenizer is not None else make_tokenizer(data_config)
         self._packed: dict[str, PackedSplit] = {}
@@ -380,17 +389,20 @@ class LMDataPipeline:
             stream = tokenize_stream(load_texts(self.config, split), self.tokenizer)
             packed = pack_stream(
                 stream,
-                self.seq_len,
+                self.window - 1,
                 pad_id=self.tokenizer.pad_id,
-                keep_tail=split == self.config.eval_split,
+                keep_tail=self.keeps_tail and split == self.config.eval_split,
             )
             if not len(packed):
                 raise ValueError(
                     f"split {split!r} of {self.config.dataset!r} has {len(stream)} tokens, fewer "
-                    f"than one window of data.seq_len + 1 = {self.seq_len + 1}"
+                    f"than one window of {self.window}"
                 )
             self._packed[split] = packed
         return self._packed[split]
+
+    # Whether the eval split keeps its partial last window (padded, weight 0 after its end).
+    keeps_tail = True
 
     @property
     def num_train_examples(self) -> int:
@@ -406,15 +418,21 @@ class LMDataPipeline:
             self._permutations[epoch] = epoch_permutation(self.seed, epoch, n)
         return self._permutations[epoch]
 
+    def train_positions(
+        self, step: int, process_index: int = 0, process_count: int = 1
+    ) -> np.ndarray:
+        """Global example positions p = step · B + i [b] int64 of this process's rows."""
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        rows = _process_rows(self.batch_size, process_index, process_count)
+        return int(step) * self.batch_size + np.arange(rows.start, rows.stop, dtype=np.int64)
+
     def train_indices(
         self, step: int, process_index: int = 0, process_count: int = 1
     ) -> np.ndarray:
         """Window indices [b] int64 of this process's rows of training batch `step`."""
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
-        rows = _process_rows(self.batch_size, process_index, process_count)
         n = self.num_train_examples
-        positions = int(step) * self.batch_size + np.arange(rows.start, rows.stop, dtype=np.int64)
+        positions = self.train_positions(step, process_index, process_count)
         epochs, offsets = np.divmod(positions, n)
         indices = np.empty_like(positions)
         for epoch in np.unique(epochs):
@@ -434,7 +452,11 @@ class LMDataPipeline:
         """
         packed = self.packed(self.config.train_split)
         indices = self.train_indices(step, process_index, process_count)
-        return _make_batch(packed.windows[indices], packed.lengths[indices])
+        keys = [
+            f"{self.seed}/train/{p}"
+            for p in self.train_positions(step, process_index, process_count)
+        ]
+        return self.examples(packed.windows[indices], packed.lengths[indices], keys)
 
     # -- Evaluation ----------------------------------------------------------------------
 
@@ -467,7 +489,7 @@ class LMDataPipeline:
             if num_batches is None
             else min(num_batches, self.num_eval_batches)
         )
-        width = self.seq_len + 1
+        width = self.window
         for k in range(total):
             start = k * self.batch_size
             indices = np.arange(start + rows.start, start + rows.stop)
@@ -478,7 +500,16 @@ class LMDataPipeline:
             lengths = np.zeros([len(indices)], dtype=np.int32)
             windows[real] = packed.windows[indices[real]]
             lengths[real] = packed.lengths[indices[real]]
-            yield _make_batch(windows, lengths)
+            yield self.examples(windows, lengths, [f"{self.seed}/eval/{i}" for i in indices])
+
+    def examples(self, windows: np.ndarray, lengths: np.ndarray, keys: list[str]) -> Batch:
+        """Model examples from packed windows [b, window] with `lengths` real tokens each.
+
+        `keys` name each row (data seed, split, position) for objectives that draw per example;
+        next-token prediction does not.
+        """
+        del keys
+        return _make_batch(windows, lengths)
 
 
 def _make_batch(windows: np.ndarray, lengths: np.ndarray) -> Batch:
