@@ -376,6 +376,12 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
             f"({model.relative_attention_num_buckets // 2}); "
             f"got {model.relative_attention_max_distance}."
         )
+    if model.moe.num_experts and model.moe.router in ("expert_choice", "sbase"):
+        raise ValueError(
+            f"model.moe.router={model.moe.router!r} is not causal (it routes on the whole group), "
+            "and an encoder–decoder's decoder must be, to decode as it trained; allowed here: "
+            "'top_k', 'noisy_top_k', 'hash'."
+        )
     lengths = span_corruption.example_lengths(config.data)
     if config.data.num_sentinels < lengths.num_spans:
         raise ValueError(

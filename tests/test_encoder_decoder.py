@@ -217,6 +217,12 @@ def test_batch_prioritized_routing_is_refused_in_the_decoder(data_dir):
         block.init(jax.random.key(0), x, jnp.zeros((1, 8), jnp.int32), None, True)
 
 
+def test_non_causal_routers_are_refused(data_dir):
+    for router in ("expert_choice", "sbase"):
+        with pytest.raises(ValueError, match=f"model.moe.router='{router}' is not causal"):
+            validate_config(resolve(ed_config(data_dir, **{"model.moe.router": router})))
+
+
 def test_tied_and_untied_embeddings(data_dir):
     for tied in (True, False):
         config = resolve(ed_config(data_dir, **{"model.tie_embeddings": tied}))
