@@ -4,7 +4,7 @@
 
 Always: one row per trial (final eval loss, dropped fractions, load spread, step time, parameter
 counts) and eval-loss curves. When the trials vary model.moe.num_experts: loss and step time
-against experts. When they vary model.moe.train_capacity_factor: every finished checkpoint is
+against experts. When every trial sets model.moe.train_capacity_factor: every finished checkpoint is
 evaluated again at eval capacity factors 0.5, 1.0, 1.25, 2.0 and dropless (cached per trial in
 capacity_eval.json), as a table and a plot.
 """
@@ -24,11 +24,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by expe
 _CAPACITY_FACTORS = flags.DEFINE_list(
     "eval_capacity_factors", ["0.5", "1.0", "1.25", "2.0"], "Eval factors of the capacity study."
 )
+_CAPACITY_EVAL = flags.DEFINE_enum(
+    "capacity_eval",
+    "auto",
+    ["auto", "on", "off"],
+    "Re-evaluate every checkpoint at each eval capacity factor: 'auto' when every trial sets "
+    "model.moe.train_capacity_factor (a capacity study).",
+)
 flags.mark_flags_as_required(["workdir"])
 
 COLUMNS = (
     "trial", "experts", "k", "train_cf", "eval_loss", "eval_bits_per_token", "train_loss",
-    "train_dropped_pct", "eval_dropped_pct", "load_cv", "logit_rms", "step_time_ms",
+    "train_dropped_pct", "eval_dropped_pct", "load_cv", "logit_rms", "router_z", "step_time_ms",
     "params_total", "params_active", "steps", "finished",
 )  # fmt: skip
 
@@ -67,6 +74,8 @@ def row(trial) -> dict:
         "eval_dropped_pct": pct(last("eval/dropped_fraction")),
         "load_cv": load_cv,
         "logit_rms": last("train/logit_rms"),
+        # mean over tokens of logsumexp(logits)², the quantity the z-loss penalises
+        "router_z": last("train/router_z"),
         "step_time_ms": step_time_ms(trial),
         "params_total": counts["total"],
         "params_active": counts["active_per_token"],
@@ -161,16 +170,20 @@ def main(argv):
     sections = [f"# Sweep report: {sweep_dir}", "", markdown(rows, COLUMNS)]
     figures = {"eval_curves.png": analysis.plot_eval_curves(trials)}
 
-    varied = set()
+    varied, every = set(), None
     if os.path.exists(os.path.join(sweep_dir, sweeps.SWEEP_FILE)):
         for trial in sweeps.read_sweep_file(sweep_dir)["trials"]:
             varied |= set(trial["overrides"])
+            every = set(trial["overrides"]) if every is None else every & set(trial["overrides"])
+    capacity_study = _CAPACITY_EVAL.value == "on" or (
+        _CAPACITY_EVAL.value == "auto" and "model.moe.train_capacity_factor" in (every or set())
+    )
     if "model.moe.num_experts" in varied:
         figures["loss_vs_experts.png"] = analysis.plot_loss_vs_experts(trials)
         figures["step_time_vs_experts.png"] = analysis.plot_final_vs(
             trials, "model.moe.num_experts", y=step_time_ms
         )
-    if "model.moe.train_capacity_factor" in varied:
+    if capacity_study:
         figures["capacity_train.png"] = analysis.plot_capacity_factor(
             trials, group_by="model.moe.num_selected"
         )

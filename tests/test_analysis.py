@@ -17,7 +17,7 @@ from switchmoe.analysis import KIND, KINDS  # noqa: E402
 from switchmoe.config import default_config  # noqa: E402
 from switchmoe.data.pipeline import LMDataPipeline  # noqa: E402
 from switchmoe.runs import restore_run  # noqa: E402
-from switchmoe.train import train_and_evaluate  # noqa: E402
+from switchmoe.train import count_params, train_and_evaluate  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 quiet = lambda line: None
@@ -383,3 +383,13 @@ def test_capture_routing_on_a_tiny_run(tiny_run):
 
     rows = analysis.expert_kind_table(capture)
     assert len(rows) == 4 and sum(r["tokens"] for r in rows) == int(capture.valid.sum())
+
+
+def test_a_config_json_from_an_older_version_loads_with_the_new_fields_defaulted(tmp_path):
+    # A trial written before model.moe.causal_routing existed: the report must still read it.
+    old = default_config().to_dict()
+    del old["model"]["moe"]["causal_routing"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    trial = analysis.load_trial(str(tmp_path))
+    assert trial["config"].model.moe.causal_routing is False
+    assert count_params(trial["config"])["total"] > 0
