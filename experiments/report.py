@@ -2,8 +2,9 @@
 
   python -m experiments.report --workdir=runs/sweeps/expert_count
 
-Always: one row per trial (final eval loss, dropped fractions, load spread, step time, parameter
-counts) and eval-loss curves. When the trials vary model.moe.num_experts: loss and step time
+Always: one row per trial (final eval loss, dropped fractions, load spread, step time as logged
+while the sweep ran, and as re-timed alone by `experiments.step_time` when it has been run,
+parameter counts) and eval-loss curves. When the trials vary model.moe.num_experts: loss and step time
 against experts. When every trial sets model.moe.train_capacity_factor: every finished checkpoint is
 evaluated again at eval capacity factors 0.5, 1.0, 1.25, 2.0 and dropless (cached per trial in
 capacity_eval.json), as a table and a plot.
@@ -36,6 +37,7 @@ flags.mark_flags_as_required(["workdir"])
 COLUMNS = (
     "trial", "experts", "k", "train_cf", "eval_loss", "eval_bits_per_token", "train_loss",
     "train_dropped_pct", "eval_dropped_pct", "load_cv", "logit_rms", "router_z", "step_time_ms",
+    "quiet_step_ms",
     "params_total", "params_active", "steps", "finished",
 )  # fmt: skip
 
@@ -51,7 +53,16 @@ def step_time_ms(trial) -> float | None:
     return 1e3 * c.batch_size * c.data.seq_len / float(np.median(rates[1:]))
 
 
-def row(trial) -> dict:
+def quiet_step_times(sweep_dir) -> dict:
+    """{trial: median ms} from experiments.step_time, if it has been run on this sweep."""
+    path = os.path.join(sweep_dir, "report", "step_times.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {name: t["median_ms"] for name, t in json.load(f)["trials"].items()}
+
+
+def row(trial, quiet: dict | None = None) -> dict:
     records, config = trial["records"], trial["config"]
     last = lambda m: analysis.last_value(records, m)
     load = last("eval/expert_load")
@@ -77,6 +88,7 @@ def row(trial) -> dict:
         # mean over tokens of logsumexp(logits)², the quantity the z-loss penalises
         "router_z": last("train/router_z"),
         "step_time_ms": step_time_ms(trial),
+        "quiet_step_ms": (quiet or {}).get(trial["name"]),
         "params_total": counts["total"],
         "params_active": counts["active_per_token"],
         "steps": trial["last_step"],
@@ -165,7 +177,8 @@ def main(argv):
         raise app.UsageError(f"no trial with a config.json under {sweep_dir}.")
     out = os.path.join(sweep_dir, "report")
     os.makedirs(out, exist_ok=True)
-    rows = [row(t) for t in trials]
+    quiet = quiet_step_times(sweep_dir)
+    rows = [row(t, quiet) for t in trials]
     write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
     sections = [f"# Sweep report: {sweep_dir}", "", markdown(rows, COLUMNS)]
     figures = {"eval_curves.png": analysis.plot_eval_curves(trials)}

@@ -1,6 +1,7 @@
 """Smoke test of the sweep launcher and the report: 2 tiny trials, skip and resume, outputs."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -45,9 +46,14 @@ def test_two_trial_sweep_and_report(tmp_path):
     again = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", env=env)
     assert again.stdout.count("[skip]") == 2, again.stdout
 
+    timed = run("experiments.step_time", f"--workdir={sweep_dir}", "--steps=2", env=env)
+    assert timed.returncode == 0, timed.stdout + timed.stderr
     report = run("experiments.report", f"--workdir={sweep_dir}", env=env)
     assert report.returncode == 0, report.stdout + report.stderr
     out = os.path.join(sweep_dir, "report")
+    step_times = json.load(open(os.path.join(out, "step_times.json")))
+    assert step_times["machine"]["platform"] == "cpu"
+    assert sorted(step_times["trials"]) == names
     for name in (
         "results.csv",
         "results.md",
@@ -60,6 +66,10 @@ def test_two_trial_sweep_and_report(tmp_path):
     rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
     assert [r["trial"] for r in rows] == names
     assert float(rows[0]["train_dropped_pct"]) > float(rows[1]["train_dropped_pct"])
+    for r in rows:  # the re-timed step is the one step_time.json holds
+        t = step_times["trials"][r["trial"]]
+        assert float(r["quiet_step_ms"]) == pytest.approx(t["median_ms"], rel=1e-3)
+        assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"]
     cap = list(csv.DictReader(open(os.path.join(out, "capacity_eval.csv"))))
     assert len(cap) == 2 * 5  # each checkpoint at 4 eval factors and dropless
     dropless = [r for r in cap if r["eval_cf"] == "dropless"]

@@ -1,0 +1,86 @@
+"""Time the training step of every trial of a sweep, one trial at a time, on a quiet machine.
+
+  python -m experiments.step_time --workdir=runs/sweeps/routing [--steps=20] [--warmup=3]
+
+A sweep's logged tokens/s measure whatever else the machine was doing while each trial trained;
+this re-times each trial's jitted train step alone: one device, the trial's own config and data
+batches, fresh parameters (the step's cost has static shapes: it does not depend on the weights),
+`warmup` steps to compile and settle, then `steps` steps timed one by one with
+`block_until_ready`; the median is reported. Writes <workdir>/report/step_times.json, which
+`experiments.report` adds to its table as `quiet_step_ms`.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+from absl import app, flags, logging
+
+from switchmoe import analysis, sharding
+from switchmoe.config import resolve
+from switchmoe.data.span_corruption import make_pipeline
+from switchmoe.train import Trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per trial.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
+flags.mark_flags_as_required(["workdir"])
+
+STEP_TIMES_FILE = os.path.join("report", "step_times.json")
+
+
+def time_trial(config, steps: int, warmup: int) -> dict:
+    config = analysis.single_device_config(resolve(config))
+    trainer = Trainer(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+    pipeline = make_pipeline(config)
+    params, opt_state = trainer.init()
+    batches = [trainer.put_batch(pipeline.batch(s)) for s in range(warmup + steps)]
+    times = []
+    for step, batch in enumerate(batches):
+        start = time.perf_counter()
+        params, opt_state, metrics = trainer.run_train_step(params, opt_state, batch, step)
+        jax.block_until_ready((params, metrics))
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return {
+        "median_ms": 1e3 * statistics.median(times),
+        "min_ms": 1e3 * min(times),
+        "max_ms": 1e3 * max(times),
+        "steps": steps,
+        "tokens_per_step": config.batch_size * config.data.seq_len,
+    }
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    trials = analysis.load_sweep(_WORKDIR.value)
+    if not trials:
+        raise app.UsageError(f"no trial with a config.json under {_WORKDIR.value}.")
+    results = {
+        "machine": {
+            "platform": jax.devices()[0].platform,
+            "device": jax.devices()[0].device_kind,
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+        },
+        "trials": {},
+    }
+    for trial in trials:
+        results["trials"][trial["name"]] = timing = time_trial(
+            trial["config"], _STEPS.value, _WARMUP.value
+        )
+        print(f"{trial['name']}: {timing['median_ms']:.1f} ms/step (median of {_STEPS.value})")
+    path = os.path.join(_WORKDIR.value, STEP_TIMES_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
