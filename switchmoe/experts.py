@@ -1,7 +1,7 @@
 """Stacked expert feed-forward networks: E FFNs evaluated as batched matmuls.
 
 Shape legend: E experts, N tokens per expert (G·C for capacity backends), M sorted rows (dropless),
-D model width, F expert hidden width.
+NB blocks of Bk rows (blocked dropless), D model width, F expert hidden width.
 
 All experts' weights live in single arrays with a leading expert axis (w_in[E, D, F], w_out[E, F, D]),
 so "run every expert on its own tokens" is one einsum over the expert axis, and sharding the experts
@@ -89,8 +89,98 @@ class StackedExperts:
         h_gate = None if w_gate is None else jax.lax.ragged_dot(x, w_gate, group_sizes)
         return jax.lax.ragged_dot(self._hidden(h_in, h_gate), w_out, group_sizes)
 
+    def blocked(self, x: Array, block_expert: Array, used_blocks: Optional[Array] = None) -> Array:
+        """Runs expert block_expert[n] on block n: x[NB, Bk, D], block_expert int32[NB] -> [NB, Bk, D].
+
+        The static-shape dropless formulation for platforms without a grouped GEMM (XLA:CPU): rows
+        are sorted by expert and each expert's run is padded to whole blocks, so each block belongs
+        to one expert (see switchmoe.dispatch.blocked_moe). Blocks n ≥ used_blocks (None: all
+        used) are padding: they are skipped and come out as zeros. See `block_matmul` for how.
+        """
+        x = x.astype(self.dtype)
+        cast = lambda w: None if w is None else w.astype(self.dtype)
+        w_in, w_out, w_gate = cast(self.w_in), cast(self.w_out), cast(self.w_gate)
+        if used_blocks is None:
+            used_blocks = jnp.asarray(x.shape[0], jnp.int32)
+        mm = lambda a, w: block_matmul(a, w, block_expert, used_blocks)
+        h_in = mm(x, w_in)
+        h_gate = None if w_gate is None else mm(x, w_gate)
+        return mm(self._hidden(h_in, h_gate), w_out)
+
     def single(self, e: int, x: Array) -> Array:
         """Expert e alone on x[..., D] (reference path for tests and analysis)."""
         one = jax.tree.map(lambda w: w[e : e + 1], (self.w_in, self.w_out, self.w_gate))
         flat = x.reshape(1, -1, x.shape[-1])
         return self.replace(w_in=one[0], w_out=one[1], w_gate=one[2])(flat).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block matmul: y[n] = x[n] @ w[block_expert[n]].
+#
+# Measured on XLA:CPU (2 cores, float32). Forward, 23 blocks of 128 rows, D 256, F 1024, against
+# 17.5 ms for one [2944, 256] x [256, 1024] matmul:
+#   batched dot_general over blocks with gathered weights w[block_expert]   29.6 ms
+#   the same with the weights gathered beforehand                            25.5 ms
+#   lax.scan over blocks, slicing w[e] in place                              18.7 ms
+# XLA:CPU runs a batched dot as a loop of small GEMMs slower than its own loop over blocks, and
+# the gather costs NB·D·F memory. Weight gradient Σ_{n: e_n = e} x[n]ᵀ·dy[n], 39 blocks of 128
+# rows, D 512, F 2048, against 54 ms for the dense [D, R] x [R, F]:
+#   batched dot [NB, D, F] then a sorted segment sum into [E, D, F]         122 ms
+#   lax.scan adding each block's product into its expert's slice in place   80 ms
+#   the same skipping the padding blocks with a cond (30 of 39 used)        64-72 ms
+# So both directions run as scans that skip the blocks past `used_blocks` (up to E·(Bk−1) padding
+# rows). A custom VJP gives the backward its own scan (input gradient and the in-place weight
+# gradient together); autodiff of the forward scan would instead add a full [E, D, F] cotangent
+# at every step.
+
+
+def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())))
+
+
+@jax.custom_vjp
+def block_matmul(x: Array, w: Array, block_expert: Array, used_blocks: Array) -> Array:
+    """x[NB, Bk, A] · w[E, A, B] per block: y[n] = x[n] @ w[block_expert[n]], [NB, Bk, B].
+
+    block_expert: int32[NB] in [0, E). used_blocks: int32 scalar; blocks n ≥ used_blocks are
+    skipped and give zeros (their rows must be zeros, as padding rows are).
+    """
+    NB, Bk, _ = x.shape
+    zeros = jnp.zeros((Bk, w.shape[2]), x.dtype)
+
+    def body(_, inputs):
+        n, x_n, e = inputs
+        w_e = jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)  # [A, B], no copy
+        y_n = jax.lax.cond(n < used_blocks, lambda: _dot(x_n, w_e, (1, 0)), lambda: zeros)
+        return None, y_n
+
+    return jax.lax.scan(body, None, (jnp.arange(NB), x, block_expert))[1]
+
+
+def _block_matmul_fwd(x, w, block_expert, used_blocks):
+    return block_matmul(x, w, block_expert, used_blocks), (x, w, block_expert, used_blocks)
+
+
+def _block_matmul_bwd(residuals, dy):
+    """dx[n] = dy[n] @ w[e_n]ᵀ and dw[e] = Σ_{n: e_n = e} x[n]ᵀ @ dy[n], one scan over blocks."""
+    x, w, block_expert, used_blocks = residuals
+    NB = x.shape[0]
+    zeros_dx = jnp.zeros(x.shape[1:], x.dtype)
+
+    def body(dw, inputs):
+        n, x_n, dy_n, e = inputs
+
+        def used(dw):
+            w_e = jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
+            dw_e = jax.lax.dynamic_index_in_dim(dw, e, axis=0, keepdims=False)
+            dw_e = dw_e + _dot(x_n, dy_n, (0, 0)).astype(dw.dtype)  # [A, B]
+            dw = jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, axis=0)  # in place
+            return dw, _dot(dy_n, w_e, (1, 1)).astype(x.dtype)  # [Bk, A]
+
+        return jax.lax.cond(n < used_blocks, used, lambda dw: (dw, zeros_dx), dw)
+
+    dw, dx = jax.lax.scan(body, jnp.zeros_like(w), (jnp.arange(NB), x, dy, block_expert))
+    return dx, dw, None, None
+
+
+block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)

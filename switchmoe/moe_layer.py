@@ -51,6 +51,11 @@ class MoeLayer(nn.Module):
       by Sinkhorn while training, greedy top-1 at evaluation; non-causal).
       backend: "einsum", "gather" or "dropless". With the top-k router, "dropless" routes without
         capacity (no token is ever dropped) and ignores the capacity factors.
+      dropless_implementation: how backend="dropless" computes, same numbers either way:
+        "ragged_dot" (grouped GEMM on GPU/TPU), "blocked" (padded blocks, fast on XLA:CPU), or
+        None for the platform's default (blocked on CPU, ragged_dot elsewhere).
+      block_size: rows per block of the blocked implementation; None picks it from the tokens
+        per expert (see switchmoe.dispatch.auto_block_size).
       train_capacity_factor, eval_capacity_factor: C = ceil(K·S/E·factor) during training
         (deterministic=False) and evaluation. Switch: 1.0–1.25 train, 2.0 eval.
       min_capacity: lower bound on C (small groups would otherwise get 1-slot experts).
@@ -92,6 +97,8 @@ class MoeLayer(nn.Module):
     num_selected: int = 1
     router: str = "top_k"
     backend: str = "einsum"
+    dropless_implementation: Optional[str] = None
+    block_size: Optional[int] = None
     train_capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
@@ -135,6 +142,13 @@ class MoeLayer(nn.Module):
             raise ValueError(
                 f"backend must be one of {dispatch_lib.BACKENDS}; got {self.backend!r}."
             )
+        if self.dropless_implementation not in (None, *dispatch_lib.DROPLESS_IMPLEMENTATIONS):
+            raise ValueError(
+                "dropless_implementation must be None or one of "
+                f"{dispatch_lib.DROPLESS_IMPLEMENTATIONS}; got {self.dropless_implementation!r}."
+            )
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be None or >= 1; got {self.block_size}.")
         _positive_or_none("train_capacity_factor", self.train_capacity_factor)
         _positive_or_none("eval_capacity_factor", self.eval_capacity_factor)
         if self.min_capacity < 1:
@@ -341,7 +355,14 @@ class MoeLayer(nn.Module):
                 self.expert_parallelism, self.backend, groups.astype(self.dtype), routing, experts
             )
         else:
-            y = dispatch_lib.moe_forward(self.backend, groups.astype(self.dtype), routing, experts)
+            y = dispatch_lib.moe_forward(
+                self.backend,
+                groups.astype(self.dtype),
+                routing,
+                experts,
+                dropless_implementation=self.dropless_implementation,
+                block_size=self.block_size,
+            )
         y = y.reshape(B, L, D)
 
         if self.shared_d_ff:

@@ -111,3 +111,31 @@ def softmax(logits):
     z = logits - logits.max(-1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(-1, keepdims=True)
+
+
+def moe_output_grads(x, expert, slot, gate, w_in, w_out, cotangent):
+    """Gradients of Σ y·cotangent for y = moe_output(..., activation="relu"), one token at a time.
+
+    Returns (dx, dgate, dw_in, dw_out). For each kept choice: h = x·W_in, a = relu(h),
+    y += gate·a·W_out, so dW_out += gate·aᵀc, dgate = a·W_out·c, dh = gate·(W_out·c)·[h > 0],
+    dW_in += xᵀdh, dx += W_in·dh.
+    """
+    G, S, _ = x.shape
+    dx, dgate = np.zeros_like(x), np.zeros_like(gate)
+    dw_in, dw_out = np.zeros_like(w_in), np.zeros_like(w_out)
+    for g in range(G):
+        for s in range(S):
+            c = cotangent[g, s]
+            for k in range(expert.shape[-1]):
+                if slot[g, s, k] < 0:
+                    continue
+                e = expert[g, s, k]
+                h = x[g, s] @ w_in[e]
+                a = np.maximum(h, 0)
+                back = w_out[e] @ c  # [F]
+                dgate[g, s, k] = a @ back
+                dw_out[e] += gate[g, s, k] * np.outer(a, c)
+                dh = gate[g, s, k] * back * (h > 0)
+                dw_in[e] += np.outer(x[g, s], dh)
+                dx[g, s] += w_in[e] @ dh
+    return dx, dgate, dw_in, dw_out

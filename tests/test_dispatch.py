@@ -179,3 +179,102 @@ def test_shared_expert_adds_a_dense_ffn_on_every_token():
         ]
     )
     np.testing.assert_allclose(np.asarray(y - routed_only).reshape(-1, D), dense, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropless implementations (ragged_dot, blocked) against the per-token reference.
+
+
+def uneven_routing(seed, k, capacity, empty_expert=E - 1):
+    """Skewed loads, one expert that receives no token at all, optional drops."""
+    x, router, w = make_inputs(seed)
+    router = router.at[:, empty_expert].set(0.0)
+    logits = routing.router_logits(x, router).at[..., empty_expert].add(-1e4).at[..., 0].add(2.0)
+    r = routing.top_k_route(logits, num_selected=k, capacity=capacity)
+    assert not (np.asarray(r.expert) == empty_expert).any()
+    return x, r, w
+
+
+@pytest.mark.parametrize(
+    "implementation,block_size",
+    # block_size applies to "blocked" only: 1 (no padding), 4 (padding), 128 (> any run), auto.
+    [("ragged_dot", None), ("blocked", 1), ("blocked", 4), ("blocked", 128), ("blocked", None)],
+)
+@pytest.mark.parametrize("k,capacity", [(1, None), (2, None), (1, 3), (2, 5)])
+def test_dropless_implementations_equal_the_per_token_reference(
+    implementation, block_size, k, capacity
+):
+    x, r, w = uneven_routing(seed=10 + k, k=k, capacity=capacity)
+    kept = np.asarray(r.slot) >= 0
+    requested = np.bincount(np.asarray(r.expert).reshape(-1), minlength=E)
+    assert requested[-1] == 0 and requested.max() >= 1.5 * requested[:-1].min(), requested
+    if capacity is not None:
+        assert not kept.all(), "the capped cases must drop pairs (slot < 0)"
+    cotangent = np.asarray(jax.random.normal(jax.random.key(7), (G, S, D)))
+
+    def loss(x, gate, w_in, w_out):
+        experts = StackedExperts(w_in=w_in, w_out=w_out)
+        y = dispatch.dropless_moe(x, r.replace(gate=gate), experts, implementation, block_size)
+        return jnp.sum(y * cotangent), y
+
+    grads, y = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, r.gate, w["w_in"], w["w_out"])
+    f64 = lambda a: np.asarray(a, np.float64)
+    args = (f64(x), np.asarray(r.expert), np.asarray(r.slot), f64(r.gate))
+    expected_y = ref.moe_output(*args, f64(w["w_in"]), f64(w["w_out"]))
+    expected_grads = ref.moe_output_grads(*args, f64(w["w_in"]), f64(w["w_out"]), cotangent)
+    np.testing.assert_allclose(y, expected_y, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("x", "gate", "w_in", "w_out"), grads, expected_grads):
+        if name == "gate":  # a dropped pair's gate is 0 and it has no output: compare kept ones
+            got, want = np.asarray(got)[kept], want[kept]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
+    # The empty expert gets exactly zero weight gradient.
+    assert np.all(np.asarray(grads[2])[-1] == 0) and np.all(np.asarray(grads[3])[-1] == 0)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 8, 64])
+@pytest.mark.parametrize("k,capacity", [(1, None), (2, 5)])
+def test_block_layout_places_each_kept_pair_once_in_a_block_of_its_expert(block_size, k, capacity):
+    _, r, _ = uneven_routing(seed=20, k=k, capacity=capacity)
+    layout = dispatch.block_layout(r, E, block_size)
+    pair_row, row_pair = np.asarray(layout.pair_row), np.asarray(layout.row_pair)
+    block_expert, used = np.asarray(layout.block_expert), int(layout.used_blocks)
+    expert = np.asarray(r.expert).reshape(-1)
+    kept = np.asarray(r.slot).reshape(-1) >= 0
+    M = expert.size
+    # The static bound: M + min(E, M)·(Bk − 1) rows, in whole blocks.
+    assert block_expert.size == (M + min(E, M) * (block_size - 1)) // block_size
+    assert row_pair.size == block_expert.size * block_size
+    assert np.all(np.diff(block_expert) >= 0)  # blocks sorted by expert
+    # Expected: expert e uses ceil(n_e / Bk) blocks.
+    n = np.bincount(expert[kept], minlength=E)
+    assert used == sum(-(-c // block_size) for c in n)
+    for m in range(M):
+        if not kept[m]:
+            assert pair_row[m] == -1
+            continue
+        row = pair_row[m]
+        assert row_pair[row] == m
+        assert row // block_size < used and block_expert[row // block_size] == expert[m]
+    assert sorted(row_pair[row_pair >= 0].tolist()) == np.flatnonzero(kept).tolist()
+
+
+def test_layer_dropless_implementations_agree_and_bad_names_raise():
+    x = jax.random.normal(jax.random.key(0), (2, 16, D))
+    settings = dict(num_experts=E, d_ff=F, num_selected=2, backend="dropless")
+    layer = MoeLayer(dropless_implementation="blocked", block_size=4, **settings)
+    params = layer.init(jax.random.key(1), x)
+    y_blocked, _ = layer.apply(params, x)
+    y_ragged, _ = MoeLayer(dropless_implementation="ragged_dot", **settings).apply(params, x)
+    y_default, _ = MoeLayer(**settings).apply(params, x)
+    np.testing.assert_allclose(y_blocked, y_ragged, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y_default, y_ragged, atol=1e-5, rtol=1e-5)
+    assert dispatch.default_dropless_implementation() == "blocked"  # tests run on CPU
+    with pytest.raises(ValueError, match=r"dropless_implementation must be None or one of"):
+        MoeLayer(dropless_implementation="megablocks", **settings).init(jax.random.key(1), x)
+
+
+@pytest.mark.parametrize(
+    "M,E_,expected", [(4096, 8, 128), (4096, 64, 64), (4096, 128, 32), (64, 64, 16), (100, 1, 64)]
+)
+def test_auto_block_size_is_the_mean_load_as_a_power_of_two_within_16_128(M, E_, expected):
+    assert dispatch.auto_block_size(M, E_) == expected

@@ -1,0 +1,597 @@
+"""Speed and memory of the MoE layer by backend, expert count and capacity factor, against a dense
+FFN of the same active parameters per token; and a training step of the demo model against its
+dense counterpart. One run, so that every ratio compares numbers taken on the same machine.
+
+  python -m experiments.benchmark --preset=quick          # tiny sizes, seconds (CI smoke test)
+  python -m experiments.benchmark --preset=full           # 4,096 tokens, D 512, F 2048, 1..128 E
+  python -m experiments.benchmark --preset=full --dtype=bfloat16 --d_model=768 --d_ff=3072 \
+      --tokens=32768                                      # Switch-Base-like sizes on a GPU
+
+Writes <out>.json (machine, versions, settings, every measurement with all its repeat times) and
+<out>.md (the tables). Default out: experiments/results/benchmark/<preset>_<platform>.json.
+
+What is measured, for each case:
+  - layer: MoeLayer forward+backward (gradients of Σ y·c + aux loss w.r.t. parameters and input),
+    with the training capacity factor; the dense baseline is relu(x·W1)·W2 with width k·F, i.e.
+    the same active expert parameters per token (the router's D·E are left out);
+  - experts only: the same experts' forward+backward on the buffers the backend builds ([E, G·C, D]
+    for einsum/gather, the padded blocks for blocked dropless, the sorted rows for ragged_dot);
+    routing + dispatch + combine = layer − experts only, reported as a share of the layer;
+  - compile time apart (lower + compile), then `warmup` calls, then up to `repeats` timed calls
+    (fewer when a case passes --max_seconds_per_case, never fewer than 3); the median is reported;
+  - memory: the compiled executable's memory analysis (temp = activations and workspace);
+  - FLOP/s: useful expert FLOPs / median time, against a large square matmul timed in this run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from switchmoe import dispatch
+from switchmoe.experts import StackedExperts
+from switchmoe.moe_layer import MoeLayer
+
+BACKENDS = ("einsum", "gather", "dropless_ragged_dot", "dropless_blocked")
+
+PRESETS = {
+    # Tiny: seconds of compile and run on 2 CPU cores; checks the machinery, not the machine.
+    "quick": dict(
+        tokens=256,
+        group_size=None,
+        d_model=32,
+        d_ff=64,
+        num_selected=1,
+        experts=[4],
+        capacity_factors=[1.25],
+        repeats=3,
+        warmup=1,
+        matmul_size=256,
+        train_steps=3,
+        train_size="tiny",
+        train_models=["demo", "dense"],
+    ),
+    # The sizes of issue 7's known facts: 4,096 tokens in one routing group, D 512, F 2048.
+    "full": dict(
+        tokens=4096,
+        group_size=None,
+        d_model=512,
+        d_ff=2048,
+        num_selected=1,
+        experts=[1, 8, 64, 128],
+        capacity_factors=[1.0, 1.25, 2.0],
+        repeats=20,
+        warmup=2,
+        matmul_size=2048,
+        train_steps=10,
+        train_size="demo",
+        train_models=["demo", "demo_dropless", "dense"],
+    ),
+}
+
+_PRESET = flags.DEFINE_enum("preset", "quick", list(PRESETS), "Sizes and repeats to start from.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_BACKENDS = flags.DEFINE_list("backends", list(BACKENDS), f"Any of {BACKENDS}.")
+_EXPERTS = flags.DEFINE_list("experts", None, "Expert counts E (default: the preset's).")
+_CAPACITY_FACTORS = flags.DEFINE_list(
+    "capacity_factors", None, "Training capacity factors of einsum/gather (default: preset's)."
+)
+_TOKENS = flags.DEFINE_integer("tokens", None, "Tokens per layer call T (default: preset's).")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Routing group S; default: all tokens.")
+_D_MODEL = flags.DEFINE_integer("d_model", None, "Model width D (default: preset's).")
+_D_FF = flags.DEFINE_integer("d_ff", None, "Expert hidden width F (default: preset's).")
+_NUM_SELECTED = flags.DEFINE_integer("num_selected", None, "Experts per token k (default: 1).")
+_REPEATS = flags.DEFINE_integer("repeats", None, "Timed calls per case, at most.")
+_WARMUP = flags.DEFINE_integer("warmup", None, "Untimed calls after compiling.")
+_MAX_SECONDS = flags.DEFINE_float(
+    "max_seconds_per_case", 8.0, "Stop repeating a case after this much timed time (>= 3 calls)."
+)
+_RAGGED_MAX_EXPERTS = flags.DEFINE_integer(
+    "ragged_dot_max_experts",
+    None,
+    "Skip dropless_ragged_dot above this E. Default: 8 on CPU (XLA:CPU runs ragged_dot like E "
+    "dense FFNs: minutes per case at 128 experts), no limit elsewhere.",
+)
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", None, "Bk of dropless_blocked; default: auto.")
+_TRAIN = flags.DEFINE_bool("train", True, "Also time training steps of demo and dense models.")
+_OUT = flags.DEFINE_string("out", None, "JSON path; the markdown table goes beside it.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing.
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def memory_analysis(compiled) -> Optional[dict]:
+    """Bytes the compiled executable needs, where the backend reports them (None otherwise)."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):  # not on every backend/version
+        return None
+    if m is None:
+        return None
+    names = ("temp", "argument", "output", "alias", "generated_code")
+    out = {f"{n}_bytes": getattr(m, f"{n}_size_in_bytes", None) for n in names}
+    return {k: int(v) for k, v in out.items() if v is not None}
+
+
+def measure(
+    fn: Callable, args: tuple, warmup: int, repeats: int, max_seconds: float, jitted=None
+) -> dict:
+    """Compile apart, warm up, then time up to `repeats` calls; medians in seconds."""
+    t0 = time.perf_counter()
+    compiled = (jitted or jax.jit(fn)).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        _block(compiled(*args))
+    times = []
+    while len(times) < repeats:
+        t = time.perf_counter()
+        _block(compiled(*args))
+        times.append(time.perf_counter() - t)
+        if len(times) >= 3 and sum(times) > max_seconds:
+            break
+    return {
+        "compile_s": compile_s,
+        "median_s": float(np.median(times)),
+        "min_s": float(np.min(times)),
+        "times_s": times,
+        "memory": memory_analysis(compiled),
+    }
+
+
+def matmul_rate(n: int, dtype, warmup: int, repeats: int, max_seconds: float) -> dict:
+    """FLOP/s of one [n, n] x [n, n] matmul (2n³ FLOPs): the machine's practical peak."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    m = measure(lambda a, b: a @ b, (a, b), warmup, max(repeats, 5), max_seconds)
+    m["size"] = n
+    m["flops_per_s"] = 2 * n**3 / m["median_s"]
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer cases.
+
+
+def expert_flops(tokens: int, k: int, d: int, f: int, matrices: int = 2) -> int:
+    """Useful expert FLOPs of forward+backward: each of the T·k routed (token, expert) rows goes
+    through `matrices` [D, F]-sized matmuls (2 for relu/gelu: W_in, W_out; 3 when gated) at
+    2·D·F FLOPs each forward, and the backward costs twice the forward (the input gradient and the
+    weight gradient): 3 · 2 · T·k · D·F · matrices. Padding, dropped tokens' slots and dispatch
+    FLOPs are not useful work and are not counted, so backends compare on the same numerator."""
+    return 3 * 2 * tokens * k * d * f * matrices
+
+
+def _backend_settings(name: str) -> tuple[str, Optional[str]]:
+    """Benchmark backend name -> (MoeLayer.backend, dropless implementation)."""
+    if name.startswith("dropless_"):
+        return "dropless", name[len("dropless_") :]
+    return name, None
+
+
+def dense_case(x, d_ff: int, dtype, run: Callable) -> dict:
+    """relu(x·W1)·W2 of width d_ff, forward+backward w.r.t. x and the weights."""
+    D = x.shape[-1]
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    w1 = (jax.random.normal(k1, (D, d_ff)) / np.sqrt(D)).astype(dtype)
+    w2 = (jax.random.normal(k2, (d_ff, D)) / np.sqrt(d_ff)).astype(dtype)
+    c = jax.random.normal(k3, x.shape, jnp.float32)
+
+    def loss(x, w1, w2):
+        y = jax.nn.relu(x @ w1) @ w2
+        return jnp.sum(y.astype(jnp.float32) * c)
+
+    return run(jax.grad(loss, argnums=(0, 1, 2)), (x, w1, w2))
+
+
+def layer_case(
+    backend_name: str,
+    E: int,
+    factor: Optional[float],
+    x,
+    s: dict,
+    dtype,
+    run: Callable,
+) -> dict:
+    """One MoE layer case: the full layer and its experts alone, forward+backward."""
+    backend, implementation = _backend_settings(backend_name)
+    D = x.shape[2]
+    F, k = s["d_ff"], s["num_selected"]
+    layer = MoeLayer(
+        num_experts=E,
+        d_ff=F,
+        num_selected=k,
+        backend=backend,
+        dropless_implementation=implementation,
+        block_size=s["block_size"],
+        train_capacity_factor=factor or 1.0,
+        group_size=s["group_size"],
+        dtype=dtype,
+    )
+    params = nn.meta.unbox(layer.init(jax.random.key(1), x)["params"])
+    c = jax.random.normal(jax.random.key(3), x.shape, jnp.float32)
+
+    def loss(params, x):
+        y, aux = layer.apply({"params": params}, x, deterministic=False)
+        return jnp.sum(y.astype(jnp.float32) * c) + aux["loss"]
+
+    record = {"layer": run(jax.grad(loss, argnums=(0, 1)), (params, x))}
+
+    # The routing this input gets, to build the experts' own buffers.
+    (_, aux), inter = layer.apply(
+        {"params": params}, x, deterministic=False, mutable=["intermediates"]
+    )
+    routing = inter["intermediates"]["routing"][0]
+    record["dropped_fraction"] = float(aux["stats"]["dropped_fraction"])
+    G = routing.expert.shape[0]
+    experts = StackedExperts(w_in=params["w_in"], w_out=params["w_out"], dtype=dtype)
+    # The index arrays are arguments, not constants: XLA would otherwise fold them into the
+    # program (and, for blocked, know at compile time which blocks are padding).
+    exp_loss = lambda f: lambda w, a, *idx: jnp.sum(f(w, a, *idx).astype(jnp.float32))
+    grad = lambda f: jax.grad(exp_loss(f), argnums=(0, 1))
+    weights = {"w_in": params["w_in"], "w_out": params["w_out"]}
+    if backend != "dropless":
+        C = routing.capacity
+        record["capacity"] = C
+        buffer = jax.random.normal(jax.random.key(4), (E, G * C, D), dtype)
+        f = lambda w, a: experts.replace(**w)(a)
+        record["experts_only"] = run(grad(f), (weights, buffer))
+    elif implementation == "blocked":
+        layout = dispatch.block_layout(routing, E, s["block_size"])
+        NB = layout.block_expert.shape[0]
+        Bk = layout.row_pair.shape[0] // NB
+        record.update(block_size=Bk, num_blocks=NB, used_blocks=int(layout.used_blocks))
+        blocks = jax.random.normal(jax.random.key(4), (NB, Bk, D), dtype)
+        f = lambda w, a, block_expert, used: experts.replace(**w).blocked(a, block_expert, used)
+        args = (weights, blocks, layout.block_expert, layout.used_blocks)
+        record["experts_only"] = run(grad(f), args)
+    else:
+        kept = np.asarray(routing.slot).reshape(-1) >= 0
+        sizes = np.bincount(np.asarray(routing.expert).reshape(-1)[kept], minlength=E)
+        rows = jax.random.normal(jax.random.key(4), (kept.size, D), dtype)
+        group_sizes = jnp.asarray(sizes, jnp.int32)
+        f = lambda w, a, group_sizes: experts.replace(**w).ragged(a, group_sizes)
+        record["experts_only"] = run(grad(f), (weights, rows, group_sizes))
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Training steps.
+
+
+def _load_config(name: str):
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def train_configs(size: str, dtype: str) -> dict:
+    """demo (configs/demo.py, as trained), demo with the dropless backend, and the dense model of
+    the same active FLOPs per token (configs/dense.py). `size="tiny"` shrinks all three alike."""
+    configs = {"demo": _load_config("demo"), "dense": _load_config("dense")}
+    configs["demo_dropless"] = _load_config("demo")
+    configs["demo_dropless"].model.moe.backend = "dropless"
+    for c in configs.values():
+        c.model.vocab_size = 259  # the byte tokenizer's; no corpus is read
+        c.model.dtype = dtype
+        c.mesh.data = c.mesh.expert = c.mesh.model = 1
+        if size == "tiny":
+            c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 2, 2
+            c.model.d_ff, c.data.seq_len, c.batch_size = 64, 32, 8
+            if c.model.moe.num_experts:
+                c.model.moe.num_experts = 4
+    return configs
+
+
+def train_case(config, s: dict, run_steps: int) -> dict:
+    """Median time of a training step on one device with synthetic token batches."""
+    from switchmoe.sharding import make_mesh
+    from switchmoe.train import Trainer, count_params
+
+    mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
+    trainer = Trainer(config, mesh)
+    params, opt_state = trainer.init()
+    B, L = config.batch_size, config.data.seq_len
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (B, L + 1))
+    batch = trainer.put_batch(
+        {
+            "inputs": tokens[:, :-1].astype(np.int32),
+            "targets": tokens[:, 1:].astype(np.int32),
+            "weights": np.ones((B, L), np.float32),
+        }
+    )
+    step = jnp.asarray(0, jnp.int32)
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        compiled = trainer.train_step.lower(params, opt_state, batch, step).compile()
+        compile_s = time.perf_counter() - t0
+        state = (params, opt_state)
+        times = []
+        for i in range(s["warmup"] + run_steps):
+            t = time.perf_counter()
+            *state, metrics = compiled(*state, batch, step)
+            _block(metrics)
+            if i >= s["warmup"]:
+                times.append(time.perf_counter() - t)
+    counts = count_params(config)
+    median = float(np.median(times))
+    return {
+        "compile_s": compile_s,
+        "median_s": median,
+        "times_s": times,
+        "tokens_per_s": B * L / median,
+        "memory": memory_analysis(compiled),
+        "batch": B,
+        "seq_len": L,
+        "d_model": config.model.d_model,
+        "d_ff": config.model.d_ff,
+        "num_layers": config.model.num_layers,
+        "num_experts": config.model.moe.num_experts,
+        "backend": config.model.moe.backend if config.model.moe.num_experts else None,
+        "params_total": counts["total"],
+        "params_active_per_token": counts["active_per_token"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def machine_info() -> dict:
+    device = jax.devices()[0]
+    versions = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+    }
+    try:
+        import jaxlib
+
+        versions["jaxlib"] = jaxlib.__version__
+    except ImportError:
+        pass
+    return {
+        "platform": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "system": platform.platform(),
+        "versions": versions,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
+    """All measurements of settings `s` (a preset merged with the flags) as one JSON-able dict."""
+    dtype = jnp.dtype(s["dtype"])
+    reps = dict(warmup=s["warmup"], repeats=s["repeats"], max_seconds=s["max_seconds"])
+    run = lambda fn, args: measure(fn, args, **reps)
+    started = time.perf_counter()
+    result = {"machine": machine_info(), "settings": dict(s), "cases": [], "train": []}
+
+    result["matmul"] = matmul_rate(s["matmul_size"], dtype, **reps)
+    peak = result["matmul"]["flops_per_s"]
+    log(f"matmul {s['matmul_size']}³ {s['dtype']}: {peak / 1e9:.1f} GFLOP/s")
+
+    T, D, F, k = s["tokens"], s["d_model"], s["d_ff"], s["num_selected"]
+    x = jax.random.normal(jax.random.key(0), (1, T, D), dtype)
+    useful = expert_flops(T, k, D, F)
+    dense = dense_case(x, k * F, dtype, run)
+    dense.update(kind="dense", d_ff=k * F, flops=useful)
+    result["dense"] = dense
+    dense_s = dense["median_s"]
+    log(f"dense FFN d_ff={k * F}: {dense_s * 1e3:.2f} ms")
+
+    ragged_max = s["ragged_dot_max_experts"]
+    if ragged_max is None:
+        ragged_max = 8 if jax.default_backend() == "cpu" else 1 << 30
+    for E in s["experts"]:
+        for name in s["backends"]:
+            dropless = name.startswith("dropless_")
+            for factor in [None] if dropless else s["capacity_factors"]:
+                case = {"backend": name, "num_experts": E, "capacity_factor": factor}
+                if k > E:
+                    continue
+                if name == "dropless_ragged_dot" and E > ragged_max:
+                    case["skipped"] = f"E={E} > --ragged_dot_max_experts={ragged_max}"
+                    result["cases"].append(case)
+                    continue
+                case.update(layer_case(name, E, factor, x, s, dtype, run))
+                layer_s = case["layer"]["median_s"]
+                experts_s = case["experts_only"]["median_s"]
+                case.update(
+                    time_per_token_s=layer_s / T,
+                    ratio_to_dense=layer_s / dense_s,
+                    routing_dispatch_share=max(0.0, 1.0 - experts_s / layer_s),
+                    useful_flops=useful,
+                    achieved_flops_per_s=useful / layer_s,
+                    fraction_of_matmul_rate=useful / layer_s / peak,
+                )
+                result["cases"].append(case)
+                log(
+                    f"{name:>20} E={E:<4} cf={factor or '-':<5} layer {layer_s * 1e3:9.2f} ms  "
+                    f"×dense {layer_s / dense_s:6.2f}  routing+dispatch "
+                    f"{100 * case['routing_dispatch_share']:5.1f}%  "
+                    f"({time.perf_counter() - started:.0f} s)"
+                )
+
+    if s["train"]:
+        configs = train_configs(s["train_size"], s["dtype"])
+        for name in s["train_models"]:
+            config = configs[name]
+            record = train_case(config, s, s["train_steps"])
+            record["model"] = name
+            result["train"].append(record)
+            log(
+                f"train step {name}: {record['median_s'] * 1e3:.1f} ms "
+                f"(compile {record['compile_s']:.1f} s; {time.perf_counter() - started:.0f} s)"
+            )
+    result["total_s"] = time.perf_counter() - started
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(value, spec=".3g") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def _mib(memory: Optional[dict], key: str = "temp_bytes") -> Optional[float]:
+    if not memory or memory.get(key) is None:
+        return None
+    return memory[key] / 2**20
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    peak, n = result["matmul"]["flops_per_s"], result["matmul"]["size"]
+    dense = result["dense"]
+    lines = [
+        f"# MoE benchmark: {s['preset']} preset on {m['platform']} ({m['device_kind']}, "
+        f"{m['cpu_count']} CPUs), {s['dtype']}",
+        "",
+        f"jax {m['versions']['jax']}, flax {m['versions']['flax']}, {m['time_utc']}. "
+        f"T={s['tokens']} tokens, group S={s['group_size'] or s['tokens']}, D={s['d_model']}, "
+        f"F={s['d_ff']}, k={s['num_selected']}. Medians of up to {s['repeats']} calls after "
+        f"{s['warmup']} warm-up; compile time apart. Whole run: {result['total_s']:.0f} s.",
+        "",
+        f"Matmul rate ([{n}, {n}] × [{n}, {n}]): {peak / 1e9:.1f} GFLOP/s. "
+        f"Dense FFN (width k·F = {dense['d_ff']}) forward+backward: "
+        f"{dense['median_s'] * 1e3:.2f} ms, {1e6 * dense['median_s'] / s['tokens']:.3g} µs/token, "
+        f"{dense['flops'] / dense['median_s'] / 1e9:.1f} GFLOP/s "
+        f"({100 * dense['flops'] / dense['median_s'] / peak:.0f}% of the matmul rate).",
+        "",
+        "Layer = MoeLayer forward+backward (router, dispatch, experts, combine, aux loss). "
+        "× dense = layer time / dense FFN time. Routing+dispatch = 1 − experts-only / layer. "
+        "Temp = compiled temp memory of the layer's forward+backward. GFLOP/s counts useful expert "
+        "FLOPs only (6·T·k·D·F·2).",
+        "",
+        "| backend | E | cf | C / Bk | layer ms | µs/token | × dense | experts ms | "
+        "routing+dispatch | temp MiB | GFLOP/s | % matmul | dropped | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cases"]:
+        if "skipped" in c:
+            lines.append(
+                f"| {c['backend']} | {c['num_experts']} | - | skipped: {c['skipped']} |" + " |" * 10
+            )
+            continue
+        slots = c.get("capacity") or (f"Bk {c['block_size']}" if "block_size" in c else "-")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    c["backend"],
+                    str(c["num_experts"]),
+                    _fmt(c["capacity_factor"]),
+                    str(slots),
+                    _fmt(c["layer"]["median_s"] * 1e3, ".4g"),
+                    _fmt(c["time_per_token_s"] * 1e6),
+                    _fmt(c["ratio_to_dense"], ".2f"),
+                    _fmt(c["experts_only"]["median_s"] * 1e3, ".4g"),
+                    f"{100 * c['routing_dispatch_share']:.0f}%",
+                    _fmt(_mib(c["layer"]["memory"]), ".1f"),
+                    _fmt(c["achieved_flops_per_s"] / 1e9, ".1f"),
+                    f"{100 * c['fraction_of_matmul_rate']:.0f}%",
+                    f"{100 * c['dropped_fraction']:.1f}%",
+                    _fmt(c["layer"]["compile_s"], ".2f"),
+                ]
+            )
+            + " |"
+        )
+    if result["train"]:
+        dense_train = next((r for r in result["train"] if r["model"] == "dense"), None)
+        lines += [
+            "",
+            "Training step (one device, synthetic batches; forward, backward, optimizer update):",
+            "",
+            "| model | experts | backend | batch × length | step ms | tokens/s | × dense | "
+            "params total | active/token | temp MiB | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["train"]:
+            ratio = r["median_s"] / dense_train["median_s"] if dense_train else None
+            lines.append(
+                f"| {r['model']} | {r['num_experts']} | {r['backend'] or '-'} | "
+                f"{r['batch']}×{r['seq_len']} | {r['median_s'] * 1e3:.1f} | "
+                f"{r['tokens_per_s']:,.0f} | {_fmt(ratio, '.2f')} | {r['params_total']:,} | "
+                f"{r['params_active_per_token']:,} | {_fmt(_mib(r['memory']), '.1f')} | "
+                f"{r['compile_s']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def settings_from_flags() -> dict:
+    s = dict(PRESETS[_PRESET.value])
+    overrides = {
+        "tokens": _TOKENS.value,
+        "group_size": _GROUP_SIZE.value,
+        "d_model": _D_MODEL.value,
+        "d_ff": _D_FF.value,
+        "num_selected": _NUM_SELECTED.value,
+        "repeats": _REPEATS.value,
+        "warmup": _WARMUP.value,
+        "experts": None if _EXPERTS.value is None else [int(e) for e in _EXPERTS.value],
+        "capacity_factors": (
+            None if _CAPACITY_FACTORS.value is None else [float(f) for f in _CAPACITY_FACTORS.value]
+        ),
+    }
+    s.update({key: value for key, value in overrides.items() if value is not None})
+    unknown = sorted(set(_BACKENDS.value) - set(BACKENDS))
+    if unknown:
+        raise app.UsageError(f"--backends: unknown {unknown}; allowed: {BACKENDS}.")
+    s.update(
+        preset=_PRESET.value,
+        dtype=_DTYPE.value,
+        backends=list(_BACKENDS.value),
+        block_size=_BLOCK_SIZE.value,
+        ragged_dot_max_experts=_RAGGED_MAX_EXPERTS.value,
+        max_seconds=_MAX_SECONDS.value,
+        train=_TRAIN.value,
+    )
+    if s["group_size"] and s["tokens"] % s["group_size"]:
+        raise app.UsageError(f"--group_size={s['group_size']} must divide --tokens={s['tokens']}.")
+    return s
+
+
+def main(argv):
+    del argv
+    s = settings_from_flags()
+    out = _OUT.value or os.path.join(
+        "experiments", "results", "benchmark", f"{s['preset']}_{jax.default_backend()}.json"
+    )
+    result = run_benchmark(s, log=lambda line: print(line, flush=True))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(markdown(result))
+    print(f"wrote {out} and {md} in {result['total_s']:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
