@@ -42,6 +42,13 @@ def default_moe_config() -> ml_collections.ConfigDict:
     # 'einsum' (one-hot masks), 'gather' (slot tables) or 'dropless' (sorted grouped matmul; the
     # top-k router then drops nothing and ignores the capacity factors).
     moe.backend = "einsum"
+    # How backend='dropless' computes (same numbers): 'ragged_dot' (grouped GEMM, GPU/TPU) or
+    # 'blocked' (expert runs padded to whole blocks, one GEMM per block; fast on XLA:CPU).
+    # None: blocked on CPU, ragged_dot elsewhere.
+    moe.dropless_implementation = config_dict.placeholder(str)
+    # Rows per block of the blocked implementation; None: the mean tokens per expert as a power
+    # of two in [16, 128] (switchmoe.dispatch.auto_block_size).
+    moe.block_size = config_dict.placeholder(int)
     # Capacity C = ceil(k·S/E·factor) while training...
     moe.train_capacity_factor = 1.25
     # ...and at evaluation (Switch evaluates at 2.0).
@@ -276,6 +283,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
             )
         _one_of("model.moe.router", moe.router, routing.ROUTERS)
         _one_of("model.moe.backend", moe.backend, dispatch.BACKENDS)
+        if moe.get("dropless_implementation") is not None:
+            _one_of(
+                "model.moe.dropless_implementation",
+                moe.dropless_implementation,
+                dispatch.DROPLESS_IMPLEMENTATIONS,
+            )
+        if moe.get("block_size") is not None:
+            _positive("model.moe.block_size", moe.block_size)
         _one_of("model.moe.gate_norm", moe.gate_norm, routing.GATE_NORMS)
         _one_of("model.moe.router_dtype", moe.router_dtype, DTYPES)
         _one_of("model.moe.hash_kind", moe.hash_kind, ("random", "balanced"))

@@ -32,6 +32,8 @@ MOE_FIELDS = (
     "num_selected",
     "router",
     "backend",
+    "dropless_implementation",
+    "block_size",
     "train_capacity_factor",
     "eval_capacity_factor",
     "min_capacity",

@@ -118,6 +118,10 @@ def test_non_finite_loss_stops_and_names_the_metric(data_dir, tmp_path):
         ),
         ({"model.moe.backend": "cuda"}, r"model.moe.backend must be one of \('einsum', 'gather', "),
         (
+            {"model.moe.dropless_implementation": "triton"},
+            r"model.moe.dropless_implementation must be one of \('ragged_dot', 'blocked'\)",
+        ),
+        (
             {"model.moe.batch_prioritized": True},
             "batch_prioritized=True is not allowed in a decoder",
         ),
