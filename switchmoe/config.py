@@ -327,15 +327,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 "model.moe.random_routing needs model.moe.num_selected >= 2; "
                 f"got {moe.num_selected}."
             )
-        for stack, length in sequence_lengths(config).items():
+        lengths = sequence_lengths(config)
+        for stack, length in lengths.items():
             tokens_per_shard = config.batch_size // batch_shards * length
             group = moe.get("group_size") or length
             if tokens_per_shard % group:
                 raise ValueError(
                     f"model.moe.group_size={group} must divide the tokens per batch shard "
-                    f"({stack}: batch_size {config.batch_size} / {batch_shards} batch shard(s) × "
-                    f"{length} tokens = {tokens_per_shard}), so that every device routes whole "
-                    "groups."
+                    f"({'' if stack == 'decoder' and len(lengths) == 1 else stack + ': '}"
+                    f"batch_size {config.batch_size} / {batch_shards} batch shard(s) × "
+                    f"{'targets length' if stack == 'decoder' and len(lengths) > 1 else 'data.seq_len'} "
+                    f"{length} = {tokens_per_shard}), so that every device routes whole groups."
                 )
         if moe.num_experts % expert_size:
             raise ValueError(
