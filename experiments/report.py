@@ -213,7 +213,7 @@ def main(argv):
             ]
             figures["capacity_eval.png"] = plot_capacity_evaluation(cap_rows)
     for name, fig in figures.items():
-        fig.savefig(os.path.join(out, name), dpi=110)
+        fig.savefig(os.path.join(out, name), dpi=110, bbox_inches="tight")
     sections += ["", "Plots: " + ", ".join(f"report/{n}" for n in figures)]
     text = "\n".join(sections) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -107,15 +107,23 @@ def plot_eval_curves(trials: Sequence[dict], metric: str = "eval/loss"):
     """`metric` vs step, one line per trial."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for t in trials:
+    # Long trial names (a routing study's) go in a legend beside the axes, not over the curves.
+    longest = max((len(t["name"]) for t in trials), default=0)
+    outside = longest > 40 or len(trials) > 8
+    fig, ax = plt.subplots(figsize=(7 + (0.055 * min(longest, 110) if outside else 0), 4))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, t in enumerate(trials):
         steps, values = metric_series(t["records"], metric)
         if len(steps):
-            ax.plot(steps, values, "o-", ms=3, label=t["name"])
+            style = "o-" if i < len(cycle) else "s--"  # more trials than colours: new markers
+            ax.plot(steps, values, style, ms=3, label=t["name"])
     ax.set(xlabel="step", ylabel=metric)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=8)
+        if outside:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
