@@ -63,8 +63,25 @@ def model_inputs(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> tu
     return tuple(batch[name] for name in MODEL_INPUTS[config.model.get("arch", "decoder")])
 
 
-def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
-    """Zero model arguments of one example's shapes, for init and eval_shape."""
+def init_rows(config: ml_collections.ConfigDict) -> int:
+    """The fewest sequences whose tokens split into whole routing groups in every stack.
+
+    The MoE layers reshape [B·L] tokens into groups of `model.moe.group_size`; with groups longer
+    than a sequence (e.g. 1024 tokens of 128-token sequences), a one-row init batch cannot.
+    """
+    group = config.model.moe.get("group_size")
+    if not (group and config.model.moe.num_experts):
+        return 1
+    rows = 1
+    for length in sequence_lengths(config).values():
+        need = group // math.gcd(group, length)
+        rows = rows * need // math.gcd(rows, need)
+    return rows
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, rows: int | None = None) -> tuple:
+    """Zero model arguments of `rows` examples (default `init_rows`), for init and eval_shape."""
+    rows = init_rows(config) if rows is None else rows
     lengths = sequence_lengths(config)
     shapes = {
         "inputs": (rows, config.data.seq_len),

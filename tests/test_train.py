@@ -12,7 +12,7 @@ import pytest
 from switchmoe import checkpoints, metrics
 from switchmoe.runs import restore_run
 from switchmoe.sharding import make_mesh
-from switchmoe.train import Trainer, train_and_evaluate
+from switchmoe.train import Trainer, init_rows, train_and_evaluate
 from switchmoe.config import resolve
 from switchmoe.data.pipeline import LMDataPipeline
 from tiny import tiny_config
@@ -173,3 +173,24 @@ def test_rerunning_a_finished_run_returns_its_last_metrics(data_dir, tmp_path):
     again = train_and_evaluate(tiny_config(data_dir, num_train_steps=10), workdir, log=quiet)
     assert again["eval/loss"] == pytest.approx(first["eval/loss"])
     assert len(metrics.read_metrics(workdir)) == 2  # steps 5 and 10, nothing appended
+
+
+def test_routing_groups_longer_than_a_sequence_train(data_dir, tmp_path):
+    # Groups of 64 tokens span two 32-token sequences: init must build a batch of whole groups
+    # (a one-row init batch cannot be split into 64-token groups).
+    config = tiny_config(data_dir, **{"model.moe.group_size": 64, "num_train_steps": 10})
+    result = train_and_evaluate(config, str(tmp_path / "run"), log=quiet)
+    assert np.isfinite(result["eval/loss"])
+    assert init_rows(resolve(config)) == 2
+    ed = resolve(
+        tiny_config(
+            data_dir,
+            **{
+                "model.arch": "encoder_decoder",
+                "data.num_sentinels": 16,
+                "model.moe.group_size": 64,
+            },
+        )
+    )
+    # Encoder rows of 32 tokens need 2 per group; decoder rows of 8 targets need 8: lcm 8.
+    assert init_rows(ed) == 8
