@@ -14,20 +14,11 @@ Variants:
   b32     ST-MoE-32B dimensions (d_model 5120, d_ff 20480, 64 heads, 64 experts, 27 blocks).
 """
 
-from switchmoe.config import default_config, for_accelerators, set_size
+from switchmoe.config import default_config, for_accelerators, set_size, st_moe_routing
 
 
 def get_config(variant=None):
-    config = default_config()
-    moe = config.model.moe
-    moe.num_selected = 2
-    moe.gate_norm = "normalized"
-    moe.moe_every = 4
-    moe.train_capacity_factor = 1.25
-    moe.eval_capacity_factor = 2.0
-    moe.load_balancing_weight = 1e-2
-    moe.z_loss_weight = 1e-3
-    config.model.activation = "geglu"
+    config = st_moe_routing(default_config())
     config.model.d_model, config.model.num_layers, config.model.num_heads = 128, 8, 4
     config.model.d_ff = 384  # GEGLU has 3 matrices: 384 keeps the FFN near relu's 512 in size
     config.data.seq_len = 128

@@ -16,20 +16,12 @@ Variants:
 Parameter counts: see EXPERIMENTS.md / `experiments.param_count`.
 """
 
-from switchmoe.config import default_config, for_accelerators, set_size
+from switchmoe.config import default_config, for_accelerators, set_size, switch_routing
 
 
 def get_config(variant=None):
-    config = default_config()
-    moe = config.model.moe
-    moe.num_selected = 1
-    moe.moe_every = 2
-    moe.train_capacity_factor = 1.25
-    moe.eval_capacity_factor = 2.0
-    moe.load_balancing_weight = 1e-2
-    moe.jitter_eps = 1e-2
-    moe.router_init_scale = 0.1
-    moe.init_scale = 0.1
+    config = switch_routing(default_config())
+    config.model.moe.init_scale = 0.1
     config.model.d_model, config.model.num_layers, config.model.num_heads = 128, 4, 4
     config.model.d_ff = 512
     config.data.seq_len = 128

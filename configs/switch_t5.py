@@ -28,7 +28,13 @@ sequences per batch, a SentencePiece vocabulary: give --config.data.spm_model_pa
 dataset). Their parameter counts need neither; EXPERIMENTS.md lists them.
 """
 
-from switchmoe.config import default_config, for_accelerators, set_size
+from switchmoe.config import (
+    default_config,
+    for_accelerators,
+    set_size,
+    st_moe_routing,
+    switch_routing,
+)
 
 SWITCH_BASE_EXPERTS = (8, 16, 32, 64, 128)
 VARIANTS = (
@@ -42,36 +48,10 @@ VARIANTS = (
 )
 
 
-def _switch(config):
-    moe = config.model.moe
-    moe.num_selected = 1
-    moe.moe_every = 2
-    moe.train_capacity_factor = 1.25
-    moe.eval_capacity_factor = 2.0
-    moe.load_balancing_weight = 1e-2
-    moe.jitter_eps = 1e-2
-    moe.router_init_scale = 0.1
-    return config
-
-
-def _st_moe(config):
-    moe = config.model.moe
-    moe.num_selected = 2
-    moe.gate_norm = "normalized"
-    moe.moe_every = 4
-    moe.train_capacity_factor = 1.25
-    moe.eval_capacity_factor = 2.0
-    moe.load_balancing_weight = 1e-2
-    moe.z_loss_weight = 1e-3
-    config.model.activation = "geglu"
-    config.model.tie_embeddings = False
-    return config
-
-
 def get_config(variant=None):
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; allowed: {VARIANTS}.")
-    config = _switch(default_config())
+    config = switch_routing(default_config())
     config.model.arch = "encoder_decoder"
     config.data.num_sentinels = 100  # T5's 100 extra ids
     # CPU size: 128-token inputs corrupt to 29-token targets (141 raw tokens, 7 spans).
@@ -93,7 +73,8 @@ def get_config(variant=None):
     base = variant.startswith("base")
     large = variant.startswith("large")
     if variant.startswith("st_moe_l"):
-        _st_moe(config)
+        st_moe_routing(config)
+        config.model.tie_embeddings = False
         set_size(config, d_model=1024, d_ff=2816, num_layers=24, num_heads=16, num_experts=32)
     elif large:
         set_size(config, d_model=1024, d_ff=4096, num_layers=24, num_heads=16, num_experts=128)

@@ -419,6 +419,36 @@ def set_size(config, *, d_model, d_ff, num_layers, num_heads, num_experts, vocab
     return config
 
 
+def switch_routing(config):
+    """Switch Transformer's routing (Fedus et al. 2022): top-1 in every other block, capacity
+    factor 1.25 (train) / 2.0 (eval), load-balancing loss 1e-2, router jitter 1e-2, router init
+    scaled by 0.1."""
+    moe = config.model.moe
+    moe.num_selected = 1
+    moe.moe_every = 2
+    moe.train_capacity_factor = 1.25
+    moe.eval_capacity_factor = 2.0
+    moe.load_balancing_weight = 1e-2
+    moe.jitter_eps = 1e-2
+    moe.router_init_scale = 0.1
+    return config
+
+
+def st_moe_routing(config):
+    """ST-MoE's MoE layers (Zoph et al. 2022): top-2 with normalised gates in one block of four,
+    capacity factor 1.25 / 2.0, load-balancing loss 1e-2 and router z-loss 1e-3, GEGLU experts."""
+    moe = config.model.moe
+    moe.num_selected = 2
+    moe.gate_norm = "normalized"
+    moe.moe_every = 4
+    moe.train_capacity_factor = 1.25
+    moe.eval_capacity_factor = 2.0
+    moe.load_balancing_weight = 1e-2
+    moe.z_loss_weight = 1e-3
+    config.model.activation = "geglu"
+    return config
+
+
 def for_accelerators(config):
     """Settings of the papers' runs on TPU/GPU: bf16 compute, Adafactor with an rsqrt schedule,
     512-token sequences, 256 sequences per batch, a 32k SentencePiece vocabulary (T5's 32128).
