@@ -42,6 +42,7 @@ from ml_collections import config_dict
 from tensorflow_datasets.core import naming as tfds_naming
 from tensorflow_datasets.core import registered as tfds_registered
 
+from switchmoe.data.spm_training import SPM_MODEL_TYPES
 from switchmoe.data.stdlib_corpus import StdlibSource
 from switchmoe.data.tokenizers import TOKENIZER_KINDS, Tokenizer, make_tokenizer
 
@@ -52,6 +53,8 @@ DATA_DIR_ENV = "SWITCHMOE_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/switchmoe/tfds"
 
 Batch = dict[str, np.ndarray]
+# Fewest pieces a trained SentencePiece model may have: 256 bytes + pad, EOS, unknown, newline.
+MIN_SPM_VOCAB = 261
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -71,10 +74,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Split for evaluation batches ('validation' here and for c4; lm1b's is 'test').
     config.eval_split = "validation"
     # Tokenizer: 'byte' (ids 0..255 are UTF-8 bytes, then pad/bos/eos, then sentinels) or
-    # 'sentencepiece' (needs spm_model_path and `pip install sentencepiece`).
+    # 'sentencepiece' (a given spm_model_path, or one trained here with spm_vocab_size pieces).
     config.tokenizer = "byte"
     # SentencePiece .model file (local path or gs://), for tokenizer='sentencepiece' only.
     config.spm_model_path = config_dict.placeholder(str)
+    # Without spm_model_path: train a SentencePiece model of this many pieces on train_split,
+    # stored under data_dir/sentencepiece/ and rebuilt only when a setting changes
+    # (switchmoe/data/spm_training.py). The papers use 32k; 4k-16k suit the embedded corpus.
+    config.spm_vocab_size = config_dict.placeholder(int)
+    # The trained model's algorithm: 'unigram' (T5's) or 'bpe'.
+    config.spm_model_type = "unigram"
     # Sentinel ids reserved at the top of the vocabulary for T5 span corruption; 0 for plain LM.
     config.num_sentinels = 0
     # Span corruption (encoder–decoder models): fraction of raw tokens masked, and mean span
@@ -144,10 +153,20 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     c = data_config
     if c.tokenizer not in TOKENIZER_KINDS:
         raise ValueError(f"data.tokenizer={c.tokenizer!r}; allowed: {TOKENIZER_KINDS}")
-    if c.tokenizer == "sentencepiece" and not c.spm_model_path:
+    if c.tokenizer == "sentencepiece" and not (c.spm_model_path or c.get("spm_vocab_size")):
         raise ValueError(
-            "data.spm_model_path must name a .model file when data.tokenizer='sentencepiece'"
+            "data.tokenizer='sentencepiece' needs data.spm_model_path (a .model file) or "
+            "data.spm_vocab_size (train one on data.train_split, e.g. 8192)"
         )
+    if c.get("spm_vocab_size") is not None and not (
+        isinstance(c.spm_vocab_size, int) and c.spm_vocab_size >= MIN_SPM_VOCAB
+    ):
+        raise ValueError(
+            f"data.spm_vocab_size={c.spm_vocab_size!r}; allowed: an integer >= {MIN_SPM_VOCAB} "
+            "(the 256 byte-fallback pieces, pad, EOS, unknown and newline, plus at least one more)"
+        )
+    if c.get("spm_model_type", "unigram") not in SPM_MODEL_TYPES:
+        raise ValueError(f"data.spm_model_type={c.spm_model_type!r}; allowed: {SPM_MODEL_TYPES}")
     if not isinstance(c.seq_len, int) or c.seq_len <= 0:
         raise ValueError(f"data.seq_len={c.seq_len!r}; allowed: a positive integer")
     if not isinstance(c.max_files, int) or c.max_files < 0:

@@ -7,6 +7,7 @@ Both share one small interface, which is all the data pipeline and the models re
   vocab_size     -> int                    embedding rows the model needs (all ids are < this)
   pad_id, bos_id, eos_id -> int
   num_sentinels  -> int; sentinel_id(i)    T5 span-corruption sentinels, at the top of the vocab
+  token_bytes()  -> np.ndarray int32 [V]   UTF-8 bytes each id stands for (bits/byte needs it)
 
 Byte vocabulary (`ByteTokenizer(num_sentinels=S)`):
   0..255               the UTF-8 bytes themselves
@@ -42,6 +43,8 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
     def sentinel_id(self, i: int) -> int: ...
+
+    def token_bytes(self) -> np.ndarray: ...
 
 
 def _as_id_array(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
@@ -93,8 +96,25 @@ class ByteTokenizer:
             raise ValueError(f"sentinel index {i} out of range [0, {self.num_sentinels})")
         return self.vocab_size - 1 - i
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, int32 [vocab_size]: 1 per byte, 0 for special ids."""
+        lengths = np.zeros([self.vocab_size], np.int32)
+        lengths[: self.NUM_BYTES] = 1
+        return lengths
+
     def __repr__(self) -> str:
         return f"ByteTokenizer(num_sentinels={self.num_sentinels})"
+
+
+def _import_sentencepiece():
+    try:
+        import sentencepiece  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise ImportError(
+            "tokenizer='sentencepiece' needs the `sentencepiece` package, which is not "
+            "installed: run `pip install sentencepiece` (or use tokenizer='byte')."
+        ) from e
+    return sentencepiece
 
 
 class SentencePieceTokenizer:
@@ -114,13 +134,7 @@ class SentencePieceTokenizer:
     """
 
     def __init__(self, model_path: str, num_sentinels: int = 0):
-        try:
-            import sentencepiece  # pylint: disable=g-import-not-at-top
-        except ImportError as e:
-            raise ImportError(
-                "tokenizer='sentencepiece' needs the `sentencepiece` package, which is not "
-                "installed: run `pip install sentencepiece` (or use tokenizer='byte')."
-            ) from e
+        sentencepiece = _import_sentencepiece()
         from etils import epath  # pylint: disable=g-import-not-at-top  (a TFDS dependency)
 
         if num_sentinels < 0:
@@ -169,6 +183,24 @@ class SentencePieceTokenizer:
             raise ValueError(f"sentinel index {i} out of range [0, {self.num_sentinels})")
         return self.vocab_size - 1 - i
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, int32 [vocab_size] (0 for control and added ids).
+
+        A byte-fallback piece ('<0x0A>') is one byte; any other piece is its text with '▁' read
+        as a space. Summed over a text's ids this is the text's byte length whenever decoding
+        adds nothing (models without a dummy prefix, such as the ones spm_training builds).
+        """
+        lengths = np.zeros([self.vocab_size], np.int32)
+        for i in range(self.num_pieces):
+            if self._skip[i] or self._sp.is_unknown(i):
+                continue
+            piece = self._sp.id_to_piece(i)
+            if self._sp.is_byte(i):
+                lengths[i] = 1
+            else:
+                lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return lengths
+
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.model_path!r}, num_sentinels={self.num_sentinels})"
 
@@ -186,9 +218,16 @@ def make_tokenizer(data_config) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer(num_sentinels=num_sentinels)
     if kind == "sentencepiece":
-        if not data_config.get("spm_model_path"):
+        path = data_config.get("spm_model_path")
+        if not path and data_config.get("spm_vocab_size"):
+            _import_sentencepiece()
+            from switchmoe.data import spm_training  # noqa: PLC0415  (imports the pipeline)
+
+            path = spm_training.ensure_model(data_config)
+        if not path:
             raise ValueError(
-                "data.tokenizer='sentencepiece' needs data.spm_model_path (the .model file)"
+                "data.tokenizer='sentencepiece' needs data.spm_model_path (the .model file) or "
+                "data.spm_vocab_size (train one on data.train_split)"
             )
-        return SentencePieceTokenizer(data_config.spm_model_path, num_sentinels=num_sentinels)
+        return SentencePieceTokenizer(path, num_sentinels=num_sentinels)
     raise ValueError(f"data.tokenizer={kind!r} is not one of {TOKENIZER_KINDS}")
