@@ -1,5 +1,8 @@
 """GShard (Lepikhin et al. 2021) MoE as a decoder-only LM: top-2 with gates normalised over the
 two, random routing of the second expert (keep if 2·g2 > U), MoE every other block.
+Routing is causal (model.moe.causal_routing, the default for a decoder-only LM): each token's
+two choices claim slots before the next token's, where the paper's encoder order places every
+first choice first, which in a decoder would let later tokens displace earlier second choices.
 
   python -m experiments.train --config=configs/gshard.py --workdir=runs/gshard
   python -m experiments.param_count --config=configs/gshard.py:e128

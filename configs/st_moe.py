@@ -1,5 +1,8 @@
 """ST-MoE (Zoph et al. 2022) as a decoder-only LM: top-2, router z-loss 1e-3 beside the
 load-balancing loss 1e-2, MoE in one block of four, GEGLU experts.
+Routing is causal (model.moe.causal_routing, the default for a decoder-only LM): each token's
+two choices claim slots before the next token's, where the paper's encoder order places every
+first choice first, which in a decoder would let later tokens displace earlier second choices.
 
   python -m experiments.train --config=configs/st_moe.py --workdir=runs/st_moe
   python -m experiments.param_count --config=configs/st_moe.py:large

@@ -20,7 +20,7 @@ from switchmoe.config import default_config
 
 EXPERT_COUNTS = (0, 2, 4, 8, 16, 32, 64)  # 0: dense baseline (every block a dense FFN)
 CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0)
-STUDIES = ("expert_count", "capacity", "routing")
+STUDIES = ("expert_count", "capacity", "routing", "diagnosis")
 
 
 def get_config(study="expert_count"):
@@ -47,6 +47,10 @@ def get_config(study="expert_count"):
     config.num_eval_batches = 16
     config.checkpoint_every = 600
     config.keep_checkpoints = 1
+    if study == "diagnosis":
+        # Routing groups of 8 sequences: the expert-count study's second run showed that
+        # 128-token groups leave 64 experts 3 slots each and drop 20% of training tokens.
+        config.model.moe.group_size = 1024
     return config
 
 
@@ -67,7 +71,8 @@ ROUTING_TRIALS = [
         "model.moe.router": "expert_choice",
         "model.moe.train_capacity_factor": 1.0,
         "model.moe.eval_capacity_factor": 1.0,
-    },  # one expert per token on average
+        "model.moe.noncausal_ablation": True,
+    },  # one expert per token on average; not causal, so an ablation in this decoder-only LM
     {
         "model.moe.router": "noisy_top_k",
         "model.moe.num_selected": 2,
@@ -78,13 +83,37 @@ ROUTING_TRIALS = [
     },  # Shazeer et al. 2017
     {"model.moe.router": "hash", "model.moe.hash_kind": "random"},
     {"model.moe.router": "hash", "model.moe.hash_kind": "balanced"},
-    {"model.moe.router": "sbase"},
+    {"model.moe.router": "sbase", "model.moe.noncausal_ablation": True},  # not causal either
     {"model.moe.router": "top_k", "model.moe.backend": "dropless"},
     {"model.moe.router": "top_k", "model.moe.router_dtype": "bfloat16"},  # selective precision off
 ]
 
 
+# A SentencePiece vocabulary trained on the corpus' training split (switchmoe/data/spm_training.py).
+SUBWORD = {"data.tokenizer": "sentencepiece", "data.spm_vocab_size": 4096}
+
+
+# Why 64 experts are no better than 8 (or dense) at 600 steps: each row changes one thing from
+# the base (groups of 1024 tokens, lr 3e-3, MoE every other block, α 1e-2, 600 steps, bytes).
+# Dense (num_experts=0) joins the rows whose change also applies to a dense model.
+def _diagnosis_trials():
+    rows = [
+        ({}, (0, 8, 64)),  # the base
+        ({"seed": 1, "data.seed": 1}, (0, 8, 64)),  # a second seed: the spread
+        ({"optimizer.learning_rate": 1e-3}, (0, 8, 64)),
+        ({"optimizer.learning_rate": 1e-2}, (0, 8, 64)),
+        ({"model.moe.load_balancing_weight": 1e-1}, (8, 64)),
+        ({"model.moe.backend": "dropless"}, (8, 64)),  # no token dropped in training
+        ({"model.moe.moe_every": 1}, (8, 64)),
+        ({"num_train_steps": 1800}, (0, 8, 64)),  # 3× the training tokens
+        (SUBWORD, (0, 8, 64)),  # 4k SentencePiece pieces: ~3.3 bytes of text per token
+    ]
+    return [{"model.moe.num_experts": e, **change} for change, counts in rows for e in counts]
+
+
 def get_sweep(study="expert_count"):
+    if study == "diagnosis":
+        return _diagnosis_trials()
     if study == "expert_count":
         return [{"model.moe.num_experts": e} for e in EXPERT_COUNTS]
     if study == "capacity":

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from switchmoe import distributed
-from switchmoe.config import resolve
+from switchmoe.config import is_noncausal_ablation, noncausal_reason, resolve
 from switchmoe.data.pipeline import corpus_statistics
 from switchmoe.metrics import format_seconds
 from switchmoe.train import count_params, train_and_evaluate
@@ -40,9 +40,17 @@ def summary(config, workdir: str, result: dict, seconds: float) -> str:
         f"Parameters: {params['total']:,} total, {params['active_per_token']:,} active per token.",
     ]
     if "eval/loss" in result:
+        per_byte = result.get("eval/bits_per_byte")
         lines.append(
             f"Eval loss: {result['eval/loss']:.4f} nats/token = "
             f"{result['eval/bits_per_token']:.3f} bits/token"
+            + ("" if per_byte is None else f" = {per_byte:.4f} bits/byte")
+        )
+    if is_noncausal_ablation(config):
+        lines.append(
+            f"NON-CAUSAL ROUTING ABLATION ({noncausal_reason(config.model.moe)}): later tokens "
+            "reach earlier predictions through the routing, so this eval loss is not comparable "
+            "with a causal model's."
         )
     if config.data.tokenizer == "byte":
         stats = corpus_statistics(config.data, config.data.eval_split)

@@ -65,9 +65,15 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe.encoder_batch_prioritized = False
     # Top-k with k >= 2: place each token's choices before the next token's, so that routing is
     # causal. False: GShard's order (all first choices first), under which an early token's
-    # second choice can be displaced by later tokens. An encoder–decoder's decoder is always
-    # causal; a decoder-only LM that will decode token by token should set this.
-    moe.causal_routing = False
+    # second choice can be displaced by later tokens: allowed in an encoder, and in a decoder-only
+    # LM only with noncausal_ablation. An encoder–decoder's decoder is always causal.
+    moe.causal_routing = True
+    # Marks a decoder-only LM as a non-causal routing ablation: it may then use routers whose
+    # choice for a token depends on later tokens of its group ('expert_choice', 'sbase', or
+    # causal_routing=False with k >= 2). Its eval loss is not comparable with a causal model's
+    # (later tokens leak into earlier predictions through the routing), and it cannot decode
+    # token by token as it trained; the run's summary and sweep reports say so.
+    moe.noncausal_ablation = False
     # GShard random routing of the second expert while training.
     moe.random_routing = False
     # Keep the second expert if U(0,1) < g2 / threshold (GShard: 0.5).
@@ -208,7 +214,21 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
                 out[key] = merge(out[key], default)
         return out
 
-    return ml_collections.ConfigDict(merge(config.to_dict(), default_config().to_dict()))
+    values = config.to_dict()
+    merged = ml_collections.ConfigDict(merge(values, default_config().to_dict()))
+    moe = merged.model.moe
+    old_moe = values.get("model", {}).get("moe", {})
+    if "causal_routing" not in old_moe:
+        moe.causal_routing = False  # before the field existed, slots were always rank-major
+    if (
+        "noncausal_ablation" not in old_moe
+        and merged.model.arch == "decoder"
+        and noncausal_reason(moe)
+    ):
+        # Written before decoder-only LMs routed causally by default: what it trained was a
+        # non-causal ablation, and it says so when reloaded.
+        moe.noncausal_ablation = True
+    return merged
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -317,6 +337,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 "later tokens. Allowed: False (in-order priority); for an encoder–decoder, "
                 "model.moe.encoder_batch_prioritized=True applies it to the encoder only."
             )
+        _validate_causal_routing(config)
         if moe.get("encoder_batch_prioritized") and model.arch != "encoder_decoder":
             raise ValueError(
                 "model.moe.encoder_batch_prioritized=True needs model.arch='encoder_decoder'; "
@@ -363,6 +384,61 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     for name in ("num_train_steps", "log_every", "eval_every", "checkpoint_every"):
         _positive(name, config[name])
     _positive("keep_checkpoints", config.keep_checkpoints)
+
+
+# Routers whose choice for a token looks at the whole group (and so at later tokens).
+NONCAUSAL_ROUTERS = ("expert_choice", "sbase")
+
+
+def noncausal_reason(moe: ml_collections.ConfigDict) -> str | None:
+    """Why an MoE config routes non-causally (a token's routing depends on later tokens), or None.
+
+    Batch prioritized routing is refused in every decoder on its own (see validate_config).
+    """
+    if moe.router in NONCAUSAL_ROUTERS:
+        return f"model.moe.router={moe.router!r} routes on the whole group"
+    rank_major = not moe.get("causal_routing", True) and moe.num_selected >= 2
+    if rank_major and moe.backend != "dropless" and moe.router in ("top_k", "noisy_top_k"):
+        return (
+            f"model.moe.causal_routing=False with num_selected={moe.num_selected} places every "
+            "first choice before any second choice, so later tokens can displace an earlier "
+            "token's second choice"
+        )
+    return None
+
+
+def is_noncausal_ablation(config: ml_collections.ConfigDict) -> bool:
+    """A decoder-only MoE run marked as a non-causal routing ablation."""
+    moe = config.model.moe
+    return bool(moe.num_experts and moe.get("noncausal_ablation", False))
+
+
+def _validate_causal_routing(config: ml_collections.ConfigDict) -> None:
+    moe = config.model.moe
+    if config.model.arch != "decoder":
+        if moe.get("noncausal_ablation"):
+            raise ValueError(
+                "model.moe.noncausal_ablation=True applies to a decoder-only LM "
+                f"(model.arch='decoder'); got model.arch={config.model.arch!r}, whose decoder "
+                "always routes causally."
+            )
+        return
+    reason = noncausal_reason(moe)
+    if reason and not moe.get("noncausal_ablation"):
+        raise ValueError(
+            f"{reason}: not causal, and a decoder-only LM routes causally by default (its eval "
+            "loss must not see later tokens, and it must decode as it trained). Allowed: "
+            f"model.moe.router in {tuple(r for r in routing.ROUTERS if r not in NONCAUSAL_ROUTERS)} "
+            "with model.moe.causal_routing=True; or set model.moe.noncausal_ablation=True to "
+            "train it as a non-causal ablation."
+        )
+    if moe.get("noncausal_ablation") and not reason:
+        raise ValueError(
+            "model.moe.noncausal_ablation=True, but this routing is causal (router "
+            f"{moe.router!r}, causal_routing={moe.causal_routing}, num_selected="
+            f"{moe.num_selected}); set it only for expert_choice, sbase or causal_routing=False "
+            "with num_selected >= 2, so that reports flag only runs that are non-causal."
+        )
 
 
 def sequence_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:

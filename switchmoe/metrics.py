@@ -64,6 +64,18 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def bits_per_byte(nats_per_token: float, num_tokens: float, num_bytes: float) -> float:
+    """Loss in bits per UTF-8 byte of text: nats/token × tokens ÷ (bytes · ln 2).
+
+    What byte-level and subword models compare on: a subword token stands for several bytes, so
+    its loss per token is larger for the same quality of prediction. `num_bytes` counts the bytes
+    the scored target tokens stand for (`Tokenizer.token_bytes`); special tokens (EOS) count 0.
+    """
+    if num_bytes <= 0:
+        raise ValueError(f"num_bytes must be > 0 to express a loss per byte; got {num_bytes}.")
+    return nats_per_token * num_tokens / (num_bytes * math.log(2))
+
+
 def first_non_finite(metrics: dict[str, Any]) -> str | None:
     """The name of the first metric holding a NaN or infinity, or None."""
     for name, value in metrics.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -122,6 +123,32 @@ def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.A
     """Summed token cross-entropy (nats) and the number of scored tokens."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
+
+
+EXPERT_WEIGHTS = ("w_in", "w_out", "w_gate")
+
+
+def expert_norms(tree: Any) -> jax.Array | None:
+    """L2 norm of each expert's weights [num_moe_layers, E] (w_in, w_out and w_gate together).
+
+    `tree` is shaped like the parameters (parameters, gradients or updates). MoE layers come in
+    the order of their names, blocks numbered as numbers (block_2 before block_10); None for a
+    dense model. Per-expert gradient and update norms show experts that starve (few tokens, small
+    gradients) or that Adam moves as far as the busy ones on far less evidence.
+    """
+    layers: dict[tuple, jax.Array] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        keys = [getattr(k, "key", None) for k in path]
+        if "moe" in keys and keys[-1] in EXPERT_WEIGHTS and leaf.ndim == 3:
+            layer = tuple(keys[: keys.index("moe")])
+            squares = jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=(1, 2))
+            layers[layer] = layers.get(layer, 0.0) + squares
+    if not layers:
+        return None
+    natural = lambda key: [
+        [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part))] for part in key
+    ]
+    return jnp.sqrt(jnp.stack([layers[k] for k in sorted(layers, key=natural)]))
 
 
 def moe_metrics(aux: dict[str, Any], moe: ml_collections.ConfigDict, prefix: str) -> dict:
@@ -231,6 +258,10 @@ class Trainer:
             "train/learning_rate": self.schedule(step),
             **moe_metrics(aux, self.config.model.moe, "train"),
         }
+        grad_norms, update_norms = expert_norms(grads), expert_norms(updates)
+        if grad_norms is not None:
+            metrics["train/expert_grad_norm"] = grad_norms
+            metrics["train/expert_update_norm"] = update_norms
         return params, opt_state, metrics
 
     def _eval_step(self, params, batch):
@@ -250,16 +281,25 @@ class Trainer:
         """eval/loss over the fixed validation batches, plus averaged MoE statistics."""
         num = self.config.num_eval_batches or None
         sums, stats, batches = 0.0, 0.0, 0
-        count = 0.0
+        count = num_bytes = 0.0
+        token_bytes = pipeline.tokenizer.token_bytes()
         for batch in pipeline.eval_batches(num, jax.process_index(), jax.process_count()):
             with jax.set_mesh(self.mesh):
                 out = jax.device_get(self.eval_step(params, self.put_batch(batch)))
             sums += float(out.pop("ce_sum"))
             count += float(out.pop("count"))
+            # This process's rows only; the text bytes are summed over processes below.
+            num_bytes += float(np.sum(token_bytes[batch["targets"]] * batch["weights"]))
             stats = jax.tree.map(lambda a, b: a + b, stats, out) if batches else out
             batches += 1
+        if jax.process_count() > 1:
+            num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
         loss = sums / max(count, 1.0)
         result = {"eval/loss": loss, "eval/bits_per_token": loss / math.log(2)}
+        if self.config.model.get("arch", "decoder") == "decoder" and num_bytes > 0:
+            # Span-corruption targets are sentinels and masked spans, not a text stream: a
+            # per-byte loss means something for the decoder-only LM only.
+            result["eval/bits_per_byte"] = metrics_lib.bits_per_byte(loss, count, num_bytes)
         result.update(jax.tree.map(lambda v: np.asarray(v) / batches, stats))
         return result
 

@@ -389,7 +389,14 @@ def test_a_config_json_from_an_older_version_loads_with_the_new_fields_defaulted
     # A trial written before model.moe.causal_routing existed: the report must still read it.
     old = default_config().to_dict()
     del old["model"]["moe"]["causal_routing"]
+    del old["model"]["moe"]["noncausal_ablation"]  # newer still
     (tmp_path / "config.json").write_text(json.dumps(old))
     trial = analysis.load_trial(str(tmp_path))
     assert trial["config"].model.moe.causal_routing is False
+    # k = 1: rank-major order is causal, so the old run is not flagged as an ablation...
+    assert trial["config"].model.moe.noncausal_ablation is False
+    # ...but an old top-2 run was trained with rank-major order, and is reloaded as one.
+    old["model"]["moe"]["num_selected"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert analysis.load_trial(str(tmp_path))["config"].model.moe.noncausal_ablation is True
     assert count_params(trial["config"])["total"] > 0

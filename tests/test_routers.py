@@ -235,8 +235,8 @@ def test_every_router_agrees_across_backends_and_on_the_mesh(router, determinist
             },
         ),
         ("hash", {"model.moe.hash_kind": "balanced"}),
-        ("sbase", {}),
-        ("expert_choice", {}),
+        ("sbase", {"model.moe.noncausal_ablation": True}),
+        ("expert_choice", {"model.moe.noncausal_ablation": True}),
     ],
 )
 def test_each_router_trains_with_finite_losses(data_dir, tmp_path, router, extra):
