@@ -13,12 +13,14 @@ capacity_eval.json), as a table and a plot.
 import csv
 import json
 import os
+import re
 
 import numpy as np
 from absl import app, flags, logging
 
 from switchmoe import analysis, sweeps
-from switchmoe.config import resolve
+from switchmoe.analysis import seeds as seeds_lib
+from switchmoe.config import is_noncausal_ablation, resolve
 from switchmoe.train import count_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
@@ -35,7 +37,8 @@ _CAPACITY_EVAL = flags.DEFINE_enum(
 flags.mark_flags_as_required(["workdir"])
 
 COLUMNS = (
-    "trial", "experts", "k", "train_cf", "eval_loss", "eval_bits_per_token", "train_loss",
+    "trial", "experts", "k", "train_cf", "causal", "eval_loss", "eval_bits_per_token", "eval_bits_per_byte",
+    "train_loss",
     "train_dropped_pct", "eval_dropped_pct", "load_cv", "logit_rms", "router_z", "step_time_ms",
     "quiet_step_ms",
     "params_total", "params_active", "steps", "finished",
@@ -78,8 +81,12 @@ def row(trial, quiet: dict | None = None) -> dict:
         "experts": config.model.moe.num_experts,
         "k": config.model.moe.num_selected,
         "train_cf": config.model.moe.train_capacity_factor,
+        # A non-causal ablation's eval loss saw later tokens through its routing.
+        "causal": "no (ablation)" if is_noncausal_ablation(config) else "yes",
         "eval_loss": eval_loss,
         "eval_bits_per_token": None if eval_loss is None else eval_loss / np.log(2),
+        # Runs from before bits/byte was logged have none (for byte tokens it is bits/token).
+        "eval_bits_per_byte": last("eval/bits_per_byte") if trial["finished"] else None,
         "train_loss": last("train/loss"),
         "train_dropped_pct": pct(last("train/dropped_fraction")),
         "eval_dropped_pct": pct(last("eval/dropped_fraction")),
@@ -168,6 +175,117 @@ def plot_capacity_evaluation(rows):
     return fig
 
 
+SEED_METRICS = (
+    "eval_loss", "eval_bits_per_byte", "train_dropped_pct", "eval_dropped_pct", "load_cv",
+    "step_time_ms", "quiet_step_ms",
+)  # fmt: skip
+
+
+def dense_setting(setting: str) -> str:
+    """The dense baseline of a setting: the same name with num_experts=0."""
+    return re.sub(r"(^|,)num_experts=\d+", r"\1num_experts=0", setting)
+
+
+def seed_report(trials, rows, out):
+    """Mean ± std over seeds per setting, speed-ups over the dense setting, and their plots."""
+    finished = [r for r, t in zip(rows, trials) if t["finished"]]
+    table = seeds_lib.aggregate(finished, SEED_METRICS)
+    curves: dict[str, list] = {}
+    for t in trials:
+        if t["finished"]:
+            curve = analysis.metric_series(t["records"], "eval/loss")
+            curves.setdefault(seeds_lib.setting_name(t["name"]), []).append(curve)
+    for r in table:
+        base = dense_setting(r["setting"])
+        ups = (
+            seeds_lib.seed_speedups(curves[base], curves[r["setting"]])
+            if base in curves and base != r["setting"]
+            else []
+        )
+        reached = [u for u in ups if u is not None]
+        r["speedup_mean"], r["speedup_std"] = seeds_lib.mean_std(reached)
+        r["speedup_reached"] = f"{len(reached)}/{len(ups)}" if ups else None
+    write_csv(os.path.join(out, "results_by_setting.csv"), table, list(table[0]))
+    pm = lambda m, s, digits: "-" if m is None else (
+        f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
+    )
+    columns = [
+        ("eval loss (nats/token)", "eval_loss", 4),
+        ("eval bits/byte", "eval_bits_per_byte", 4),
+        ("speed-up vs dense", "speedup", 2),
+        ("train dropped %", "train_dropped_pct", 2),
+        ("load CV", "load_cv", 3),
+        ("step ms (quiet)", "quiet_step_ms", 0),
+    ]
+    lines = [
+        "## Mean ± std over seeds",
+        "",
+        "| setting | seeds | " + " | ".join(c[0] for c in columns) + " | speed-up reached |",
+        "|" + "---|" * (len(columns) + 3),
+    ]
+    for r in table:
+        cells = [pm(r[f"{key}_mean"], r[f"{key}_std"], d) for _, key, d in columns]
+        lines.append(
+            f"| {r['setting']} | {r['seeds']} | " + " | ".join(cells)
+            + f" | {r['speedup_reached'] or '-'} |"
+        )
+    return "\n".join(lines), seed_figures(table, curves)
+
+
+def _lines_over_experts(rows) -> dict[str, list]:
+    """Settings that differ only in num_experts, keyed by what else they set ('' for none)."""
+    lines: dict[str, list] = {}
+    for r in rows:
+        rest = re.sub(r"(^|,)num_experts=\d+", "", r["setting"]).strip(",")
+        lines.setdefault(rest, []).append(r)
+    return lines
+
+
+def seed_figures(table, curves) -> dict:
+    import matplotlib.pyplot as plt
+
+    experts = lambda setting: int(re.search(r"num_experts=(\d+)", setting).group(1))
+    by_experts = [r for r in table if re.search(r"num_experts=\d+", r["setting"])]
+    figures = {}
+    if by_experts:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, key, label in zip(
+            axes,
+            ("eval_loss", "speedup", "quiet_step_ms"),
+            ("final eval loss (nats/token)", "speed-up over dense (steps)", "step time (ms, quiet)"),
+        ):
+            ticks, plotted = set(), 0
+            for rest, group in _lines_over_experts(by_experts).items():
+                pts = [(experts(r["setting"]), r[f"{key}_mean"], r[f"{key}_std"]) for r in group]
+                pts = sorted(p for p in pts if p[1] is not None)
+                if pts:
+                    xs, ys, es = zip(*pts)
+                    label = rest or "base"
+                    ax.errorbar(xs, ys, yerr=[e or 0 for e in es], fmt="o-", capsize=3, label=label)
+                    ticks |= set(xs)
+                    plotted += 1
+            if ticks:
+                ax.set_xscale("symlog", base=2, linthresh=1)
+                ax.set_xticks(sorted(ticks), ["dense" if x == 0 else str(x) for x in sorted(ticks)])
+            if plotted > 1:
+                ax.legend(fontsize=7)
+            ax.set(xlabel="experts per MoE layer", ylabel=label)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        figures["by_experts_seeds.png"] = fig
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for setting, group in curves.items():
+        steps, mean, std = seeds_lib.mean_curve(group)
+        (line,) = ax.plot(steps, mean, "-", label=f"{setting} ({len(group)} seeds)")
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="step", ylabel="eval loss (nats/token), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    figures["eval_curves_seeds.png"] = fig
+    return figures
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -212,6 +330,10 @@ def main(argv):
                 markdown(cap_rows, columns),
             ]
             figures["capacity_eval.png"] = plot_capacity_evaluation(cap_rows)
+    if any(seeds_lib.setting_name(t["name"]) != t["name"] for t in trials):
+        seed_text, seed_figures = seed_report(trials, rows, out)
+        sections += ["", seed_text]
+        figures.update(seed_figures)
     for name, fig in figures.items():
         fig.savefig(os.path.join(out, name), dpi=110, bbox_inches="tight")
     sections += ["", "Plots: " + ", ".join(f"report/{n}" for n in figures)]

@@ -1,7 +1,7 @@
 """Run every trial of a config's get_sweep(), each in its own sub-workdir; rerun to resume.
 
-  python -m experiments.sweep --config=configs/expert_count.py --workdir=runs/sweeps/expert_count \
-      [--parallel=2] [--config.num_train_steps=100 ...]
+  python -m experiments.sweep --config=configs/studies.py:expert_count \
+      --workdir=runs/sweeps/expert_count [--seeds=0,1,2] [--parallel=2] [--config.num_train_steps=100 ...]
 
 Finished trials are skipped, unfinished ones resume from their latest checkpoint. Each trial runs
 as `python -m experiments.train` in a subprocess (--parallel of them at a time), so a crash in one
@@ -17,10 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from absl import app, flags
 
 from switchmoe import sweeps
+from switchmoe.analysis import seeds
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file with get_sweep() (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one sub-directory per trial).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at the same time.")
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    [],
+    "Run every trial once per seed (sets seed and data.seed: initialisation and data order); "
+    "trial names end in ',seed=S' and the report aggregates them (mean ± std).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,7 +45,7 @@ def main(argv):
     unknown = [a for a in argv[1:] if not a.startswith("--config.")]
     if unknown:
         raise app.UsageError(f"unexpected arguments: {unknown}")
-    trials = sweeps.get_sweep(_CONFIG.value)
+    trials = seeds.with_seeds(sweeps.get_sweep(_CONFIG.value), [int(s) for s in _SEEDS.value])
     sweeps.write_sweep_file(_WORKDIR.value, _CONFIG.value, base, trials)
     jobs = []
     for overrides in trials:

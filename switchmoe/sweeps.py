@@ -5,7 +5,8 @@ A config module may define `get_sweep(variant=None)` returning a list of overrid
   sweep.json         the config file, variant, base overrides and every trial's overrides
   <trial name>/      a run workdir (config.json, metrics.jsonl, checkpoints/) per trial
 Trial names come from the overrides (last key component=value, joined by ','), so they are stable
-and readable: `num_experts=8,train_capacity_factor=1.25`. A trial is finished when its
+and readable: `num_experts=8,train_capacity_factor=1.25` (a repeated part is written once, so
+{"seed": 1, "data.seed": 1} names `seed=1`). A trial is finished when its
 metrics.jsonl has an eval record at its final step; unfinished trials resume from their latest
 checkpoint (train_and_evaluate does that), finished ones are skipped.
 """
@@ -64,6 +65,8 @@ def trial_name(overrides: dict[str, Any]) -> str:
     if not overrides:
         return "base"
     parts = [f"{key.split('.')[-1]}={_format(value)}" for key, value in overrides.items()]
+    # One part per distinct name=value: a seed sets both `seed` and `data.seed` ('seed=1').
+    parts = list(dict.fromkeys(parts))
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts))
 
 
