@@ -11,9 +11,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from switchmoe import distributed
+from switchmoe import checkpoints, distributed
 from switchmoe.config import is_noncausal_ablation, noncausal_reason, resolve
-from switchmoe.data.pipeline import corpus_statistics
+from switchmoe.data import baselines
+from switchmoe.data.pipeline import load_texts, text_statistics
 from switchmoe.metrics import format_seconds
 from switchmoe.train import count_params, train_and_evaluate
 
@@ -31,12 +32,36 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def summary(config, workdir: str, result: dict, seconds: float) -> str:
+def baseline_lines(config, result: dict) -> list[str]:
+    """The validation split's unigram entropy and two compressors on the bytes eval scored."""
+    texts = load_texts(config.data, config.data.eval_split)
+    stats = text_statistics(texts)
+    lines = [
+        f"Validation split: {stats.num_bytes:,} bytes, unigram entropy "
+        f"{stats.unigram_entropy_bits_per_byte:.3f} bits/byte (the model must beat this)."
+    ]
+    scored = int(result.get("eval/scored_bytes") or 0)
+    if scored and "eval/bits_per_byte" in result:
+        packed = baselines.compressor_bits_per_byte(baselines.split_prefix(texts, scored))
+        rivals = ", ".join(f"{name} {bpb:.3f}" for name, bpb in packed.items())
+        lines.append(
+            f"On the {scored:,} bytes eval scored: this model {result['eval/bits_per_byte']:.3f} "
+            f"bits/byte; {rivals} bits/byte."
+        )
+    return lines
+
+
+def summary(config, workdir: str, result: dict, seconds: float, start_step: int = 0) -> str:
     """What the run reached, beside the corpus's unigram entropy (the no-context baseline)."""
     config = resolve(config)
     params = count_params(config)
     lines = [
-        f"Trained {config.num_train_steps} steps in {format_seconds(seconds)} (this invocation).",
+        (
+            f"Trained steps {start_step + 1}-{config.num_train_steps} in "
+            f"{format_seconds(seconds)} ({config.num_train_steps - start_step} steps this invocation)."
+            if start_step < config.num_train_steps
+            else f"Already trained to step {config.num_train_steps}; nothing to do."
+        ),
         f"Parameters: {params['total']:,} total, {params['active_per_token']:,} active per token.",
     ]
     if "eval/loss" in result:
@@ -52,13 +77,8 @@ def summary(config, workdir: str, result: dict, seconds: float) -> str:
             "reach earlier predictions through the routing, so this eval loss is not comparable "
             "with a causal model's."
         )
-    if config.data.tokenizer == "byte":
-        stats = corpus_statistics(config.data, config.data.eval_split)
-        lines.append(
-            f"Validation split: {stats.num_bytes:,} bytes, unigram entropy "
-            f"{stats.unigram_entropy_bits_per_byte:.3f} bits/byte (byte tokens: bits/token ≈ "
-            "bits/byte; the model must beat this)."
-        )
+    if config.model.get("arch", "decoder") == "decoder":
+        lines += baseline_lines(config, result)
     if "eval/expert_load" in result:
         np.set_printoptions(precision=3, suppress=True)
         lines.append(
@@ -67,7 +87,9 @@ def summary(config, workdir: str, result: dict, seconds: float) -> str:
         )
         for i, load in enumerate(np.asarray(result["eval/expert_load"])):
             lines.append(f"  MoE layer {i} expert load: {load}")
-    lines.append(f"Metrics: {workdir}/metrics.jsonl (TensorBoard: tensorboard --logdir {workdir})")
+    lines.append(
+        f"Metrics: {workdir}/metrics.jsonl (TensorBoard: make tensorboard RUN={workdir})"
+    )
     lines.append(f"Checkpoints: {workdir}/checkpoints (switchmoe.runs.restore_run('{workdir}'))")
     return "\n".join(lines)
 
@@ -80,9 +102,11 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     start = time.perf_counter()
+    start_step = checkpoints.latest_saved_step(_WORKDIR.value) or 0
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
-        print(summary(_CONFIG.value, _WORKDIR.value, result, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        print(summary(_CONFIG.value, _WORKDIR.value, result, seconds, start_step))
 
 
 if __name__ == "__main__":

@@ -110,5 +110,14 @@ def read_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
 
 
 def has_checkpoint(workdir: str) -> bool:
+    return latest_saved_step(workdir) is not None
+
+
+def latest_saved_step(workdir: str) -> Optional[int]:
+    """The newest finished checkpoint's step, read from the directory names (no Orbax manager
+    is created, so nothing is written); None without one."""
     directory = os.path.join(workdir, CHECKPOINT_DIR)
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    return max(steps) if steps else None

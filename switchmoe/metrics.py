@@ -91,6 +91,10 @@ class Progress:
         self.total, self.tokens_per_step = total_steps, tokens_per_step
         self.last_step, self.last_time = start_step, time.perf_counter()
 
+    def elapsed(self) -> float:
+        """Seconds since the last progress line (or the start)."""
+        return time.perf_counter() - self.last_time
+
     def tokens_per_second(self, step: int) -> float:
         now = time.perf_counter()
         rate = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)

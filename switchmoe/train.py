@@ -296,6 +296,7 @@ class Trainer:
             num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
         loss = sums / max(count, 1.0)
         result = {"eval/loss": loss, "eval/bits_per_token": loss / math.log(2)}
+        result["eval/scored_bytes"] = num_bytes
         if self.config.model.get("arch", "decoder") == "decoder" and num_bytes > 0:
             # Span-corruption targets are sentinels and masked spans, not a text stream: a
             # per-byte loss means something for the decoder-only LM only.
@@ -402,6 +403,14 @@ def train_and_evaluate(
             done = step + 1
             record: dict[str, Any] = {}
             is_last = done == total or done == stop_at
+            if done == start + 1 and not (done % config.log_every == 0 or is_last):
+                # A first sign of life whatever log_every is (this step includes compilation).
+                first = float(jax.device_get(step_metrics["train/loss"]))
+                log(
+                    f"step {done}/{total} | loss {first:.4f} | first step (with compilation) "
+                    f"{metrics_lib.format_seconds(progress.elapsed())}; next line at step "
+                    f"{min(total, (done // config.log_every + 1) * config.log_every)}"
+                )
             if done % config.log_every == 0 or is_last:
                 # Mean over the steps since the last log; one device->host transfer per log.
                 host = jax.device_get(pending)

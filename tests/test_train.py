@@ -44,6 +44,41 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(data_dir, tmp_path):
     assert json.load(open(os.path.join(workdir, "config.json")))["model"]["vocab_size"] == 259
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     assert checkpoints.Checkpointer(workdir).all_steps() == [20, 30]  # keep 2
+    assert np.asarray(last["train/expert_grad_norm"]).shape == (1, 4)
+    assert np.all(np.asarray(last["train/expert_update_norm"]) > 0)
+
+    # Bits per byte from the eval batches themselves: byte tokens stand for one byte each, EOS
+    # for none, and nothing else is scored.
+    config = resolve(tiny_config(data_dir))
+    scored = eos = 0.0
+    for batch in LMDataPipeline(config.data, config.batch_size).eval_batches(2):
+        scored += batch["weights"].sum()
+        eos += ((batch["targets"] == 258) * batch["weights"]).sum()
+    final = evals[-1]
+    assert final["eval/scored_bytes"] == scored - eos
+    expected = final["eval/loss"] * scored / ((scored - eos) * np.log(2))
+    assert final["eval/bits_per_byte"] == pytest.approx(expected, rel=1e-6)
+
+    from experiments.train import summary  # noqa: PLC0415
+
+    text = summary(tiny_config(data_dir, num_train_steps=30), workdir, final, 1.0)
+    assert f"this model {final['eval/bits_per_byte']:.3f} bits/byte; zlib -9 " in text
+    assert "xz -9" in text and "unigram entropy" in text
+
+
+def test_expert_norms_by_hand():
+    from switchmoe.train import expert_norms  # noqa: PLC0415
+
+    ones = np.ones
+    tree = {
+        "block_10": {"moe": {"w_in": 2 * ones((2, 3, 4)), "w_out": ones((2, 4, 3))}},
+        "block_2": {"moe": {"w_in": ones((2, 3, 4)), "w_out": ones((2, 4, 3)), "router_kernel": ones((3, 2))}},
+        "block_3": {"ffn": {"w_in": ones((3, 4))}},
+    }  # fmt: skip
+    # block_2 before block_10; each expert: 12 entries of w_in and 12 of w_out.
+    norms = np.asarray(expert_norms(tree))
+    np.testing.assert_allclose(norms, [[np.sqrt(24)] * 2, [np.sqrt(12 * 4 + 12)] * 2])
+    assert expert_norms({"block_0": {"ffn": {"w_in": ones((3, 4))}}}) is None
 
 
 def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
