@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean fmt
+.PHONY: test demo install clean fmt tensorboard notebook
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,20 @@ test: $(STAMP)
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
 	$(PY) -m experiments.train --config=configs/demo.py --workdir=$(DEMO_DIR)
+
+# TensorBoard on a run (or a sweep) directory: installs the optional extra once, then serves.
+RUN ?= $(DEMO_DIR)
+tensorboard: $(STAMP)
+	$(PY) -c "import tensorboard" 2>/dev/null || $(PY) -m pip install --quiet -e '.[tensorboard]'
+	$(VENV)/bin/tensorboard --logdir $(RUN) --bind_all
+
+# JupyterLab on notebooks/: jupytext opens the py:percent files as notebooks and saves back to
+# them, so nothing new appears in the tree (checkpoints go under .venv, not beside the files).
+notebook: $(STAMP)
+	$(PY) -c "import jupyterlab, jupytext" 2>/dev/null || $(PY) -m pip install --quiet -e '.[notebook]'
+	JUPYTER_CONFIG_DIR=$(abspath $(VENV))/etc/jupyter $(VENV)/bin/jupyter lab notebooks \
+	    --FileContentsManager.checkpoints_kwargs="root_dir='$(abspath $(VENV))/notebook-checkpoints'" \
+	    $(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import importlib
 import os
+import time
 from typing import Iterable, Iterator
 
 import ml_collections
@@ -197,8 +198,21 @@ def _prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.Datas
         # array_record is the format `as_data_source` reads. A dataset already prepared in this
         # data_dir as TFRecord (TFDS's default) makes as_data_source raise; TFDS's message says so.
         builder = tfds.builder(data_config.dataset, data_dir=data_dir, file_format="array_record")
-    # A no-op when the data is already there; otherwise builds the stdlib corpus (seconds) or
-    # downloads and prepares the public dataset (network; c4 needs Apache Beam and hours).
+    # (Not `builder.is_prepared()`: it logs a warning about the missing folder first.)
+    built = os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+    if data_config.dataset == STDLIB_DATASET and not built:
+        # Seconds, no network: one line instead of TFDS's download wording and progress bars.
+        start = time.perf_counter()
+        print(f"Building the embedded corpus (this Python's standard library) in {data_dir} ...")
+        tfds.display_progress_bar(False)
+        try:
+            builder.download_and_prepare()
+        finally:
+            tfds.display_progress_bar(True)
+        print(f"  built in {time.perf_counter() - start:.1f} s.")
+        return builder
+    # A no-op when the data is already there; otherwise downloads and prepares the public dataset
+    # (network; c4 needs Apache Beam and hours).
     builder.download_and_prepare()
     return builder
 

@@ -211,6 +211,14 @@ class StdlibSource(tfds.core.GeneratorBasedBuilder):
         """
         return epath.Path(__file__)
 
+    # TFDS announces every build as a download of "Unknown size", which reads like an error on
+    # a machine without network; the data pipeline prints one line of its own instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         # Built directly: `self.dataset_info_from_configs` looks for metadata files next to this
         # module and fails when they are absent.
