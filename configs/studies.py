@@ -100,13 +100,16 @@ def _diagnosis_trials():
     rows = [
         ({}, (0, 8, 64)),  # the base
         ({"seed": 1, "data.seed": 1}, (0, 8, 64)),  # a second seed: the spread
+        # Top-1 gates normalised over the one choice are 1: the expert output is not scaled by
+        # the router probability (which is ~1/E while a 64-expert router is near uniform).
+        ({"model.moe.gate_norm": "normalized"}, (8, 64)),
+        (SUBWORD, (0, 8, 64)),  # 4k SentencePiece pieces: ~3.3 bytes of text per token
         ({"optimizer.learning_rate": 1e-3}, (0, 8, 64)),
         ({"optimizer.learning_rate": 1e-2}, (0, 8, 64)),
         ({"model.moe.load_balancing_weight": 1e-1}, (8, 64)),
         ({"model.moe.backend": "dropless"}, (8, 64)),  # no token dropped in training
         ({"model.moe.moe_every": 1}, (8, 64)),
         ({"num_train_steps": 1800}, (0, 8, 64)),  # 3× the training tokens
-        (SUBWORD, (0, 8, 64)),  # 4k SentencePiece pieces: ~3.3 bytes of text per token
     ]
     return [{"model.moe.num_experts": e, **change} for change, counts in rows for e in counts]
 
