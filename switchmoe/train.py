@@ -151,6 +151,29 @@ def expert_norms(tree: Any) -> jax.Array | None:
     return jnp.sqrt(jnp.stack([layers[k] for k in sorted(layers, key=natural)]))
 
 
+@jax.jit
+def _finite_leaves(tree):
+    return [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+
+
+def non_finite_leaf(tree) -> str | None:
+    """The path of the first floating-point leaf of `tree` holding a NaN or an infinity, or None.
+
+    One reduction per leaf on the devices and one small transfer: cheap enough for every save.
+    """
+    finite = jax.device_get(_finite_leaves(tree))
+    paths = [
+        jax.tree_util.keystr(path)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return next((p for p, ok in zip(paths, finite) if not ok), None)
+
+
 def moe_metrics(aux: dict[str, Any], moe: ml_collections.ConfigDict, prefix: str) -> dict:
     """Named MoE metrics of one step from the model's aux output (see model.sum_aux)."""
     if not aux["stats"]:
@@ -433,12 +456,14 @@ def train_and_evaluate(
                     f"({record['eval/bits_per_token']:.3f} bits/token)"
                 )
             if done % config.checkpoint_every == 0 or is_last:
-                if pending:  # never save parameters that a non-finite step produced
-                    loss = float(jax.device_get(pending[-1]["train/loss"]))
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(
-                            f"non-finite train/loss at step {done}; not saved."
-                        )
+                # Never save what a non-finite step produced. The loss is computed before the
+                # update, so the parameters and optimizer state themselves are checked.
+                bad = non_finite_leaf({"params": params, "opt_state": opt_state})
+                if bad:
+                    raise FloatingPointError(
+                        f"non-finite values in {bad} after step {done}; not saved. Latest "
+                        f"checkpoint: {ckpt.latest_step()}."
+                    )
                 ckpt.save(done, params, opt_state, {"step": done, "data_step": done})
             if record and writer:
                 writer.write(done, record)

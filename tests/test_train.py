@@ -137,6 +137,28 @@ def test_non_finite_loss_stops_and_names_the_metric(data_dir, tmp_path):
     assert checkpoints.Checkpointer(workdir).all_steps() == []
 
 
+def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_path):
+    # Step 1's loss is finite (computed before the update); its update makes every weight
+    # non-finite. With a checkpoint every step, the old guard (on the loss) saved them.
+    workdir = str(tmp_path / "run")
+    config = tiny_config(
+        data_dir,
+        **{
+            "optimizer.learning_rate": float("inf"),
+            "optimizer.warmup_steps": 0,
+            "optimizer.grad_clip_norm": 0.0,
+            "checkpoint_every": 1,
+            "log_every": 10,
+        },
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite values in \['params'\]\['block_0'\].* after step 1; not saved",
+    ):
+        train_and_evaluate(config, workdir, log=quiet)
+    assert checkpoints.Checkpointer(workdir).all_steps() == []
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
