@@ -103,6 +103,12 @@ def _diagnosis_trials():
         # Top-1 gates normalised over the one choice are 1: the expert output is not scaled by
         # the router probability (which is ~1/E while a 64-expert router is near uniform).
         ({"model.moe.gate_norm": "normalized"}, (8, 64)),
+        # GShard's top-2 with gates normalised over the two (they sum to 1 at any E), experts of
+        # half the width so that the FLOPs per token stay the dense model's.
+        (TOP2, (8, 64)),
+        # A fixed token-id -> expert table, balanced on corpus frequencies: experts specialise
+        # from step 0 instead of waiting for a router to form clusters.
+        ({"model.moe.router": "hash", "model.moe.hash_kind": "balanced"}, (8, 64)),
         (SUBWORD, (0, 8, 64)),  # 4k SentencePiece pieces: ~3.3 bytes of text per token
         ({"optimizer.learning_rate": 1e-3}, (0, 8, 64)),
         ({"optimizer.learning_rate": 1e-2}, (0, 8, 64)),

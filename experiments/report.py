@@ -206,8 +206,8 @@ def seed_report(trials, rows, out):
         r["speedup_mean"], r["speedup_std"] = seeds_lib.mean_std(reached)
         r["speedup_reached"] = f"{len(reached)}/{len(ups)}" if ups else None
     write_csv(os.path.join(out, "results_by_setting.csv"), table, list(table[0]))
-    pm = lambda m, s, digits: "-" if m is None else (
-        f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
+    pm = lambda m, s, digits: (
+        "-" if m is None else (f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}"))
     )
     columns = [
         ("eval loss (nats/token)", "eval_loss", 4),
@@ -226,7 +226,8 @@ def seed_report(trials, rows, out):
     for r in table:
         cells = [pm(r[f"{key}_mean"], r[f"{key}_std"], d) for _, key, d in columns]
         lines.append(
-            f"| {r['setting']} | {r['seeds']} | " + " | ".join(cells)
+            f"| {r['setting']} | {r['seeds']} | "
+            + " | ".join(cells)
             + f" | {r['speedup_reached'] or '-'} |"
         )
     return "\n".join(lines), seed_figures(table, curves)
@@ -252,7 +253,11 @@ def seed_figures(table, curves) -> dict:
         for ax, key, label in zip(
             axes,
             ("eval_loss", "speedup", "quiet_step_ms"),
-            ("final eval loss (nats/token)", "speed-up over dense (steps)", "step time (ms, quiet)"),
+            (
+                "final eval loss (nats/token)",
+                "speed-up over dense (steps)",
+                "step time (ms, quiet)",
+            ),
         ):
             ticks, plotted = set(), 0
             for rest, group in _lines_over_experts(by_experts).items():

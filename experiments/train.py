@@ -87,9 +87,7 @@ def summary(config, workdir: str, result: dict, seconds: float, start_step: int 
         )
         for i, load in enumerate(np.asarray(result["eval/expert_load"])):
             lines.append(f"  MoE layer {i} expert load: {load}")
-    lines.append(
-        f"Metrics: {workdir}/metrics.jsonl (TensorBoard: make tensorboard RUN={workdir})"
-    )
+    lines.append(f"Metrics: {workdir}/metrics.jsonl (TensorBoard: make tensorboard RUN={workdir})")
     lines.append(f"Checkpoints: {workdir}/checkpoints (switchmoe.runs.restore_run('{workdir}'))")
     return "\n".join(lines)
 

@@ -37,7 +37,10 @@ ACCEPTED = {
     "noisy_top2": {"model.moe.router": "noisy_top_k", "model.moe.num_selected": 2},
     "hash": {"model.moe.router": "hash"},
     "top2_dropless": {"model.moe.num_selected": 2, "model.moe.backend": "dropless"},
-    "top1_gather_groups_of_two_rows": {"model.moe.backend": "gather", "model.moe.group_size": 2 * L},
+    "top1_gather_groups_of_two_rows": {
+        "model.moe.backend": "gather",
+        "model.moe.group_size": 2 * L,
+    },
     "top2_einsum_groups_of_two_rows": {
         "model.moe.num_selected": 2,
         "model.moe.backend": "einsum",
@@ -57,7 +60,11 @@ def logits_and_drops(config, tokens, deterministic):
     logits, aux = apply(params, tokens)
     changed = tokens.at[1, T + 1 :].set((tokens[1, T + 1 :] + 17) % 64)
     logits2, _ = apply(params, changed)
-    return np.asarray(logits), np.asarray(logits2), float(jnp.mean(aux["stats"]["dropped_fraction"]))
+    return (
+        np.asarray(logits),
+        np.asarray(logits2),
+        float(jnp.mean(aux["stats"]["dropped_fraction"])),
+    )
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["eval", "train"])

@@ -100,7 +100,9 @@ def test_the_report_aggregates_hand_made_trials(tmp_path):
     finals = [1.9, 2.0, 2.5]
     assert float(table["num_experts=8"]["eval_loss_mean"]) == pytest.approx(np.mean(finals))
     assert float(table["num_experts=8"]["eval_loss_std"]) == pytest.approx(np.std(finals, ddof=1))
-    assert float(table["num_experts=0"]["eval_loss_std"]) == pytest.approx(np.std([2.0, 2.2], ddof=1))
+    assert float(table["num_experts=0"]["eval_loss_std"]) == pytest.approx(
+        np.std([2.0, 2.2], ddof=1)
+    )
     # Target 2.1, which the dense mean curve reaches at step 300. Seed 0 crosses it at 200
     # (2.1 exactly), seed 1 between 200 (2.3) and 300 (2.0): 200 + 100·0.2/0.3; seed 2 never.
     ups = [300 / 200, 300 / (200 + 200 / 3)]

@@ -66,7 +66,8 @@ def evaluate_at_capacities(
 
     Returns:
       One dict per setting, in order: {"capacity_factor": float or "dropless", "eval_loss"
-      (nats/token), "bits_per_token", "dropped_fraction" (mean over MoE layers and batches)}.
+      (nats/token), "bits_per_token", "bits_per_byte" (None for an encoder–decoder),
+      "dropped_fraction" (mean over MoE layers and batches)}.
 
     Raises:
       ValueError: a dense model (num_experts == 0) has no capacity to vary.
@@ -95,6 +96,7 @@ def evaluate_at_capacities(
                 "capacity_factor": label,
                 "eval_loss": float(result["eval/loss"]),
                 "bits_per_token": float(result["eval/bits_per_token"]),
+                "bits_per_byte": result.get("eval/bits_per_byte"),  # decoder-only LMs
                 "dropped_fraction": float(result.get("eval/dropped_fraction", 0.0)),
             }
         )
@@ -103,12 +105,16 @@ def evaluate_at_capacities(
 
 def format_capacity_table(rows: Sequence[dict[str, Any]]) -> str:
     """`evaluate_at_capacities` rows as an aligned text table."""
-    lines = [f"{'capacity factor':>16} {'eval loss':>10} {'bits/token':>11} {'dropped':>9}"]
+    lines = [
+        f"{'capacity factor':>16} {'eval loss':>10} {'bits/token':>11} {'bits/byte':>10} "
+        f"{'dropped':>9}"
+    ]
     for r in rows:
         f = r["capacity_factor"]
         label = f if isinstance(f, str) else f"{f:g}"
+        per_byte = "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}"
         lines.append(
-            f"{label:>16} {r['eval_loss']:>10.4f} {r['bits_per_token']:>11.4f} "
+            f"{label:>16} {r['eval_loss']:>10.4f} {r['bits_per_token']:>11.4f} {per_byte:>10} "
             f"{100 * r['dropped_fraction']:>8.2f}%"
         )
     return "\n".join(lines)
