@@ -68,11 +68,12 @@ def default_moe_config() -> ml_collections.ConfigDict:
     # second choice can be displaced by later tokens: allowed in an encoder, and in a decoder-only
     # LM only with noncausal_ablation. An encoder–decoder's decoder is always causal.
     moe.causal_routing = True
-    # Marks a decoder-only LM as a non-causal routing ablation: it may then use routers whose
-    # choice for a token depends on later tokens of its group ('expert_choice', 'sbase', or
-    # causal_routing=False with k >= 2). Its eval loss is not comparable with a causal model's
-    # (later tokens leak into earlier predictions through the routing), and it cannot decode
-    # token by token as it trained; the run's summary and sweep reports say so.
+    # Permits a decoder-only LM to be a non-causal routing ablation: routers whose choice for a
+    # token depends on later tokens of its group ('expert_choice', 'sbase', or
+    # causal_routing=False with k >= 2). Such a run's eval loss is not comparable with a causal
+    # model's (later tokens leak into earlier predictions through the routing), and it cannot
+    # decode token by token as it trained; its summary and sweep reports say so. On a run whose
+    # routing is causal anyway the flag changes nothing (so it may be set for a whole sweep).
     moe.noncausal_ablation = False
     # GShard random routing of the second expert while training.
     moe.random_routing = False
@@ -408,9 +409,18 @@ def noncausal_reason(moe: ml_collections.ConfigDict) -> str | None:
 
 
 def is_noncausal_ablation(config: ml_collections.ConfigDict) -> bool:
-    """A decoder-only MoE run marked as a non-causal routing ablation."""
+    """A decoder-only MoE run that routes non-causally (which `noncausal_ablation` permitted).
+
+    The flag permits; what is reported is what the routing does, so one flag over a whole sweep
+    marks only its non-causal trials.
+    """
     moe = config.model.moe
-    return bool(moe.num_experts and moe.get("noncausal_ablation", False))
+    return bool(
+        moe.num_experts
+        and config.model.get("arch", "decoder") == "decoder"
+        and moe.get("noncausal_ablation", False)
+        and noncausal_reason(moe)
+    )
 
 
 def _validate_causal_routing(config: ml_collections.ConfigDict) -> None:
@@ -431,13 +441,6 @@ def _validate_causal_routing(config: ml_collections.ConfigDict) -> None:
             f"model.moe.router in {tuple(r for r in routing.ROUTERS if r not in NONCAUSAL_ROUTERS)} "
             "with model.moe.causal_routing=True; or set model.moe.noncausal_ablation=True to "
             "train it as a non-causal ablation."
-        )
-    if moe.get("noncausal_ablation") and not reason:
-        raise ValueError(
-            "model.moe.noncausal_ablation=True, but this routing is causal (router "
-            f"{moe.router!r}, causal_routing={moe.causal_routing}, num_selected="
-            f"{moe.num_selected}); set it only for expert_choice, sbase or causal_routing=False "
-            "with num_selected >= 2, so that reports flag only runs that are non-causal."
         )
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switchmoe.config import default_config, resolve, validate_config
+from switchmoe.config import default_config, is_noncausal_ablation, resolve, validate_config
 from switchmoe.model import DecoderLM
 from tiny import apply_overrides
 
@@ -105,6 +105,9 @@ def test_the_check_sees_a_leak_when_there_is_one():
     assert not np.array_equal(before[1, : T + 1], after[1, : T + 1])
 
 
-def test_the_ablation_flag_is_refused_where_it_means_nothing():
-    with pytest.raises(ValueError, match="routing is causal"):
-        validate_config(resolve(lm_config(**{"model.moe.noncausal_ablation": True})))
+def test_only_runs_that_route_non_causally_are_reported_as_ablations():
+    flag = {"model.moe.noncausal_ablation": True}
+    assert not is_noncausal_ablation(lm_config(**flag))  # causal routing: the flag changes nothing
+    assert not is_noncausal_ablation(lm_config(**NONCAUSAL["sbase"]))  # refused, not an ablation
+    for overrides in NONCAUSAL.values():
+        assert is_noncausal_ablation(lm_config(**overrides, **flag))
