@@ -3,10 +3,19 @@
   python -m experiments.sweep --config=configs/studies.py:expert_count --workdir=runs/sweeps/expert_count
   python -m experiments.sweep --config=configs/studies.py:capacity --workdir=runs/sweeps/capacity
   python -m experiments.sweep --config=configs/studies.py:routing --workdir=runs/sweeps/routing
+  python -m experiments.sweep --config=configs/studies.py:expert_count_top2 \
+      --workdir=runs/sweeps/expert_count_top2 --seeds=0,1,2
+  python -m experiments.sweep --config=configs/studies.py:diagnosis --workdir=runs/sweeps/diagnosis
   python -m experiments.report --workdir=runs/sweeps/expert_count      (likewise for the others)
 
 expert_count  Switch Fig. 4 / Table 9: 1 (dense), 2, 4, 8, 16, 32, 64 experts, top-1, the same
               expert width, so the FLOPs per token are the same and only parameters grow.
+expert_count_top2  the same question on the setup the diagnosis chose: 0 (dense) to 128 experts,
+              top-2 with normalised gates and half-width experts, routing groups of 1024 tokens;
+              run with --seeds=0,1,2.
+capacity_g1024  the capacity study on routing groups of 1024 tokens (causal top-2), --seeds=0,1.
+diagnosis     why top-1 with 64 experts was no better than 8: one change at a time at 8 and 64
+              experts (python -m experiments.diagnose --workdir=... tabulates routing health).
 capacity      Switch Table 1: top-1 and top-2 trained at capacity factors 0.5, 1.0, 1.25, 2.0;
               the report evaluates each checkpoint at those factors and dropless.
 routing       every router at matched expert FLOPs: Switch top-1, plain top-2, GShard top-2
@@ -20,7 +29,17 @@ from switchmoe.config import default_config
 
 EXPERT_COUNTS = (0, 2, 4, 8, 16, 32, 64)  # 0: dense baseline (every block a dense FFN)
 CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0)
-STUDIES = ("expert_count", "capacity", "routing", "diagnosis")
+STUDIES = (
+    "expert_count",
+    "capacity",
+    "routing",
+    "diagnosis",
+    "expert_count_top2",
+    "capacity_g1024",
+)
+# The setup the diagnosis chose (EXPERIMENTS.md, "Why 64 experts were no better than 8"):
+# routing groups of 1024 tokens, top-2 with gates normalised over the two, half-width experts.
+SCALING_COUNTS = (0, 2, 4, 8, 16, 32, 64, 128)
 
 
 def get_config(study="expert_count"):
@@ -47,11 +66,25 @@ def get_config(study="expert_count"):
     config.num_eval_batches = 16
     config.checkpoint_every = 600
     config.keep_checkpoints = 1
-    if study == "diagnosis":
+    if study in ("diagnosis", "expert_count_top2", "capacity_g1024"):
         # Routing groups of 8 sequences: the expert-count study's second run showed that
         # 128-token groups leave 64 experts 3 slots each and drop 20% of training tokens.
         config.model.moe.group_size = 1024
+    if study == "expert_count_top2":
+        # Top-2 with normalised gates: two gates sum to 1 whatever E is, where top-1's raw gate
+        # is the router probability, ~1/E until the router has learned (diagnosis).
+        for key, value in TOP2.items():
+            _set(config, key, value)
+        config.eval_every = 50  # finer curves for the steps-to-quality speed-up
     return config
+
+
+def _set(config, dotted_key, value):
+    *path, leaf = dotted_key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    node[leaf] = value
 
 
 TOP2 = {
@@ -123,6 +156,10 @@ def _diagnosis_trials():
 def get_sweep(study="expert_count"):
     if study == "diagnosis":
         return _diagnosis_trials()
+    if study == "expert_count_top2":
+        return [{"model.moe.num_experts": e} for e in SCALING_COUNTS]
+    if study == "capacity_g1024":
+        return get_sweep("capacity")
     if study == "expert_count":
         return [{"model.moe.num_experts": e} for e in EXPERT_COUNTS]
     if study == "capacity":

@@ -51,7 +51,10 @@ def test_dense_counterpart_has_the_active_parameters_of_top1():
     assert moe["active_per_token"] == dense["total"] + routers
 
 
-@pytest.mark.parametrize("study", ["expert_count", "capacity", "routing"])
+@pytest.mark.parametrize(
+    "study",
+    ["expert_count", "capacity", "routing", "diagnosis", "expert_count_top2", "capacity_g1024"],
+)
 def test_every_study_trial_validates(study):
     module_path = os.path.join(ROOT, "configs", "studies.py")
     spec = importlib.util.spec_from_file_location("studies", module_path)
@@ -61,4 +64,6 @@ def test_every_study_trial_validates(study):
         config = apply_overrides(studies.get_config(study), overrides)
         if config.model.moe.router == "hash":
             config.model.moe.hash_kind = "random"  # the balanced table would read the corpus
+        if config.data.tokenizer == "sentencepiece":
+            config.model.vocab_size = config.data.spm_vocab_size  # no tokenizer training here
         validate_config(resolve(config))
