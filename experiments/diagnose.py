@@ -9,6 +9,8 @@ Per trial, from metrics.jsonl alone (no checkpoint is read):
                    over the experts of all MoE layers.
   dead experts     experts whose final eval load is below a tenth of the uniform share 1/E.
   entropy          train router entropy ÷ log E (1 = uniform), at the first and the last log.
+  top1_prob        mean over tokens of the largest router probability at the last log: with
+                   Switch's raw top-1 gate, the factor the expert's output is multiplied by.
   load CV          coefficient of variation of the final eval load over experts.
   grad / update    per-expert L2 norms of the gradient and of the AdamW update of each expert's
                    weights at the last log: median, and max ÷ min over experts (how unevenly
@@ -33,7 +35,7 @@ flags.mark_flags_as_required(["workdir"])
 COLUMNS = (
     "trial", "experts", "eval_loss", "eval_bits_per_byte", "tokens_per_expert_min",
     "tokens_per_expert_median", "tokens_per_expert_max", "dead_experts", "entropy_first",
-    "entropy_last", "load_cv", "train_dropped_pct", "grad_norm_median", "grad_norm_spread",
+    "entropy_last", "top1_prob", "load_cv", "train_dropped_pct", "grad_norm_median", "grad_norm_spread",
     "update_norm_median", "update_norm_spread",
 )  # fmt: skip
 
@@ -83,6 +85,7 @@ def diagnose(trial) -> dict:
     if len(entropy):
         row["entropy_first"] = float(entropy[0] / math.log(E))
         row["entropy_last"] = float(entropy[-1] / math.log(E))
+    row["top1_prob"] = last("train/top1_prob")
     dropped = last("train/dropped_fraction")
     row["train_dropped_pct"] = None if dropped is None else 100 * dropped
     for name in ("grad", "update"):
@@ -127,7 +130,9 @@ def plots(trials, out):
             (values[:, order] * E).T, aspect="auto", cmap="viridis", vmin=0, vmax=3,
             extent=(steps[0], steps[-1], E - 0.5, -0.5),
         )  # fmt: skip
-        ax.set(title=t["name"], xlabel="step", ylabel="expert (by final load)")
+        ax.set(
+            title=analysis.trial_label(t["name"]), xlabel="step", ylabel="expert (by final load)"
+        )
         ax.title.set_fontsize(7)
     for ax in axes.ravel()[len(moe) :]:
         ax.axis("off")
@@ -139,14 +144,14 @@ def plots(trials, out):
     for t in moe:
         E = t["config"].model.moe.num_experts
         steps, entropy = analysis.metric_series(t["records"], "train/router_entropy")
-        ax_h.plot(steps, entropy / math.log(E), label=t["name"])
+        ax_h.plot(steps, entropy / math.log(E), label=analysis.trial_label(t["name"]))
         spread = [
             (r["step"], np.max(r["train/expert_update_norm"]) / max(np.min(r["train/expert_update_norm"]), 1e-30))
             for r in t["records"]
             if "train/expert_update_norm" in r
         ]  # fmt: skip
         if spread:
-            ax_u.plot(*zip(*spread), label=t["name"])
+            ax_u.plot(*zip(*spread), label=analysis.trial_label(t["name"]))
     ax_h.set(xlabel="step", ylabel="router entropy / log E (1 = uniform)")
     ax_u.set(xlabel="step", ylabel="expert update norm, max / min", yscale="log")
     for ax in (ax_h, ax_u):

@@ -161,8 +161,9 @@ def plot_capacity_evaluation(rows):
     for trial in sorted({r["trial"] for r in rows}):
         mine = [r for r in rows if r["trial"] == trial and r["eval_cf"] != "dropless"]
         xs = [float(r["eval_cf"]) for r in mine]
-        ax_loss.plot(xs, [r["eval_loss"] for r in mine], "o-", label=trial)
-        ax_drop.plot(xs, [r["eval_dropped_pct"] for r in mine], "o-", label=trial)
+        label = analysis.trial_label(trial)
+        ax_loss.plot(xs, [r["eval_loss"] for r in mine], "o-", label=label)
+        ax_drop.plot(xs, [r["eval_dropped_pct"] for r in mine], "o-", label=label)
         dropless = [r for r in rows if r["trial"] == trial and r["eval_cf"] == "dropless"]
         if dropless:
             ax_loss.axhline(dropless[0]["eval_loss"], ls=":", color=ax_loss.lines[-1].get_color())
@@ -275,7 +276,7 @@ def seed_figures(table, curves) -> dict:
                 pts = sorted(p for p in pts if p[1] is not None)
                 if pts:
                     xs, ys, es = zip(*pts)
-                    label = rest or "base"
+                    label = analysis.trial_label(rest) if rest else "base"
                     ax.errorbar(xs, ys, yerr=[e or 0 for e in es], fmt="o-", capsize=3, label=label)
                     ticks |= set(xs)
                     plotted += 1
@@ -291,7 +292,8 @@ def seed_figures(table, curves) -> dict:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for setting, group in curves.items():
         steps, mean, std = seeds_lib.mean_curve(group)
-        (line,) = ax.plot(steps, mean, "-", label=f"{setting} ({len(group)} seeds)")
+        label = f"{analysis.trial_label(setting)} ({len(group)} seed{'s' * (len(group) > 1)})"
+        (line,) = ax.plot(steps, mean, "-", label=label)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set(xlabel="step", ylabel="eval loss (nats/token), mean ± std over seeds")
     ax.grid(alpha=0.3)
@@ -351,6 +353,8 @@ def main(argv):
         figures.update(seed_figures)
     for name, fig in figures.items():
         fig.savefig(os.path.join(out, name), dpi=110, bbox_inches="tight")
+        # A vector copy for papers and slides beside each PNG.
+        fig.savefig(os.path.join(out, name[: -len(".png")] + ".svg"), bbox_inches="tight")
     sections += ["", "Plots: " + ", ".join(f"report/{n}" for n in figures)]
     text = "\n".join(sections) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:

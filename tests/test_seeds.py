@@ -111,3 +111,17 @@ def test_the_report_aggregates_hand_made_trials(tmp_path):
     assert table["num_experts=8"]["speedup_reached"] == "2/3"
     assert "num_experts=8 | 3 | 2.1333 ± 0.3215" in text
     assert {"by_experts_seeds.png", "eval_curves_seeds.png"} <= set(figures)
+
+
+def test_trial_labels_are_short_and_human():
+    from switchmoe.analysis import trial_label
+
+    assert trial_label("num_experts=0") == "dense"
+    assert trial_label("num_experts=64,seed=2") == "64 experts, seed 2"
+    name = "num_selected=2,gate_norm=normalized,expert_d_ff=256,train_capacity_factor=0.5"
+    assert trial_label(name) == "top-2, cf 0.5"
+    assert (
+        trial_label("num_experts=8,router=hash,hash_kind=balanced") == "8 experts, hash (balanced)"
+    )
+    assert trial_label("num_experts=8,gate_norm=normalized") == "8 experts, unit gate"
+    assert trial_label("base") == "base" and trial_label("foo=1") == "foo=1"

@@ -57,6 +57,7 @@ from switchmoe.analysis.sweep_results import (
     last_value,
     load_trial,
     load_sweep,
+    trial_label,
     format_sweep_table,
     plot_eval_curves,
     plot_run_curves,

@@ -103,12 +103,49 @@ def format_sweep_table(
     return "\n".join(lines)
 
 
+# Short labels for the settings sweeps vary, for legends a reader can take in at a glance.
+_LABELS = {
+    "num_experts": lambda v: "dense" if v == "0" else f"{v} experts",
+    "num_selected": lambda v: f"top-{v}",
+    "train_capacity_factor": lambda v: f"cf {v}",
+    "learning_rate": lambda v: f"lr {v}",
+    "load_balancing_weight": lambda v: f"α {v}",
+    "moe_every": lambda v: "MoE every block" if v == "1" else f"MoE every {v}",
+    "num_train_steps": lambda v: f"{v} steps",
+    "spm_vocab_size": lambda v: f"{int(v) // 1024}k SentencePiece",
+    "seed": lambda v: f"seed {v}",
+    "backend": lambda v: v,
+    "router": lambda v: v.replace("_", " "),
+    "hash_kind": lambda v: f"({v})",
+    "gate_norm": lambda v: "unit gate" if v == "normalized" else "raw gate",
+}
+# Parts implied by another part of the same name ('top-2' implies its normalised gates and
+# half-width experts in these studies; a SentencePiece vocabulary size implies the tokenizer).
+_IMPLIED = {"tokenizer", "expert_d_ff", "noncausal_ablation"}
+
+
+def trial_label(name: str) -> str:
+    """A short human label for a trial name: 'num_selected=2,...,train_capacity_factor=0.5' ->
+    'top-2, cf 0.5'; 'num_experts=0' -> 'dense'. Unknown parts stay as they are."""
+    parts = [p.partition("=") for p in name.split(",") if p]
+    keys = {k for k, _, _ in parts}
+    words = []
+    for key, eq, value in parts:
+        if not eq:
+            words.append(key)
+            continue
+        if key in _IMPLIED or (key == "gate_norm" and "num_selected" in keys):
+            continue
+        words.append(_LABELS[key](value) if key in _LABELS else f"{key}={value}")
+    return ", ".join(words).replace(", (", " (") or name
+
+
 def plot_eval_curves(trials: Sequence[dict], metric: str = "eval/loss"):
     """`metric` vs step, one line per trial."""
     import matplotlib.pyplot as plt
 
     # Long trial names (a routing study's) go in a legend beside the axes, not over the curves.
-    longest = max((len(t["name"]) for t in trials), default=0)
+    longest = max((len(trial_label(t["name"])) for t in trials), default=0)
     outside = longest > 40 or len(trials) > 8
     fig, ax = plt.subplots(figsize=(7 + (0.055 * min(longest, 110) if outside else 0), 4))
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -116,7 +153,7 @@ def plot_eval_curves(trials: Sequence[dict], metric: str = "eval/loss"):
         steps, values = metric_series(t["records"], metric)
         if len(steps):
             style = "o-" if i < len(cycle) else "s--"  # more trials than colours: new markers
-            ax.plot(steps, values, style, ms=3, label=t["name"])
+            ax.plot(steps, values, style, ms=3, label=trial_label(t["name"]))
     ax.set(xlabel="step", ylabel=metric)
     ax.grid(alpha=0.3)
     if ax.lines:
