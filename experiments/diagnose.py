@@ -105,6 +105,37 @@ def fmt(value) -> str:
     return str(value)
 
 
+def summary_table(rows) -> str:
+    """The columns EXPERIMENTS.md shows, one row per trial, labelled for people."""
+    head = (
+        "| trial | eval loss (nats) | bits/byte | top-1 prob | entropy / log E | "
+        "pairs per expert, min–max | dead | train dropped % | grad norm (median) | "
+        "update max/min |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    num = lambda v, spec: "-" if v is None else format(v, spec)
+    for r in rows:
+        pairs = (
+            "-"
+            if r["tokens_per_expert_min"] is None
+            else f"{r['tokens_per_expert_min'] / 1e3:.0f}k–{r['tokens_per_expert_max'] / 1e3:.0f}k"
+        )
+        cells = [
+            analysis.trial_label(r["trial"]),
+            num(r["eval_loss"], ".3f"),
+            num(r["eval_bits_per_byte"], ".3f"),
+            num(r["top1_prob"], ".3f"),
+            num(r["entropy_last"], ".2f"),
+            pairs,
+            num(r["dead_experts"], "d"),
+            num(r["train_dropped_pct"], ".1f"),
+            num(r["grad_norm_median"], ".2g"),
+            num(r["update_norm_spread"], ".2g"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plots(trials, out):
     import matplotlib.pyplot as plt
 
@@ -179,6 +210,10 @@ def main(argv):
     lines = [f"# Routing diagnosis: {sweep_dir}", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    summary = summary_table(rows)
+    with open(os.path.join(out, "diagnosis_summary.md"), "w") as f:
+        f.write(summary + "\n")
+    lines += ["", "## Summary", "", summary]
     names = plots(trials, out)
     lines += ["", "Plots: " + ", ".join(f"report/{n}" for n in names)]
     text = "\n".join(lines) + "\n"
