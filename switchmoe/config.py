@@ -184,6 +184,12 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Global batch size (sequences per step, all devices together).
     config.batch_size = 32
+    # Microbatches per optimizer step: the batch is split into this many parts of
+    # batch_size / grad_accum_steps rows, run one after another, and their gradients summed, so
+    # a batch that does not fit in memory trains as if it did. For a dense model the step equals
+    # one step on the whole batch (to float rounding). MoE routing groups live inside a
+    # microbatch: with groups longer than a microbatch's rows per device, routing changes.
+    config.grad_accum_steps = 1
     # Training steps.
     config.num_train_steps = 1000
     # Write train metrics every N steps.
@@ -278,6 +284,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     data_size, expert_size, _ = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = data_size * expert_size
     _one_of("mesh.expert_parallelism", config.mesh.expert_parallelism, sharding.EXPERT_PARALLELISM)
+    micro = config.get("grad_accum_steps", 1)
+    if not (isinstance(micro, int) and not isinstance(micro, bool) and micro >= 1):
+        raise ValueError(f"grad_accum_steps must be an integer >= 1; got {micro!r}.")
     data_pipeline.validate_data_config(config.data)
     _one_of("model.arch", model.arch, ARCHITECTURES)
     if model.arch == "encoder_decoder":
@@ -350,14 +359,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 f"got {moe.num_selected}."
             )
         lengths = sequence_lengths(config)
+        micro = config.get("grad_accum_steps", 1)
         for stack, length in lengths.items():
-            tokens_per_shard = config.batch_size // batch_shards * length
+            tokens_per_shard = config.batch_size // micro // batch_shards * length
             group = moe.get("group_size") or length
             if tokens_per_shard % group:
                 raise ValueError(
                     f"model.moe.group_size={group} must divide the tokens per batch shard "
                     f"({'' if stack == 'decoder' and len(lengths) == 1 else stack + ': '}"
-                    f"batch_size {config.batch_size} / {batch_shards} batch shard(s) × "
+                    f"batch_size {config.batch_size} / "
+                    f"{f'{micro} microbatches / ' if micro > 1 else ''}{batch_shards} batch shard(s) × "
                     f"{'targets length' if stack == 'decoder' and len(lengths) > 1 else 'data.seq_len'} "
                     f"{length} = {tokens_per_shard}), so that every device routes whole groups."
                 )
@@ -377,6 +388,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     if opt.warmup_steps < 0:
         raise ValueError(f"optimizer.warmup_steps must be >= 0; got {opt.warmup_steps}.")
     _positive("batch_size", config.batch_size)
+    micro = config.get("grad_accum_steps", 1)
+    if config.batch_size % (micro * batch_shards):
+        raise ValueError(
+            f"batch_size={config.batch_size} must be divisible by grad_accum_steps × batch "
+            f"shards = {micro} × {batch_shards} = {micro * batch_shards}: every microbatch "
+            "holds the same number of rows on every device."
+        )
     if config.batch_size % batch_shards:
         raise ValueError(
             f"batch_size={config.batch_size} must be divisible by the number of batch shards "

@@ -259,19 +259,22 @@ class Trainer:
 
     def _train_step(self, params, opt_state, batch, step):
         key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+        if self.config.get("grad_accum_steps", 1) > 1:
+            total, loss, aux, grads = self._accumulated_gradients(params, batch, key)
+        else:
 
-        def objective(params):
-            logits, aux = self.model.apply(
-                {"params": params},
-                *model_inputs(self.config, batch),
-                deterministic=False,
-                rngs={"dropout": key},
-            )
-            ce_sum, count = cross_entropy(logits, batch)
-            loss = ce_sum / jnp.maximum(count, 1.0)
-            return loss + aux["loss"], (loss, aux)
+            def objective(params):
+                logits, aux = self.model.apply(
+                    {"params": params},
+                    *model_inputs(self.config, batch),
+                    deterministic=False,
+                    rngs={"dropout": key},
+                )
+                ce_sum, count = cross_entropy(logits, batch)
+                loss = ce_sum / jnp.maximum(count, 1.0)
+                return loss + aux["loss"], (loss, aux)
 
-        (total, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            (total, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {
@@ -286,6 +289,46 @@ class Trainer:
             metrics["train/expert_grad_norm"] = grad_norms
             metrics["train/expert_update_norm"] = update_norms
         return params, opt_state, metrics
+
+    def _accumulated_gradients(self, params, batch, key):
+        """The objective's value and gradient on `batch`, in grad_accum_steps microbatches.
+
+        Microbatch i holds rows i, i + N, i + 2N, ... (N microbatches): reshaping [B, ...] to
+        [B/N, N, ...] keeps the batch axis's split over devices on the B/N axis, so every
+        microbatch is spread over all batch shards and nothing moves between devices. The token
+        loss is summed over microbatches and divided by the whole batch's token count, and the
+        auxiliary losses (means over routing groups) are averaged over microbatches, so the
+        objective and its gradient are the whole batch's. Dropout and routing keys are folded
+        per microbatch.
+        """
+        n = self.config.grad_accum_steps
+        count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch
+        )
+
+        def objective(params, rows, i):
+            logits, aux = self.model.apply(
+                {"params": params},
+                *model_inputs(self.config, rows),
+                deterministic=False,
+                rngs={"dropout": jax.random.fold_in(key, i)},
+            )
+            ce_sum, _ = cross_entropy(logits, rows)
+            return ce_sum / count + aux["loss"] / n, (ce_sum, aux)
+
+        def accumulate(carry, xs):
+            grads, ce = carry
+            (_, (ce_sum, aux)), g = jax.value_and_grad(objective, has_aux=True)(params, *xs)
+            return (jax.tree.map(jnp.add, grads, g), ce + ce_sum), aux
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, ce), auxes = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(n))
+        )
+        aux = jax.tree.map(lambda v: jnp.mean(v, axis=0), auxes)
+        loss = ce / count
+        return loss + aux["loss"], loss, aux, grads
 
     def _eval_step(self, params, batch):
         logits, aux = self.model.apply(
