@@ -304,7 +304,8 @@ def train_configs(size: str, dtype: str) -> dict:
 def train_case(config, s: dict, run_steps: int) -> dict:
     """Median time of a training step on one device with synthetic token batches."""
     from switchmoe.sharding import make_mesh
-    from switchmoe.train import Trainer, count_params
+    from switchmoe.models import count_params
+    from switchmoe.train import Trainer
 
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer = Trainer(config, mesh)

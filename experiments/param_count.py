@@ -7,7 +7,7 @@ python -m experiments.param_count --config=configs/switch_t5.py:base128   (encod
 from absl import app, flags
 from ml_collections import config_flags
 
-from switchmoe.train import count_params
+from switchmoe.models import count_params
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py[:variant])."

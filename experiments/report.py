@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from switchmoe import analysis, sweeps
 from switchmoe.analysis import seeds as seeds_lib
 from switchmoe.config import is_noncausal_ablation, resolve
-from switchmoe.train import count_params
+from switchmoe.models import count_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
 _CAPACITY_FACTORS = flags.DEFINE_list(

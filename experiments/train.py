@@ -16,7 +16,8 @@ from switchmoe.config import is_noncausal_ablation, noncausal_reason, resolve
 from switchmoe.data import baselines
 from switchmoe.data.pipeline import load_texts, text_statistics
 from switchmoe.metrics import format_seconds
-from switchmoe.train import count_params, train_and_evaluate
+from switchmoe.models import count_params
+from switchmoe.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py[:variant])."

@@ -34,7 +34,7 @@ import numpy as np
 from switchmoe.config import sequence_lengths
 from switchmoe.data import span_corruption
 from switchmoe.data.tokenizers import make_tokenizer
-from switchmoe.train import build_model
+from switchmoe.models import build_model
 
 
 class GreedyDecoder:

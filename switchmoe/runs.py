@@ -18,7 +18,7 @@ import ml_collections
 
 from switchmoe import checkpoints
 from switchmoe.metrics import read_metrics  # noqa: F401  (re-exported for notebooks)
-from switchmoe.train import abstract_params, build_model
+from switchmoe.models import abstract_params, build_model
 
 
 def restore_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any]:

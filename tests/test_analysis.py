@@ -17,7 +17,8 @@ from switchmoe.analysis import KIND, KINDS  # noqa: E402
 from switchmoe.config import default_config  # noqa: E402
 from switchmoe.data.pipeline import LMDataPipeline  # noqa: E402
 from switchmoe.runs import restore_run  # noqa: E402
-from switchmoe.train import count_params, train_and_evaluate  # noqa: E402
+from switchmoe.models import count_params  # noqa: E402
+from switchmoe.train import train_and_evaluate  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 quiet = lambda line: None

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from switchmoe.config import resolve, validate_config
-from switchmoe.train import count_params
+from switchmoe.models import count_params
 from tiny import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(__file__))

@@ -18,7 +18,8 @@ from switchmoe.data import span_corruption as sc
 from switchmoe.encoder_decoder import relative_position_bucket
 from switchmoe.model import Block
 from switchmoe.runs import restore_run
-from switchmoe.train import Trainer, abstract_params, build_model, count_params, train_and_evaluate
+from switchmoe.models import abstract_params, build_model, count_params
+from switchmoe.train import Trainer, train_and_evaluate
 from switchmoe import metrics
 from tiny import tiny_config
 

@@ -70,7 +70,9 @@ def test_microbatches_make_the_whole_batch_step(data_dir, overrides):
 
 
 def test_microbatch_size_must_hold_whole_routing_groups(data_dir):
-    config = tiny_config(data_dir, batch_size=8, grad_accum_steps=4, **{"model.moe.group_size": 128})
+    config = tiny_config(
+        data_dir, batch_size=8, grad_accum_steps=4, **{"model.moe.group_size": 128}
+    )
     with pytest.raises(ValueError, match=r"group_size=128 must divide .* 4 microbatches"):
         validate_config(resolve(config))
     with pytest.raises(ValueError, match="grad_accum_steps × batch shards = 3 × 1"):

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import pytest
 
-from switchmoe import sweeps, train
+from switchmoe import models, sweeps
 from switchmoe.config import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +26,8 @@ def param_tree(config_arg: str) -> dict:
     path, variant = sweeps.split_config_arg(config_arg)
     module = sweeps.load_config_module(os.path.join(ROOT, path))
     config = resolve(module.get_config(variant) if variant else module.get_config())
-    model = train.build_model(config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *train.dummy_inputs(config)))
+    model = models.build_model(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *models.dummy_inputs(config)))
     leaves = jax.tree_util.tree_leaves_with_path(
         boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
     )

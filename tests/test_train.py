@@ -12,7 +12,8 @@ import pytest
 from switchmoe import checkpoints, metrics
 from switchmoe.runs import restore_run
 from switchmoe.sharding import make_mesh
-from switchmoe.train import Trainer, init_rows, train_and_evaluate
+from switchmoe.models import init_rows
+from switchmoe.train import Trainer, train_and_evaluate
 from switchmoe.config import resolve
 from switchmoe.data.pipeline import LMDataPipeline
 from tiny import tiny_config

@@ -18,7 +18,7 @@ import numpy as np
 from switchmoe.analysis.evaluation import Run, load_run, single_device_config
 from switchmoe.analysis.source_kinds import NUM_BYTES, token_kind_of_ids
 from switchmoe.data.pipeline import LMDataPipeline
-from switchmoe.train import build_model
+from switchmoe.models import build_model
 
 
 @dataclasses.dataclass

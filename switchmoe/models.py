@@ -1,0 +1,96 @@
+"""Building a model from a config: the one place that maps `model.arch` to a Flax module, its
+inputs, a dummy batch for init and shape inference, and parameter counts.
+
+Training, `restore_run`, decoding, analysis and the entry points all build models here, so a
+notebook that reloads a checkpoint does not import the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from switchmoe.config import resolve, sequence_lengths
+from switchmoe.encoder_decoder import EncoderDecoderLM
+from switchmoe.model import DecoderLM
+
+# The batch fields each architecture's model reads, in the order of its __call__ arguments.
+MODEL_INPUTS = {
+    "decoder": ("inputs",),
+    "encoder_decoder": ("inputs", "decoder_inputs", "input_mask"),
+}
+
+
+def build_model(
+    config: ml_collections.ConfigDict, expert_parallelism: Optional[str] = None
+) -> nn.Module:
+    """The model of `config` (by `model.arch`); its parameters do not depend on
+    `expert_parallelism`."""
+    if config.model.get("arch", "decoder") == "encoder_decoder":
+        return EncoderDecoderLM(config.model, expert_parallelism=expert_parallelism)
+    return DecoderLM(config.model, expert_parallelism=expert_parallelism)
+
+
+def model_inputs(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> tuple:
+    """The positional model arguments of `batch` (see MODEL_INPUTS)."""
+    return tuple(batch[name] for name in MODEL_INPUTS[config.model.get("arch", "decoder")])
+
+
+def init_rows(config: ml_collections.ConfigDict) -> int:
+    """The fewest sequences whose tokens split into whole routing groups in every stack.
+
+    The MoE layers reshape [B·L] tokens into groups of `model.moe.group_size`; with groups longer
+    than a sequence (e.g. 1024 tokens of 128-token sequences), a one-row init batch cannot.
+    """
+    group = config.model.moe.get("group_size")
+    if not (group and config.model.moe.num_experts):
+        return 1
+    rows = 1
+    for length in sequence_lengths(config).values():
+        need = group // math.gcd(group, length)
+        rows = rows * need // math.gcd(rows, need)
+    return rows
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, rows: int | None = None) -> tuple:
+    """Zero model arguments of `rows` examples (default `init_rows`), for init and eval_shape."""
+    rows = init_rows(config) if rows is None else rows
+    lengths = sequence_lengths(config)
+    shapes = {
+        "inputs": (rows, config.data.seq_len),
+        "decoder_inputs": (rows, lengths["decoder"]),
+        "input_mask": (rows, config.data.seq_len),
+    }
+    dtypes = {"input_mask": jnp.float32}
+    return tuple(
+        jnp.zeros(shapes[name], dtypes.get(name, jnp.int32))
+        for name in MODEL_INPUTS[config.model.get("arch", "decoder")]
+    )
+
+
+def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
+    """Parameter shapes and dtypes, computed without allocating (jax.eval_shape)."""
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
+    return nn.meta.unbox(variables["params"])
+
+
+def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Total parameters, expert parameters, and parameters active per token (top-k experts)."""
+    config = resolve(config)
+    params = abstract_params(build_model(config), config)
+    total = expert = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        n = math.prod(leaf.shape)
+        total += n
+        if any(getattr(k, "key", None) in ("w_in", "w_out", "w_gate") for k in path) and any(
+            getattr(k, "key", None) == "moe" for k in path
+        ):
+            expert += n
+    E, k = config.model.moe.num_experts, config.model.moe.num_selected
+    active = total - expert + (expert * k // E if E else 0)
+    return {"total": total, "experts": expert, "active_per_token": active}
