@@ -63,7 +63,7 @@ PRESETS = {
         train_size="tiny",
         train_models=["demo", "dense"],
     ),
-    # The sizes of issue 7's known facts: 4,096 tokens in one routing group, D 512, F 2048.
+    # The sizes of the CPU benchmark in BENCHMARKS.md: 4,096 tokens in one routing group, D 512, F 2048.
     "full": dict(
         tokens=4096,
         group_size=None,

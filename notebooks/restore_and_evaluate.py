@@ -27,7 +27,7 @@ import os
 
 from absl import flags
 
-flags.FLAGS.mark_as_parsed()  # libraries that read absl flags on import need this (CONVENTIONS.md)
+flags.FLAGS.mark_as_parsed()  # grain and tokamax read absl flags on import: mark them parsed
 
 WORKDIR = os.environ.get("SWITCHMOE_WORKDIR", "runs/demo")
 

@@ -28,7 +28,7 @@ import os
 
 from absl import flags
 
-flags.FLAGS.mark_as_parsed()  # libraries that read absl flags on import need this (CONVENTIONS.md)
+flags.FLAGS.mark_as_parsed()  # grain and tokamax read absl flags on import: mark them parsed
 
 SWEEP_DIR = os.environ.get("SWITCHMOE_SWEEP_DIR", "runs/sweeps/expert_count")
 

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from switchmoe import dispatch, experts, routing, sharding
+from switchmoe import dispatch, experts, hash_routing, routing, sharding
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data.tokenizers import make_tokenizer
 
@@ -253,8 +253,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def hash_table(config: ml_collections.ConfigDict):
     """The hash router's token id -> expert table for `config` (int32[vocab_size])."""
-    from switchmoe import hash_routing  # noqa: PLC0415  (only hash runs need it)
-
     moe, vocab = config.model.moe, config.model.vocab_size
     if moe.hash_kind == "random":
         return hash_routing.random_hash_table(vocab, moe.num_experts, config.seed)
@@ -323,7 +321,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
             _positive("model.moe.block_size", moe.block_size)
         _one_of("model.moe.gate_norm", moe.gate_norm, routing.GATE_NORMS)
         _one_of("model.moe.router_dtype", moe.router_dtype, DTYPES)
-        _one_of("model.moe.hash_kind", moe.hash_kind, ("random", "balanced"))
+        _one_of("model.moe.hash_kind", moe.hash_kind, hash_routing.HASH_KINDS)
         if moe.router == "noisy_top_k" and moe.num_selected >= moe.num_experts:
             raise ValueError(
                 "model.moe.router='noisy_top_k' needs model.moe.num_selected < "

@@ -43,8 +43,6 @@ Array = jax.Array
 
 # How the dropless backend computes: see `dropless_moe`.
 DROPLESS_IMPLEMENTATIONS = ("ragged_dot", "blocked")
-# Rows per block of the blocked dropless implementation when none is given: see `auto_block_size`.
-DEFAULT_BLOCK_SIZE = None
 
 
 def _require_capacity(routing: RoutingResult, backend: str) -> int:
@@ -169,7 +167,7 @@ def dropless_moe(
     routing: RoutingResult,
     experts: StackedExperts,
     implementation: Optional[str] = None,
-    block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
+    block_size: Optional[int] = None,  # None: auto_block_size
 ) -> Array:
     """The dropless backend: every kept (token, choice) pair runs on its expert, no capacity buffer.
 
@@ -362,7 +360,7 @@ def blocked_moe(
     x: Array,
     routing: RoutingResult,
     experts: StackedExperts,
-    block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
+    block_size: Optional[int] = None,  # None: auto_block_size
 ) -> Array:
     """Dropless MoE with static shapes: sort kept pairs by expert, pad each expert's run to whole
     Bk-row blocks, run the blocks as a batched matmul, gather each pair's output back.
@@ -404,7 +402,7 @@ def moe_forward(
     routing: RoutingResult,
     experts: StackedExperts,
     dropless_implementation: Optional[str] = None,
-    block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
+    block_size: Optional[int] = None,  # None: auto_block_size
 ) -> Array:
     """The routed part of an MoE layer with the named backend: x[G, S, D] -> y[G, S, D].
 

@@ -107,12 +107,6 @@ class StackedExperts:
         h_gate = None if w_gate is None else mm(x, w_gate)
         return mm(self._hidden(h_in, h_gate), w_out)
 
-    def single(self, e: int, x: Array) -> Array:
-        """Expert e alone on x[..., D] (reference path for tests and analysis)."""
-        one = jax.tree.map(lambda w: w[e : e + 1], (self.w_in, self.w_out, self.w_gate))
-        flat = x.reshape(1, -1, x.shape[-1])
-        return self.replace(w_in=one[0], w_out=one[1], w_gate=one[2])(flat).reshape(x.shape)
-
 
 # ----------------------------------------------------------------------------------------------
 # Block matmul: y[n] = x[n] @ w[block_expert[n]].

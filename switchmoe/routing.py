@@ -27,7 +27,7 @@ the residual connection around the MoE layer carries them unchanged (Switch §2.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.struct
 import jax
@@ -38,7 +38,6 @@ from switchmoe import losses as losses_lib
 Array = jax.Array
 
 GATE_NORMS = ("raw", "normalized")
-TOKEN_CHOICE_PRIORITIES = ("in_order", "batch_prioritized")
 
 
 @flax.struct.dataclass
@@ -386,12 +385,3 @@ def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
 
 # Every router the MoE layer offers; the last three live in their own modules.
 ROUTERS = ("top_k", "expert_choice", "noisy_top_k", "hash", "sbase")
-
-
-def route(logits: Array, *, router: str, **kwargs: Any) -> RoutingResult:
-    """Dispatches to a router by name ("top_k" or "expert_choice")."""
-    if router == "top_k":
-        return top_k_route(logits, **kwargs)
-    if router == "expert_choice":
-        return expert_choice_route(logits, **kwargs)
-    raise ValueError(f"router must be one of {ROUTERS}; got {router!r}.")

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def test_quick_preset_writes_json_and_markdown(tmp_path):
     result = json.loads(out.read_text())
 
     machine = result["machine"]
-    assert machine["platform"] == "cpu" and machine["cpu_count"] >= 1
+    assert machine["platform"] == jax.default_backend() and machine["cpu_count"] >= 1
     for package in ("jax", "flax"):
         assert machine["versions"][package]
     settings = result["settings"]

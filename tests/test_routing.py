@@ -170,5 +170,3 @@ def test_bad_settings_name_the_setting():
         routing.top_k_route(logits, num_selected=1, capacity=4, gate_norm="softmax")
     with pytest.raises(ValueError, match="expert-choice routing needs a capacity"):
         routing.expert_choice_route(logits, capacity=100)
-    with pytest.raises(ValueError, match="router must be one of"):
-        routing.route(logits, router="hash")

@@ -36,7 +36,7 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(data_dir, tmp_path):
     evals = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
-    # The MoE metrics DESIGN.md promises, with their shapes.
+    # The MoE metrics a run's metrics.jsonl promises (README), with their shapes.
     last = train[-1]
     for name in ("train/aux_loss", "train/z_loss", "train/dropped_fraction"):
         assert np.isfinite(last[name])
