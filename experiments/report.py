@@ -171,7 +171,10 @@ def plot_capacity_evaluation(rows):
     ax_drop.set(xlabel="eval capacity factor", ylabel="tokens dropped at eval (%)")
     for ax in (ax_loss, ax_drop):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    # One legend for both panels, beside them: over the curves it hid the top-2 models.
+    handles, labels = ax_loss.get_legend_handles_labels()
+    fig.legend(handles, [f"trained: {l}" for l in labels], fontsize=8, loc="center left",
+               bbox_to_anchor=(1.0, 0.5))  # fmt: skip
     fig.tight_layout()
     return fig
 

@@ -284,13 +284,13 @@ def test_sweep_plots_show_the_final_values(sweep_dir):
     (loss,) = fig.axes[0].lines
     np.testing.assert_allclose(loss.get_xydata(), [[1.25, 2.0], [2.0, 1.8]])  # dense left out
     lines = {l.get_label(): l.get_xydata() for l in fig.axes[1].lines}
-    np.testing.assert_allclose(lines["train/dropped_fraction"], [[1.25, 10.0], [2.0, 5.0]])
-    np.testing.assert_allclose(lines["eval/dropped_fraction"], [[2.0, 1.0]])
+    np.testing.assert_allclose(lines["train"], [[1.25, 10.0], [2.0, 5.0]])
+    np.testing.assert_allclose(lines["eval"], [[2.0, 1.0]])
 
     fig = analysis.plot_eval_curves(trials)
     curves = {l.get_label(): l.get_xydata() for l in fig.axes[0].lines}
-    np.testing.assert_allclose(curves["num_experts=8"], [[50, 2.5], [100, 2.0]])
-    assert "num_experts=2" not in curves
+    np.testing.assert_allclose(curves["8 experts"], [[50, 2.5], [100, 2.0]])
+    assert "2 experts" not in curves
     plt.close("all")
 
 

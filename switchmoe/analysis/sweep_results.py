@@ -220,7 +220,7 @@ def plot_final_vs(
         xy = [(x, get(t)) for x, t in points if get(t) is not None]
         if xy:
             xs, ys = zip(*xy)
-            name = f"{group_by.split('.')[-1]}={label}" if group_by else None
+            name = trial_label(f"{group_by.split('.')[-1]}={label}") if group_by else None
             ax.plot(xs, ys, "o-", label=name, **plot_kwargs)
     ax.set(xlabel=x_key, ylabel=y if isinstance(y, str) else "")
     ax.grid(alpha=0.3)
@@ -269,8 +269,11 @@ def plot_capacity_factor(
             values = [(x, last_value(t["records"], metric)) for x, t in points]
             xy = [(x, 100 * v) for x, v in values if v is not None]
             if xy:
-                suffix = f" {group_by.split('.')[-1]}={label}" if group_by else ""
-                ax_drop.plot(*zip(*xy), style, label=metric + suffix)
+                suffix = (
+                    f", {trial_label(f'{group_by.split(chr(46))[-1]}={label}')}" if group_by else ""
+                )
+                where = "train" if metric.startswith("train") else "eval"
+                ax_drop.plot(*zip(*xy), style, label=f"{where}{suffix}")
     ax_drop.set(xlabel=x_key)
     ax_drop.grid(alpha=0.3)
     ax_drop.set(ylabel="tokens dropped (%)")
