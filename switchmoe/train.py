@@ -30,7 +30,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from switchmoe import checkpoints, metrics as metrics_lib, optim, sharding
+from switchmoe import checkpoints, optim, sharding
+from switchmoe import metrics as metrics_lib
 from switchmoe.config import resolve, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
 from switchmoe.data.span_corruption import make_pipeline
@@ -43,6 +44,7 @@ from switchmoe.models import (  # noqa: F401  (build_model & co. were defined he
     init_rows,
     model_inputs,
 )
+from switchmoe.workdir_lock import WorkdirLock
 
 # MoE statistics that are vectors per layer ([num_moe_layers, E] or [num_moe_layers, K]); they
 # are logged per layer. All other statistics are averaged over the MoE layers.
@@ -356,11 +358,22 @@ def train_and_evaluate(
     Raises:
       ValueError: a bad setting or an incompatible workdir, before anything is written.
       FloatingPointError: a non-finite metric; the checkpoints already written are intact.
+      WorkdirLocked: another live trainer holds the workdir (nothing is written).
     """
     config = resolve(config)
     validate_config(config, num_devices=jax.device_count())
     check_workdir_compatible(config, workdir)
     lead = jax.process_index() == 0  # one process writes config, metrics and progress
+    lock = WorkdirLock(workdir)
+    if lead:
+        lock.acquire()
+    try:
+        return _train_and_evaluate(config, workdir, stop_at=stop_at, log=log, lead=lead)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any]:
     if not lead:
         log = lambda line: None
     os.makedirs(workdir, exist_ok=True)

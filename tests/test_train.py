@@ -1,6 +1,7 @@
 """End-to-end training: loss falls, exact resume, restore, non-finite guard, bad input."""
 
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -252,3 +253,30 @@ def test_routing_groups_longer_than_a_sequence_train(data_dir, tmp_path):
     )
     # Encoder rows of 32 tokens need 2 per group; decoder rows of 8 targets need 8: lcm 8.
     assert init_rows(ed) == 8
+
+
+def test_a_live_trainer_holds_its_workdir_and_a_dead_one_does_not(data_dir, tmp_path):
+    from switchmoe.workdir_lock import LOCK_FILE, WorkdirLocked, _start_time  # noqa: PLC0415
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "since": "then",
+                "start_time": _start_time(holder.pid)}  # fmt: skip
+        (workdir / LOCK_FILE).write_text(json.dumps(lock))
+        config = tiny_config(data_dir, num_train_steps=5)
+        with pytest.raises(WorkdirLocked, match=f"held by a running trainer: process {holder.pid}"):
+            train_and_evaluate(config, str(workdir), log=quiet)
+        assert sorted(os.listdir(workdir)) == [LOCK_FILE]  # nothing else was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale, taken over, and released at the end.
+    train_and_evaluate(config, str(workdir), log=quiet)
+    assert not (workdir / LOCK_FILE).exists()
+    assert metrics.read_metrics(str(workdir))[-1]["step"] == 5
+    # A lock from another host cannot be checked: refused, with how to clear it.
+    (workdir / LOCK_FILE).write_text(json.dumps({**lock, "host": "elsewhere"}))
+    with pytest.raises(WorkdirLocked, match="on host elsewhere .* delete"):
+        train_and_evaluate(tiny_config(data_dir, num_train_steps=10), str(workdir), log=quiet)
