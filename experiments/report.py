@@ -279,17 +279,21 @@ def seed_figures(table, curves) -> dict:
                 pts = sorted(p for p in pts if p[1] is not None)
                 if pts:
                     xs, ys, es = zip(*pts)
-                    label = analysis.trial_label(rest) if rest else "base"
-                    ax.errorbar(xs, ys, yerr=[e or 0 for e in es], fmt="o-", capsize=3, label=label)
+                    name = analysis.trial_label(rest) if rest else "base"
+                    ax.errorbar(xs, ys, yerr=[e or 0 for e in es], fmt="o-", capsize=3, label=name)
                     ticks |= set(xs)
                     plotted += 1
             if ticks:
                 ax.set_xscale("symlog", base=2, linthresh=1)
                 ax.set_xticks(sorted(ticks), ["dense" if x == 0 else str(x) for x in sorted(ticks)])
+            if key == "speedup" and plotted:
+                ax.axhline(1.0, color="gray", lw=0.8, ls="--")  # as fast as dense
             if plotted > 1:
                 ax.legend(fontsize=7)
             ax.set(xlabel="experts per MoE layer", ylabel=label)
             ax.grid(alpha=0.3)
+        seeds = max(r["seeds"] for r in by_experts)
+        fig.suptitle(f"mean ± std over {seeds} seed{'s' * (seeds > 1)} (error bars)", fontsize=9)
         fig.tight_layout()
         figures["by_experts_seeds.png"] = fig
     fig, ax = plt.subplots(figsize=(8, 4.5))
