@@ -20,6 +20,7 @@ import jax
 from absl import app, flags, logging
 
 from switchmoe import analysis, sharding
+from switchmoe.analysis import seeds
 from switchmoe.config import resolve
 from switchmoe.data.span_corruption import make_pipeline
 from switchmoe.train import Trainer
@@ -27,6 +28,12 @@ from switchmoe.train import Trainer
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per trial.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
+_ONE_SEED = flags.DEFINE_bool(
+    "one_seed_per_setting",
+    False,
+    "Time one trial per setting of a seed sweep (seeds change values, not shapes, so the step "
+    "costs the same) and record it for each of the setting's trials.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 STEP_TIMES_FILE = os.path.join("report", "step_times.json")
@@ -70,11 +77,15 @@ def main(argv):
         },
         "trials": {},
     }
+    timed: dict[str, dict] = {}
     for trial in trials:
-        results["trials"][trial["name"]] = timing = time_trial(
-            trial["config"], _STEPS.value, _WARMUP.value
-        )
-        print(f"{trial['name']}: {timing['median_ms']:.1f} ms/step (median of {_STEPS.value})")
+        setting = seeds.setting_name(trial["name"]) if _ONE_SEED.value else trial["name"]
+        if setting not in timed:
+            timed[setting] = time_trial(trial["config"], _STEPS.value, _WARMUP.value)
+            print(
+                f"{setting}: {timed[setting]['median_ms']:.1f} ms/step (median of {_STEPS.value})"
+            )
+        results["trials"][trial["name"]] = {**timed[setting], "timed_as": setting}
     path = os.path.join(_WORKDIR.value, STEP_TIMES_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
