@@ -298,6 +298,9 @@ def train_configs(size: str, dtype: str) -> dict:
             c.model.d_ff, c.data.seq_len, c.batch_size = 64, 32, 8
             if c.model.moe.num_experts:
                 c.model.moe.num_experts = 4
+                c.model.moe.group_size = None  # one 32-token sequence per routing group
+                if c.model.moe.get("expert_d_ff"):
+                    c.model.moe.expert_d_ff = c.model.d_ff // 2  # top-2 at the dense FLOPs
     return configs
 
 

@@ -45,9 +45,10 @@ def test_switch_base_parameter_count_by_hand():
     assert counts["active_per_token"] == expected - moe_blocks * (E - 1) * 2 * D * F
 
 
-def test_dense_counterpart_has_the_active_parameters_of_top1():
+def test_dense_counterpart_has_the_active_parameters_of_the_demo():
+    # The demo's top-2 experts are half as wide as the dense FFN: two of them are one FFN.
     moe, dense = count_params(load("demo")), count_params(load("dense"))
-    routers = 2 * 128 * 8  # the only extra active parameters: two routers of D × E
+    routers = 2 * 128 * 32  # the only extra active parameters: two routers of D × E
     assert moe["active_per_token"] == dense["total"] + routers
 
 

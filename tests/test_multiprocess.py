@@ -58,6 +58,10 @@ def test_two_processes_match_one(tmp_path):
         "optimizer.warmup_steps": 5,
         "num_eval_batches": 2,
         "mesh.expert": 4,
+        # The demo's routing settings back to the tiny config's (top-2 is set by OVERRIDES).
+        "model.moe.gate_norm": "raw",
+        "model.moe.expert_d_ff": 64,
+        "model.moe.group_size": 32,
     }
     port = free_port()
     workdir = str(tmp_path / "two")
