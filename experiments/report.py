@@ -214,6 +214,11 @@ def seed_report(trials, rows, out):
         reached = [u for u in ups if u is not None]
         r["speedup_mean"], r["speedup_std"] = seeds_lib.mean_std(reached)
         r["speedup_reached"] = f"{len(reached)}/{len(ups)}" if ups else None
+    for r in table:
+        if r["quiet_step_ms_std"] == 0.0:
+            r["quiet_step_ms_std"] = (
+                None  # timed once per setting (step_time --one_seed_per_setting)
+            )
     write_csv(os.path.join(out, "results_by_setting.csv"), table, list(table[0]))
     pm = lambda m, s, digits: (
         "-" if m is None else (f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}"))
@@ -296,15 +301,33 @@ def seed_figures(table, curves) -> dict:
         fig.suptitle(f"mean ± std over {seeds} seed{'s' * (seeds > 1)} (error bars)", fontsize=9)
         fig.tight_layout()
         figures["by_experts_seeds.png"] = fig
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # Beside the curves, their difference from the dense mean curve: at a shared scale the
+    # curves of a scaling study lie on top of each other; the differences show their order.
+    dense = seeds_lib.mean_curve(curves["num_experts=0"]) if "num_experts=0" in curves else None
+    fig, axes = plt.subplots(1, 2 if dense else 1, figsize=(13 if dense else 8, 4.5), squeeze=False)
+    ax, ax_diff = axes[0][0], (axes[0][1] if dense else None)
     for setting, group in curves.items():
         steps, mean, std = seeds_lib.mean_curve(group)
         label = f"{analysis.trial_label(setting)} ({len(group)} seed{'s' * (len(group) > 1)})"
         (line,) = ax.plot(steps, mean, "-", label=label)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        if ax_diff is not None:
+            shared = np.isin(steps, dense[0])
+            base = dense[1][np.isin(dense[0], steps[shared])]
+            diff = mean[shared] - base
+            ax_diff.plot(steps[shared], diff, "-", color=line.get_color())
+            ax_diff.fill_between(
+                steps[shared], diff - std[shared], diff + std[shared], color=line.get_color(),
+                alpha=0.15,
+            )  # fmt: skip
     ax.set(xlabel="step", ylabel="eval loss (nats/token), mean ± std over seeds")
+    if ax_diff is not None:
+        ax_diff.axhline(0.0, color="gray", lw=0.8, ls="--")
+        ax_diff.set(xlabel="step", ylabel="eval loss − dense mean (nats/token)")
+        ax_diff.grid(alpha=0.3)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    handles, labels = ax.get_legend_handles_labels()
+    (ax_diff or ax).legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     figures["eval_curves_seeds.png"] = fig
     return figures
