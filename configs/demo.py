@@ -8,7 +8,10 @@ this project's expert-count study finds quality improving with the number of exp
 (EXPERIMENTS.md, "Expert-count scaling"). Switch's top-1 with raw gates needs far longer runs
 for many experts to pay off (EXPERIMENTS.md, "the diagnosis").
 
-Reached on this machine: see the README (the command above, from a fresh clone).
+Reached on this machine (2 CPU cores, 2026-12-01, nothing else running): 800 steps in 2m53s, eval
+1.942 bits/byte on the 65,531 validation bytes it scores, where zlib -9 needs 2.037 and xz -9
+1.923 (validation unigram entropy 4.677); eval dropped fraction 1.04% at capacity factor 2.0.
+`make demo` from a fresh clone took 198 s including the install (pip's cache was warm).
 """
 
 from switchmoe.config import default_config
