@@ -387,7 +387,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         raise ValueError(f"optimizer.warmup_steps must be >= 0; got {opt.warmup_steps}.")
     _positive("batch_size", config.batch_size)
     micro = config.get("grad_accum_steps", 1)
-    if config.batch_size % (micro * batch_shards):
+    if micro > 1 and config.batch_size % (micro * batch_shards):
         raise ValueError(
             f"batch_size={config.batch_size} must be divisible by grad_accum_steps × batch "
             f"shards = {micro} × {batch_shards} = {micro * batch_shards}: every microbatch "

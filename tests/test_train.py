@@ -61,7 +61,7 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(data_dir, tmp_path):
     expected = final["eval/loss"] * scored / ((scored - eos) * np.log(2))
     assert final["eval/bits_per_byte"] == pytest.approx(expected, rel=1e-6)
 
-    from experiments.train import summary  # noqa: PLC0415
+    from switchmoe.run_summary import summary  # noqa: PLC0415
 
     text = summary(tiny_config(data_dir, num_train_steps=30), workdir, final, 1.0)
     assert f"this model {final['eval/bits_per_byte']:.3f} bits/byte; zlib -9 " in text
