@@ -97,14 +97,6 @@ def diagnose(trial) -> dict:
     return row
 
 
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    return str(value)
-
-
 def summary_table(rows) -> str:
     """The columns EXPERIMENTS.md shows, one row per trial, labelled for people."""
     head = (
@@ -208,8 +200,7 @@ def main(argv):
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# Routing diagnosis: {sweep_dir}", ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += [analysis.markdown_table(rows, COLUMNS)]
     summary = summary_table(rows)
     with open(os.path.join(out, "diagnosis_summary.md"), "w") as f:
         f.write(summary + "\n")

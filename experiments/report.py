@@ -103,20 +103,7 @@ def row(trial, quiet: dict | None = None) -> dict:
     }
 
 
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1e4:
-        return f"{value:,}"
-    return str(value)
-
-
-def markdown(rows, columns) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+markdown = analysis.markdown_table
 
 
 def write_csv(path, rows, columns):

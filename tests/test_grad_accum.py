@@ -11,12 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from switchmoe import checkpoints, metrics
 from switchmoe.config import resolve, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
 from switchmoe.sharding import make_mesh
-from switchmoe.train import Trainer, train_and_evaluate
-from tiny import tiny_config
+from switchmoe.train import Trainer
+from tiny import tiny_config, train_straight_and_interrupted
 
 quiet = lambda line: None
 
@@ -83,12 +82,4 @@ def test_microbatch_size_must_hold_whole_routing_groups(data_dir):
 
 def test_a_run_with_accumulation_resumes_exactly(data_dir, tmp_path):
     config = tiny_config(data_dir, grad_accum_steps=2, **{"model.moe.num_selected": 2})
-    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    train_and_evaluate(config, straight, log=quiet)
-    train_and_evaluate(config, interrupted, stop_at=10, log=quiet)
-    assert checkpoints.Checkpointer(interrupted).all_steps() == [10]
-    train_and_evaluate(config, interrupted, log=quiet)
-    drop_timing = lambda rs: [{k: v for k, v in r.items() if "per_second" not in k} for r in rs]
-    assert drop_timing(metrics.read_metrics(interrupted)) == drop_timing(
-        metrics.read_metrics(straight)
-    )
+    train_straight_and_interrupted(config, tmp_path)

@@ -17,7 +17,7 @@ from switchmoe.models import init_rows
 from switchmoe.train import Trainer, train_and_evaluate
 from switchmoe.config import resolve
 from switchmoe.data.pipeline import LMDataPipeline
-from tiny import tiny_config
+from tiny import tiny_config, train_straight_and_interrupted
 
 quiet = lambda line: None
 
@@ -93,16 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
             "model.dropout_rate": 0.1,
         },
     )
-    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    train_and_evaluate(config, straight, log=quiet)
-    train_and_evaluate(config, interrupted, stop_at=10, log=quiet)
-    assert checkpoints.Checkpointer(interrupted).all_steps() == [10]
-    train_and_evaluate(config, interrupted, log=quiet)
-
-    drop_timing = lambda rs: [{k: v for k, v in r.items() if "per_second" not in k} for r in rs]
-    assert drop_timing(metrics.read_metrics(straight)) == drop_timing(
-        metrics.read_metrics(interrupted)
-    )
+    straight, interrupted = train_straight_and_interrupted(config, tmp_path)
     _, a = restore_run(straight)
     _, b = restore_run(interrupted)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

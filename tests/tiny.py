@@ -34,3 +34,25 @@ def apply_overrides(config, overrides: dict):
             node = node[part]
         node[leaf] = value
     return config
+
+
+def train_straight_and_interrupted(config, tmp_path, stop_at=10):
+    """Trains `config` once straight through and once stopped at `stop_at`, then resumed.
+
+    Returns both workdirs, after checking that the interrupted run saved exactly at `stop_at`
+    and that both logged the same metrics (timings aside).
+    """
+    from switchmoe import checkpoints, metrics  # noqa: PLC0415
+    from switchmoe.train import train_and_evaluate  # noqa: PLC0415
+
+    quiet = lambda line: None
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train_and_evaluate(config, straight, log=quiet)
+    train_and_evaluate(config, interrupted, stop_at=stop_at, log=quiet)
+    assert checkpoints.Checkpointer(interrupted).all_steps() == [stop_at]
+    train_and_evaluate(config, interrupted, log=quiet)
+    drop_timing = lambda rs: [{k: v for k, v in r.items() if "per_second" not in k} for r in rs]
+    assert drop_timing(metrics.read_metrics(straight)) == drop_timing(
+        metrics.read_metrics(interrupted)
+    )
+    return straight, interrupted

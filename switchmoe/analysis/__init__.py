@@ -58,6 +58,8 @@ from switchmoe.analysis.sweep_results import (
     load_trial,
     load_sweep,
     trial_label,
+    format_value,
+    markdown_table,
     format_sweep_table,
     plot_eval_curves,
     plot_run_curves,

@@ -85,6 +85,24 @@ def load_sweep(sweep_dir: str, finished_only: bool = False) -> list[dict[str, An
     return [t for t in trials if t["finished"] or not finished_only]
 
 
+def format_value(value) -> str:
+    """A table cell: '-' for None, 4 significant digits, thousands separators from 10,000."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1e4:
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """`rows` (dicts) as a markdown table of `columns`, cells by `format_value`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_value(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_sweep_table(
     trials: Sequence[dict], keys: Sequence[str] = ("model.moe.num_experts",)
 ) -> str:
