@@ -5,6 +5,10 @@
   python -m experiments.sweep --config=configs/studies.py:routing --workdir=runs/sweeps/routing
   python -m experiments.sweep --config=configs/studies.py:expert_count_top2 \
       --workdir=runs/sweeps/expert_count_top2 --seeds=0,1,2
+  python -m experiments.sweep --config=configs/studies.py:learning_rate_top2 \
+      --workdir=runs/sweeps/learning_rate_top2 --seeds=0,1
+  python -m experiments.sweep --config=configs/studies.py:capacity_g1024 \
+      --workdir=runs/sweeps/capacity_g1024 --seeds=0,1
   python -m experiments.sweep --config=configs/studies.py:diagnosis --workdir=runs/sweeps/diagnosis
   python -m experiments.report --workdir=runs/sweeps/expert_count      (likewise for the others)
 
@@ -13,6 +17,8 @@ expert_count  Switch Fig. 4 / Table 9: 1 (dense), 2, 4, 8, 16, 32, 64 experts, t
 expert_count_top2  the same question on the setup the diagnosis chose: 0 (dense) to 128 experts,
               top-2 with normalised gates and half-width experts, routing groups of 1024 tokens;
               run with --seeds=0,1,2.
+learning_rate_top2  expert_count_top2's setup at lr 1e-2 and 2e-2 for dense, 8 and 64 experts
+              (its own runs are the 3e-3 column); run with --seeds=0,1.
 capacity_g1024  the capacity study on routing groups of 1024 tokens (causal top-2), --seeds=0,1.
 diagnosis     why top-1 with 64 experts was no better than 8: one change at a time at 8 and 64
               experts (python -m experiments.diagnose --workdir=... tabulates routing health).
@@ -36,10 +42,15 @@ STUDIES = (
     "diagnosis",
     "expert_count_top2",
     "capacity_g1024",
+    "learning_rate_top2",
 )
 # The setup the diagnosis chose (EXPERIMENTS.md, "Why 64 experts were no better than 8"):
 # routing groups of 1024 tokens, top-2 with gates normalised over the two, half-width experts.
 SCALING_COUNTS = (0, 2, 4, 8, 16, 32, 64, 128)
+# Is the top-2 study's gain a learning-rate artefact? Dense preferred 1e-2 over the studies' 3e-3
+# in the diagnosis; these rates (with expert_count_top2's 3e-3 runs) tune each expert count.
+LR_COUNTS = (0, 8, 64)
+LEARNING_RATES = (1e-2, 2e-2)
 
 
 def get_config(study="expert_count"):
@@ -66,11 +77,11 @@ def get_config(study="expert_count"):
     config.num_eval_batches = 16
     config.checkpoint_every = 600
     config.keep_checkpoints = 1
-    if study in ("diagnosis", "expert_count_top2", "capacity_g1024"):
+    if study in ("diagnosis", "expert_count_top2", "capacity_g1024", "learning_rate_top2"):
         # Routing groups of 8 sequences: the expert-count study's second run showed that
         # 128-token groups leave 64 experts 3 slots each and drop 20% of training tokens.
         config.model.moe.group_size = 1024
-    if study == "expert_count_top2":
+    if study in ("expert_count_top2", "learning_rate_top2"):
         # Top-2 with normalised gates: two gates sum to 1 whatever E is, where top-1's raw gate
         # is the router probability, ~1/E until the router has learned (diagnosis).
         for key, value in TOP2.items():
@@ -160,6 +171,12 @@ def get_sweep(study="expert_count"):
         return [{"model.moe.num_experts": e} for e in SCALING_COUNTS]
     if study == "capacity_g1024":
         return get_sweep("capacity")
+    if study == "learning_rate_top2":
+        return [
+            {"model.moe.num_experts": e, "optimizer.learning_rate": lr}
+            for e in LR_COUNTS
+            for lr in LEARNING_RATES
+        ]
     if study == "expert_count":
         return [{"model.moe.num_experts": e} for e in EXPERT_COUNTS]
     if study == "capacity":

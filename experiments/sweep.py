@@ -1,7 +1,7 @@
 """Run every trial of a config's get_sweep(), each in its own sub-workdir; rerun to resume.
 
   python -m experiments.sweep --config=configs/studies.py:expert_count \
-      --workdir=runs/sweeps/expert_count [--seeds=0,1,2] [--parallel=2] [--config.num_train_steps=100 ...]
+      --workdir=runs/sweeps/expert_count [--seeds=0,1,2] [--parallel=2] [--only=REGEX] [--config.num_train_steps=100 ...]
 
 Finished trials are skipped, unfinished ones resume from their latest checkpoint. Each trial runs
 as `python -m experiments.train` in a subprocess (--parallel of them at a time), so a crash in one
@@ -9,6 +9,7 @@ trial leaves the others running; its output goes to <trial>/train.log.
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +28,12 @@ _SEEDS = flags.DEFINE_list(
     [],
     "Run every trial once per seed (sets seed and data.seed: initialisation and data order); "
     "trial names end in ',seed=S' and the report aggregates them (mean ± std).",
+)
+_ONLY = flags.DEFINE_string(
+    "only",
+    None,
+    "Run only the trials whose name matches this regular expression (re.search); the sweep file "
+    "still lists every trial, so a later run without --only completes the sweep.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -50,6 +57,8 @@ def main(argv):
     jobs = []
     for overrides in trials:
         name = sweeps.trial_name(overrides)
+        if _ONLY.value is not None and not re.search(_ONLY.value, name):
+            continue
         trial_dir = os.path.join(_WORKDIR.value, name)
         if sweeps.is_finished(trial_dir):
             print(f"[skip] {name}: finished")
