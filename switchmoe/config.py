@@ -10,11 +10,15 @@ allowed values in its message.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import ml_collections
-import numpy as np
 from ml_collections import config_dict
 
-from switchmoe import dispatch, experts, hash_routing, routing, sharding
+from switchmoe import experts, routers, sharding
+from switchmoe.moe_layer import SETTINGS as MOE_SETTINGS
+from switchmoe.moe_layer import MoeLayer
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data.tokenizers import make_tokenizer
 
@@ -25,6 +29,9 @@ ARCHITECTURES = ("decoder", "encoder_decoder")
 
 
 def default_moe_config() -> ml_collections.ConfigDict:
+    """The `model.moe` block: the model-level fields below, then every `MoeLayer` setting with the
+    layer's default (documented in MoeLayer's docstring), then every router's own options
+    (documented in its module's `options`). One definition each: nothing is restated here."""
     moe = ml_collections.ConfigDict()
     # Experts per MoE layer; 0 makes every block dense (the dense baseline).
     moe.num_experts = 8
@@ -33,41 +40,8 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe.expert_d_ff = config_dict.placeholder(int)
     # Every moe_every-th block is an MoE block (Switch/GShard: 2, ST-MoE: 4, all blocks: 1).
     moe.moe_every = 2
-    # Experts per token (top-k): 1 Switch, 2 GShard / ST-MoE.
-    moe.num_selected = 1
-    # 'top_k' (token choice), 'expert_choice' (each expert picks its tokens; not causal),
-    # 'noisy_top_k' (Shazeer et al. 2017), 'hash' (fixed token-id table) or 'sbase' (balanced
-    # assignment by Sinkhorn iterations while training; not causal).
-    moe.router = "top_k"
-    # 'einsum' (one-hot masks), 'gather' (slot tables) or 'dropless' (sorted grouped matmul; the
-    # top-k router then drops nothing and ignores the capacity factors).
-    moe.backend = "einsum"
-    # How backend='dropless' computes (same numbers): 'ragged_dot' (grouped GEMM, GPU/TPU) or
-    # 'blocked' (expert runs padded to whole blocks, one GEMM per block; fast on XLA:CPU).
-    # None: blocked on CPU, ragged_dot elsewhere.
-    moe.dropless_implementation = config_dict.placeholder(str)
-    # Rows per block of the blocked implementation; None: the mean tokens per expert as a power
-    # of two in [16, 128] (switchmoe.dispatch.auto_block_size).
-    moe.block_size = config_dict.placeholder(int)
-    # Capacity C = ceil(k·S/E·factor) while training...
-    moe.train_capacity_factor = 1.25
-    # ...and at evaluation (Switch evaluates at 2.0).
-    moe.eval_capacity_factor = 2.0
-    # Lower bound on C per group.
-    moe.min_capacity = 4
-    # Tokens per routing group S; None routes each sequence as one group.
-    moe.group_size = config_dict.placeholder(int)
-    # Gate: 'raw' router probability (Switch) or 'normalized' over the chosen k (GShard).
-    moe.gate_norm = "raw"
-    # V-MoE batch prioritized routing (looks at the whole group: not allowed in a decoder).
-    moe.batch_prioritized = False
     # Batch prioritized routing in an encoder–decoder's encoder only (its decoder stays causal).
     moe.encoder_batch_prioritized = False
-    # Top-k with k >= 2: place each token's choices before the next token's, so that routing is
-    # causal. False: GShard's order (all first choices first), under which an early token's
-    # second choice can be displaced by later tokens: allowed in an encoder, and in a decoder-only
-    # LM only with noncausal_ablation. An encoder–decoder's decoder is always causal.
-    moe.causal_routing = True
     # Permits a decoder-only LM to be a non-causal routing ablation: routers whose choice for a
     # token depends on later tokens of its group ('expert_choice', 'sbase', or
     # causal_routing=False with k >= 2). Such a run's eval loss is not comparable with a causal
@@ -75,40 +49,18 @@ def default_moe_config() -> ml_collections.ConfigDict:
     # decode token by token as it trained; its summary and sweep reports say so. On a run whose
     # routing is causal anyway the flag changes nothing (so it may be set for a whole sweep).
     moe.noncausal_ablation = False
-    # GShard random routing of the second expert while training.
-    moe.random_routing = False
-    # Keep the second expert if U(0,1) < g2 / threshold (GShard: 0.5).
-    moe.random_routing_threshold = 0.5
-    # Noisy top-k's importance and load loss weights (Shazeer et al.: 0.1 each).
-    moe.importance_weight = 0.0
-    moe.load_weight = 0.0
-    # Hash router table: 'random' (seeded hash) or 'balanced' (greedy on training-corpus token
-    # frequencies); the table itself is computed when the run starts and saved in config.json.
-    moe.hash_kind = "random"
-    moe.hash_table = config_dict.placeholder(tuple)
-    # S-BASE: Sinkhorn iterations and temperature (on standardised logits).
-    moe.sbase_iters = 200
-    moe.sbase_temperature = 0.02
-    # Multiplicative jitter on the router input while training (Switch: 1e-2; 0 = off).
-    moe.jitter_eps = 0.0
-    # Weight α of the Switch load-balancing loss.
-    moe.load_balancing_weight = 1e-2
-    # Weight β of the ST-MoE router z-loss (1e-3 in ST-MoE; 0 = off).
-    moe.z_loss_weight = 0.0
-    # Dropout on the experts' hidden activations while training.
-    moe.expert_dropout = 0.0
-    # Hidden width of a shared dense expert applied to every token (0 = none).
-    moe.shared_d_ff = 0
-    # Router kernel init: truncated normal with variance scale/D (Switch: 0.1; 0 = zeros).
-    moe.router_init_scale = 0.1
-    # Router matmul precision: 'float32' (Switch's selective precision) or 'bfloat16' (the
-    # ablation it argues against). Probabilities and losses are float32 either way.
-    moe.router_dtype = "float32"
-    # Learned bias on the router logits.
-    moe.router_bias = False
-    # Variance scale of the expert weights' init (Switch scales all inits by 0.1).
-    moe.init_scale = 1.0
+    hints = typing.get_type_hints(MoeLayer)
+    for f in dataclasses.fields(MoeLayer):
+        if f.name in MOE_SETTINGS:
+            moe[f.name] = _config_value(f.default, typing.get_args(hints[f.name]))
+    for name, option in routers.all_options().items():
+        moe[name] = _config_value(option.default, (option.type,))
     return moe
+
+
+def _config_value(default, types):
+    # None defaults become typed placeholders, so the command line can set them.
+    return config_dict.placeholder(types[0]) if default is None else default
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -244,23 +196,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.model.get("vocab_size") is None:
         with config.unlocked():
             config.model.vocab_size = make_tokenizer(config.data).vocab_size
-    moe = config.model.moe
-    if moe.num_experts and moe.router == "hash" and moe.get("hash_table") is None:
+    if config.model.moe.num_experts:
         with config.unlocked():
-            moe.hash_table = tuple(int(e) for e in hash_table(config))
+            routers.make_router(config.model.moe).prepare(config)
     return config
-
-
-def hash_table(config: ml_collections.ConfigDict):
-    """The hash router's token id -> expert table for `config` (int32[vocab_size])."""
-    moe, vocab = config.model.moe, config.model.vocab_size
-    if moe.hash_kind == "random":
-        return hash_routing.random_hash_table(vocab, moe.num_experts, config.seed)
-    from switchmoe.data.pipeline import LMDataPipeline  # noqa: PLC0415
-
-    windows = LMDataPipeline(config.data, config.batch_size).packed(config.data.train_split)
-    counts = np.bincount(np.asarray(windows.windows, np.int64).ravel(), minlength=vocab)
-    return hash_routing.balanced_hash_table(counts[:vocab], moe.num_experts)
 
 
 def _one_of(name, value, allowed):
@@ -304,40 +243,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         raise ValueError(f"model.moe.num_experts must be >= 0 (0 = dense); got {moe.num_experts}.")
     if moe.num_experts:
         _positive("model.moe.moe_every", moe.moe_every)
-        if not 1 <= moe.num_selected <= moe.num_experts:
-            raise ValueError(
-                f"model.moe.num_selected (k) must be in [1, model.moe.num_experts="
-                f"{moe.num_experts}]; got {moe.num_selected}."
-            )
-        _one_of("model.moe.router", moe.router, routing.ROUTERS)
-        _one_of("model.moe.backend", moe.backend, dispatch.BACKENDS)
-        if moe.get("dropless_implementation") is not None:
-            _one_of(
-                "model.moe.dropless_implementation",
-                moe.dropless_implementation,
-                dispatch.DROPLESS_IMPLEMENTATIONS,
-            )
-        if moe.get("block_size") is not None:
-            _positive("model.moe.block_size", moe.block_size)
-        _one_of("model.moe.gate_norm", moe.gate_norm, routing.GATE_NORMS)
-        _one_of("model.moe.router_dtype", moe.router_dtype, DTYPES)
-        _one_of("model.moe.hash_kind", moe.hash_kind, hash_routing.HASH_KINDS)
-        if moe.router == "noisy_top_k" and moe.num_selected >= moe.num_experts:
-            raise ValueError(
-                "model.moe.router='noisy_top_k' needs model.moe.num_selected < "
-                f"model.moe.num_experts={moe.num_experts}; got {moe.num_selected}."
-            )
-        if (
-            moe.router == "sbase"
-            and (moe.get("group_size") or config.data.seq_len) % moe.num_experts
-        ):
-            raise ValueError(
-                f"model.moe.router='sbase' needs the group size "
-                f"({moe.get('group_size') or config.data.seq_len}) divisible by "
-                f"model.moe.num_experts={moe.num_experts} (every expert gets exactly S/E tokens)."
-            )
-        _positive("model.moe.train_capacity_factor", moe.train_capacity_factor)
-        _positive("model.moe.eval_capacity_factor", moe.eval_capacity_factor)
+        _one_of("model.moe.router", moe.router, routers.NAMES)
+        # The layer's own validation, on the layer this config builds (one validator for both).
+        tokens_per_group = moe.get("group_size") or config.data.seq_len
+        MoeLayer.from_config(model).check_settings("model.moe.", tokens_per_group)
         if moe.batch_prioritized:
             raise ValueError(
                 "model.moe.batch_prioritized=True is not allowed in a decoder: it orders tokens "
@@ -350,11 +259,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
             raise ValueError(
                 "model.moe.encoder_batch_prioritized=True needs model.arch='encoder_decoder'; "
                 f"got model.arch={model.arch!r} (a decoder-only model has no encoder)."
-            )
-        if moe.random_routing and moe.num_selected < 2:
-            raise ValueError(
-                "model.moe.random_routing needs model.moe.num_selected >= 2; "
-                f"got {moe.num_selected}."
             )
         lengths = sequence_lengths(config)
         micro = config.get("grad_accum_steps", 1)
@@ -375,7 +279,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 f"model.moe.num_experts={moe.num_experts} must be divisible by mesh.expert="
                 f"{expert_size} (each device holds num_experts / mesh.expert experts)."
             )
-        if expert_size > 1 and moe.backend == "dropless" and moe.router == "top_k":
+        if expert_size > 1 and moe.backend == "dropless":
             raise ValueError(
                 "mesh.expert > 1 needs model.moe.backend in ('einsum', 'gather'): the dropless "
                 "backend would need a ragged all-to-all."
@@ -403,25 +307,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _positive("keep_checkpoints", config.keep_checkpoints)
 
 
-# Routers whose choice for a token looks at the whole group (and so at later tokens).
-NONCAUSAL_ROUTERS = ("expert_choice", "sbase")
-
-
 def noncausal_reason(moe: ml_collections.ConfigDict) -> str | None:
-    """Why an MoE config routes non-causally (a token's routing depends on later tokens), or None.
-
-    Batch prioritized routing is refused in every decoder on its own (see validate_config).
-    """
-    if moe.router in NONCAUSAL_ROUTERS:
-        return f"model.moe.router={moe.router!r} routes on the whole group"
-    rank_major = not moe.get("causal_routing", True) and moe.num_selected >= 2
-    if rank_major and moe.backend != "dropless" and moe.router in ("top_k", "noisy_top_k"):
-        return (
-            f"model.moe.causal_routing=False with num_selected={moe.num_selected} places every "
-            "first choice before any second choice, so later tokens can displace an earlier "
-            "token's second choice"
-        )
-    return None
+    """Why an MoE config routes non-causally (a token's routing depends on later tokens), or None:
+    the router's answer (switchmoe/routers). Batch prioritized routing is refused in every
+    decoder on its own (see validate_config)."""
+    return routers.make_router(moe).noncausal_reason()
 
 
 def is_noncausal_ablation(config: ml_collections.ConfigDict) -> bool:
@@ -454,10 +344,24 @@ def _validate_causal_routing(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"{reason}: not causal, and a decoder-only LM routes causally by default (its eval "
             "loss must not see later tokens, and it must decode as it trained). Allowed: "
-            f"model.moe.router in {tuple(r for r in routing.ROUTERS if r not in NONCAUSAL_ROUTERS)} "
-            "with model.moe.causal_routing=True; or set model.moe.noncausal_ablation=True to "
+            f"model.moe.router in {causal_routers()} with model.moe.causal_routing=True; or set model.moe.noncausal_ablation=True to "
             "train it as a non-causal ablation."
         )
+
+
+def causal_routers() -> tuple[str, ...]:
+    """The routers that route causally at their default settings (asked of each router)."""
+    return tuple(
+        name
+        for name in routers.NAMES
+        if routers.make_router(_default_moe_with(name)).noncausal_reason() is None
+    )
+
+
+def _default_moe_with(router: str) -> ml_collections.ConfigDict:
+    moe = default_moe_config()
+    moe.router = router
+    return moe
 
 
 def sequence_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -488,11 +392,11 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
             f"({model.relative_attention_num_buckets // 2}); "
             f"got {model.relative_attention_max_distance}."
         )
-    if model.moe.num_experts and model.moe.router in ("expert_choice", "sbase"):
+    if model.moe.num_experts and model.moe.router not in causal_routers():
         raise ValueError(
             f"model.moe.router={model.moe.router!r} is not causal (it routes on the whole group), "
             "and an encoder–decoder's decoder must be, to decode as it trained; allowed here: "
-            "'top_k', 'noisy_top_k', 'hash'."
+            f"{causal_routers()}."
         )
     lengths = span_corruption.example_lengths(config.data)
     if config.data.num_sentinels < lengths.num_spans:

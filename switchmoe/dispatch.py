@@ -4,7 +4,7 @@ Shape legend: G groups, S tokens per group, E experts, C capacity, K choices per
 D model width; M = G·S·K (token, choice) pairs; blocked dropless: Bk rows per block, NB blocks,
 R = NB·Bk padded rows.
 
-Every backend reads the same `RoutingResult` (expert, slot, gate) and must produce the same output:
+Every backend reads the same `DispatchPlan` (expert, slot, gate; E and C static) and must produce the same output:
   y[g, s] = Σ_k gate[g, s, k] · expert_{expert[g,s,k]}(x[g, s])   over the kept choices (slot ≥ 0).
 They differ in how they move data, which is a cost trade-off, not a modelling choice:
 
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from switchmoe.experts import StackedExperts
-from switchmoe.routing import RoutingResult
+from switchmoe.routing import DispatchPlan
 
 Array = jax.Array
 
@@ -45,13 +45,13 @@ Array = jax.Array
 DROPLESS_IMPLEMENTATIONS = ("ragged_dot", "blocked")
 
 
-def _require_capacity(routing: RoutingResult, backend: str) -> int:
-    if routing.capacity is None:
+def _require_capacity(plan: DispatchPlan, backend: str) -> int:
+    if plan.capacity is None:
         raise ValueError(
-            f"backend {backend!r} needs a static capacity; this routing result is dropless "
+            f"backend {backend!r} needs a static capacity; this dispatch plan is dropless "
             "(capacity None): use backend 'dropless' or set a capacity factor."
         )
-    return routing.capacity
+    return plan.capacity
 
 
 def buffer_to_experts(x: Array) -> Array:
@@ -76,31 +76,31 @@ class EinsumDispatch:
     name = "einsum"
 
     @staticmethod
-    def masks(routing: RoutingResult, dtype) -> tuple[Array, Array]:
+    def masks(plan: DispatchPlan, dtype) -> tuple[Array, Array]:
         """dispatch[G, S, E, C] in {0, 1} and combine[G, S, E, C] = gate, both in `dtype`.
 
         A dropped choice (slot -1) has an all-zero one-hot row, so it neither takes a slot nor adds to
         the output. A token occupies at most one slot of an expert (its K choices are distinct
         experts), so summing over k never sums two ones into the same entry.
         """
-        E = routing.probs.shape[-1]
-        C = _require_capacity(routing, EinsumDispatch.name)
-        expert_1h = jax.nn.one_hot(routing.expert, E, dtype=dtype)  # [G, S, K, E]
-        slot_1h = jax.nn.one_hot(routing.slot, C, dtype=dtype)  # [G, S, K, C], zeros for -1
+        E = plan.num_experts
+        C = _require_capacity(plan, EinsumDispatch.name)
+        expert_1h = jax.nn.one_hot(plan.expert, E, dtype=dtype)  # [G, S, K, E]
+        slot_1h = jax.nn.one_hot(plan.slot, C, dtype=dtype)  # [G, S, K, C], zeros for -1
         dispatch = jnp.einsum("gske,gskc->gsec", expert_1h, slot_1h)
-        combine = jnp.einsum("gske,gskc,gsk->gsec", expert_1h, slot_1h, routing.gate.astype(dtype))
+        combine = jnp.einsum("gske,gskc,gsk->gsec", expert_1h, slot_1h, plan.gate.astype(dtype))
         return dispatch, combine
 
     @staticmethod
-    def dispatch(x: Array, routing: RoutingResult) -> Array:
+    def dispatch(x: Array, plan: DispatchPlan) -> Array:
         """x[G, S, D] -> expert buffer [G, E, C, D]; empty slots are zero."""
-        dispatch, _ = EinsumDispatch.masks(routing, x.dtype)
+        dispatch, _ = EinsumDispatch.masks(plan, x.dtype)
         return jnp.einsum("gsec,gsd->gecd", dispatch, x)
 
     @staticmethod
-    def combine(y: Array, routing: RoutingResult) -> Array:
+    def combine(y: Array, plan: DispatchPlan) -> Array:
         """Expert outputs [G, E, C, D] -> y[G, S, D] weighted by the gates."""
-        _, combine = EinsumDispatch.masks(routing, y.dtype)
+        _, combine = EinsumDispatch.masks(plan, y.dtype)
         return jnp.einsum("gsec,gecd->gsd", combine, y)
 
 
@@ -114,48 +114,46 @@ class GatherDispatch:
     name = "gather"
 
     @staticmethod
-    def slot_table(routing: RoutingResult) -> Array:
+    def slot_table(plan: DispatchPlan) -> Array:
         """int32[G, E, C]: the token index in each expert slot, -1 where the slot is empty.
 
         Dropped pairs are written into an extra column C that is then cut off, which keeps the
         scatter free of out-of-bounds indices (whose handling differs between backends).
         """
-        G, S, K = routing.expert.shape
-        E = routing.probs.shape[-1]
-        C = _require_capacity(routing, GatherDispatch.name)
-        slot = jnp.where(routing.slot >= 0, routing.slot, C)
+        G, S, K = plan.expert.shape
+        E = plan.num_experts
+        C = _require_capacity(plan, GatherDispatch.name)
+        slot = jnp.where(plan.slot >= 0, plan.slot, C)
         token = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], (G, S, K))
         g = jnp.arange(G)[:, None, None]
-        table = jnp.full((G, E, C + 1), -1, jnp.int32).at[g, routing.expert, slot].set(token)
+        table = jnp.full((G, E, C + 1), -1, jnp.int32).at[g, plan.expert, slot].set(token)
         return table[..., :C]
 
     @staticmethod
-    def dispatch(x: Array, routing: RoutingResult) -> Array:
+    def dispatch(x: Array, plan: DispatchPlan) -> Array:
         """x[G, S, D] -> [G, E, C, D] by gathering rows; empty slots are zero."""
-        table = GatherDispatch.slot_table(routing)
+        table = GatherDispatch.slot_table(plan)
         g = jnp.arange(x.shape[0])[:, None, None]
         rows = x[g, jnp.maximum(table, 0)]  # [G, E, C, D]
         return jnp.where((table >= 0)[..., None], rows, jnp.zeros((), x.dtype))
 
     @staticmethod
-    def combine(y: Array, routing: RoutingResult) -> Array:
+    def combine(y: Array, plan: DispatchPlan) -> Array:
         """[G, E, C, D] -> y[G, S, D]: each token gathers its K outputs and sums them by gate."""
         g = jnp.arange(y.shape[0])[:, None, None]
-        out = y[g, routing.expert, jnp.maximum(routing.slot, 0)]  # [G, S, K, D]
-        gate = routing.gate.astype(y.dtype)  # 0 for dropped choices
+        out = y[g, plan.expert, jnp.maximum(plan.slot, 0)]  # [G, S, K, D]
+        gate = plan.gate.astype(y.dtype)  # 0 for dropped choices
         return jnp.einsum("gskd,gsk->gsd", out, gate)
 
 
 CAPACITY_BACKENDS = {EinsumDispatch.name: EinsumDispatch, GatherDispatch.name: GatherDispatch}
 
 
-def capacity_moe(
-    backend, x: Array, routing: RoutingResult, experts: Callable[[Array], Array]
-) -> Array:
+def capacity_moe(backend, x: Array, plan: DispatchPlan, experts: Callable[[Array], Array]) -> Array:
     """Dispatch, run the experts on [E, G·C, D], combine: x[G, S, D] -> y[G, S, D]."""
-    buffer = backend.dispatch(x, routing)
+    buffer = backend.dispatch(x, plan)
     y = experts(buffer_to_experts(buffer))
-    return backend.combine(experts_to_buffer(y, x.shape[0]), routing)
+    return backend.combine(experts_to_buffer(y, x.shape[0]), plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,19 +162,19 @@ def capacity_moe(
 
 def dropless_moe(
     x: Array,
-    routing: RoutingResult,
+    plan: DispatchPlan,
     experts: StackedExperts,
     implementation: Optional[str] = None,
     block_size: Optional[int] = None,  # None: auto_block_size
 ) -> Array:
     """The dropless backend: every kept (token, choice) pair runs on its expert, no capacity buffer.
 
-    Works for any routing result: with capacity None every requested pair is kept; with a capacity
+    Works for any dispatch plan: with capacity None every requested pair is kept; with a capacity
     it computes exactly the pairs the capacity backends keep, so all backends agree on the same
     result.
 
     Args:
-      x: [G, S, D]. routing: any RoutingResult. experts: StackedExperts.
+      x: [G, S, D]. plan: any DispatchPlan. experts: StackedExperts.
       implementation: "ragged_dot" (grouped matmul; fast where it lowers to a grouped GEMM, GPU and
         TPU), "blocked" (padded blocks, one GEMM per block; fast on XLA:CPU) or None for the
         platform's default (`default_dropless_implementation`).
@@ -187,9 +185,9 @@ def dropless_moe(
     """
     implementation = implementation or default_dropless_implementation()
     if implementation == "ragged_dot":
-        return _ragged_dot_moe(x, routing, experts)
+        return _ragged_dot_moe(x, plan, experts)
     if implementation == "blocked":
-        return blocked_moe(x, routing, experts, block_size)
+        return blocked_moe(x, plan, experts, block_size)
     raise ValueError(
         f"dropless implementation must be one of {DROPLESS_IMPLEMENTATIONS}; got {implementation!r}."
     )
@@ -205,24 +203,24 @@ def default_dropless_implementation() -> str:
     return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-def _ragged_dot_moe(x: Array, routing: RoutingResult, experts: StackedExperts) -> Array:
+def _ragged_dot_moe(x: Array, plan: DispatchPlan, experts: StackedExperts) -> Array:
     """Sort kept pairs by expert, `ragged_dot`, unsort and combine.
 
     Shapes stay static: all M = G·S·K pairs are sorted, the non-kept ones last, where they fall
     outside every expert's group and come out of `ragged_dot` as zeros.
     """
     G, S, D = x.shape
-    K = routing.expert.shape[-1]
+    K = plan.expert.shape[-1]
     E = experts.num_experts
-    kept = (routing.slot >= 0).reshape(-1)  # [M]
-    expert = routing.expert.reshape(-1)
+    kept = (plan.slot >= 0).reshape(-1)  # [M]
+    expert = plan.expert.reshape(-1)
     token = jnp.repeat(jnp.arange(G * S), K)  # row of x for each pair
     order = jnp.argsort(jnp.where(kept, expert, E), stable=True)  # kept pairs by expert, then rest
     group_sizes = jnp.bincount(jnp.where(kept, expert, E), length=E + 1)[:E].astype(jnp.int32)
     rows = x.reshape(G * S, D)[token[order]]  # [M, D]
     out_sorted = experts.ragged(rows, group_sizes)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(G, S, K, D)
-    return jnp.einsum("gskd,gsk->gsd", out, routing.gate.astype(out.dtype))
+    return jnp.einsum("gskd,gsk->gsd", out, plan.gate.astype(out.dtype))
 
 
 # Blocked dropless. Legend: T = G·S tokens, M = T·K pairs, Bk rows per block, NB blocks,
@@ -278,15 +276,15 @@ class BlockLayout:
 
 
 def block_layout(
-    routing: RoutingResult, num_experts: int, block_size: Optional[int] = None
+    plan: DispatchPlan, num_experts: int, block_size: Optional[int] = None
 ) -> BlockLayout:
-    """The padded layout of the kept pairs of `routing` (integer work only, no gradient)."""
-    G, S, K = routing.expert.shape
+    """The padded layout of the kept pairs of `plan` (integer work only, no gradient)."""
+    G, S, K = plan.expert.shape
     M, E = G * S * K, num_experts
     Bk = block_size or auto_block_size(M, E)
     NB = num_blocks(M, E, Bk)
-    kept = (routing.slot >= 0).reshape(M)
-    key = jnp.where(kept, routing.expert.reshape(M), E).astype(jnp.int32)  # E = not kept: last
+    kept = (plan.slot >= 0).reshape(M)
+    key = jnp.where(kept, plan.expert.reshape(M), E).astype(jnp.int32)  # E = not kept: last
     order = jnp.argsort(key, stable=True).astype(jnp.int32)  # [M], pairs sorted by expert
     count = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)  # n_e, kept pairs per expert
     padded = (count + Bk - 1) // Bk * Bk  # run of e rounded up to whole blocks
@@ -358,7 +356,7 @@ _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 def blocked_moe(
     x: Array,
-    routing: RoutingResult,
+    plan: DispatchPlan,
     experts: StackedExperts,
     block_size: Optional[int] = None,  # None: auto_block_size
 ) -> Array:
@@ -369,16 +367,16 @@ def blocked_moe(
     the FLOPs of R ≤ M + E·(Bk−1) rows (see `num_blocks`).
 
     Args:
-      x: [G, S, D]. routing: any RoutingResult. experts: StackedExperts.
+      x: [G, S, D]. plan: any DispatchPlan. experts: StackedExperts.
       block_size: Bk; None: `auto_block_size`.
 
     Returns:
       y[G, S, D].
     """
     G, S, D = x.shape
-    K = routing.expert.shape[-1]
+    K = plan.expert.shape[-1]
     T = G * S
-    layout = block_layout(routing, experts.num_experts, block_size)
+    layout = block_layout(plan, experts.num_experts, block_size)
     NB = layout.block_expert.shape[0]
     block_size = layout.row_pair.shape[0] // NB
     # A row's token is its pair // K; a token's rows are its K pairs' rows.
@@ -390,7 +388,7 @@ def blocked_moe(
     out_rows = out_rows.reshape(NB * block_size, D)
     out = _permute_rows(out_rows, layout.pair_row, layout.row_pair[:, None])  # [M, D]
     out = out.reshape(G, S, K, D)
-    return jnp.einsum("gskd,gsk->gsd", out, routing.gate.astype(out.dtype))
+    return jnp.einsum("gskd,gsk->gsd", out, plan.gate.astype(out.dtype))
 
 
 BACKENDS = ("einsum", "gather", "dropless")
@@ -399,7 +397,7 @@ BACKENDS = ("einsum", "gather", "dropless")
 def moe_forward(
     backend: str,
     x: Array,
-    routing: RoutingResult,
+    plan: DispatchPlan,
     experts: StackedExperts,
     dropless_implementation: Optional[str] = None,
     block_size: Optional[int] = None,  # None: auto_block_size
@@ -409,7 +407,7 @@ def moe_forward(
     `dropless_implementation` and `block_size` apply to the dropless backend only (see
     `dropless_moe`)."""
     if backend == "dropless":
-        return dropless_moe(x, routing, experts, dropless_implementation, block_size)
+        return dropless_moe(x, plan, experts, dropless_implementation, block_size)
     if backend in CAPACITY_BACKENDS:
-        return capacity_moe(CAPACITY_BACKENDS[backend], x, routing, experts)
+        return capacity_moe(CAPACITY_BACKENDS[backend], x, plan, experts)
     raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")

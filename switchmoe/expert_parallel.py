@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from switchmoe import dispatch as dispatch_lib
 from switchmoe.experts import StackedExperts
-from switchmoe.routing import RoutingResult
+from switchmoe.routing import DispatchPlan
 from switchmoe.sharding import BATCH_AXES
 
 Array = jax.Array
@@ -47,28 +47,27 @@ def _constrain(x: Array, spec: P) -> Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def jit_moe(backend_name: str, x: Array, routing: RoutingResult, experts: StackedExperts) -> Array:
+def jit_moe(backend_name: str, x: Array, plan: DispatchPlan, experts: StackedExperts) -> Array:
     """Path (a): capacity MoE with sharding constraints; call under `jax.set_mesh(mesh)`."""
     backend = dispatch_lib.CAPACITY_BACKENDS[backend_name]
     G, _, D = x.shape
     E = experts.num_experts
-    buffer = _constrain(backend.dispatch(x, routing), P(BATCH_AXES, None, None, None))
+    buffer = _constrain(backend.dispatch(x, plan), P(BATCH_AXES, None, None, None))
     by_expert = _constrain(jnp.swapaxes(buffer, 0, 1), P("expert", "data", None, None))
     C = by_expert.shape[2]
     y = experts(by_expert.reshape(E, G * C, D)).reshape(E, G, C, D)
     y = _constrain(y, P("expert", "data", None, None))
     y = _constrain(jnp.swapaxes(y, 0, 1), P(BATCH_AXES, None, None, None))
-    return backend.combine(y, routing)
+    return backend.combine(y, plan)
 
 
 def shard_map_moe(
-    backend_name: str, x: Array, routing: RoutingResult, experts: StackedExperts
+    backend_name: str, x: Array, plan: DispatchPlan, experts: StackedExperts
 ) -> Array:
     """Path (b): explicit all-to-all in `jax.shard_map`; call under `jax.set_mesh(mesh)`."""
     backend = dispatch_lib.CAPACITY_BACKENDS[backend_name]
     if jax.sharding.get_abstract_mesh().empty:  # no mesh (e.g. init): the same maths, one device
-        return dispatch_lib.capacity_moe(backend, x, routing, experts)
-    capacity = routing.capacity
+        return dispatch_lib.capacity_moe(backend, x, plan, experts)
     gated = experts.w_gate is not None
     weights = (experts.w_in, experts.w_out) + ((experts.w_gate,) if gated else ())
     weight_specs = (P("expert", None, "model"), P("expert", "model", None)) + (
@@ -77,19 +76,9 @@ def shard_map_moe(
     tokens = P(BATCH_AXES)
     key = experts.dropout_key
 
-    def local(x, expert, slot, gate, probs, key, *weights):
-        # Per device: x[G_l, S, D]; routing for the same G_l groups; weights of E_l experts.
-        r = RoutingResult(
-            expert=expert,
-            slot=slot,
-            gate=gate,
-            probs=probs,
-            logits=probs,
-            losses={},
-            stats={},
-            capacity=capacity,
-        )
-        buffer = backend.dispatch(x, r)  # [G_l, E, C, D]
+    def local(x, plan, key, *weights):
+        # Per device: x[G_l, S, D]; the plan of the same G_l groups; weights of E_l experts.
+        buffer = backend.dispatch(x, plan)  # [G_l, E, C, D]
         # Send each expert shard its E_l experts' slots; receive all groups of the data row.
         buffer = jax.lax.all_to_all(buffer, "expert", split_axis=1, concat_axis=0, tiled=True)
         G_all, E_l, C, D = buffer.shape
@@ -103,19 +92,20 @@ def shard_map_moe(
         y = jax.lax.psum(local_experts(y), "model")  # complete the sum over F
         y = dispatch_lib.experts_to_buffer(y, G_all)  # [G_all, E_l, C, D]
         y = jax.lax.all_to_all(y, "expert", split_axis=0, concat_axis=1, tiled=True)
-        return backend.combine(y, r)
+        return backend.combine(y, plan)
 
+    # The plan travels as one pytree (its E and C are static), split over groups like x.
     fn = jax.shard_map(
         local,
-        in_specs=(tokens, tokens, tokens, tokens, tokens, P()) + weight_specs,
+        in_specs=(tokens, tokens, P()) + weight_specs,
         out_specs=tokens,
         check_vma=False,
     )
-    return fn(x, routing.expert, routing.slot, routing.gate, routing.probs, key, *weights)
+    return fn(x, plan, key, *weights)
 
 
 def expert_parallel_moe(
-    parallelism: str, backend_name: str, x: Array, routing: RoutingResult, experts: StackedExperts
+    parallelism: str, backend_name: str, x: Array, plan: DispatchPlan, experts: StackedExperts
 ) -> Array:
     """x[G, S, D] -> y[G, S, D] with experts split over `expert` ("jit" or "shard_map")."""
     if backend_name not in dispatch_lib.CAPACITY_BACKENDS:
@@ -125,9 +115,9 @@ def expert_parallel_moe(
             "XLA:CPU does not run)."
         )
     if parallelism == "jit":
-        return jit_moe(backend_name, x, routing, experts)
+        return jit_moe(backend_name, x, plan, experts)
     if parallelism == "shard_map":
-        return shard_map_moe(backend_name, x, routing, experts)
+        return shard_map_moe(backend_name, x, plan, experts)
     raise ValueError(
         f"expert parallelism must be one of ('jit', 'shard_map'); got {parallelism!r}."
     )

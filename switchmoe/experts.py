@@ -10,8 +10,9 @@ across devices is sharding that axis.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -178,3 +179,32 @@ def _block_matmul_bwd(residuals, dy):
 
 
 block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+class DenseFFN(nn.Module):
+    """A dense feed-forward block: the dense blocks' FFN, and the MoE layer's shared expert
+    (DeepSeekMoE) applied to every token. The same maths as one stacked expert."""
+
+    d_ff: int
+    activation: str = "relu"
+    dtype: Any = jnp.float32
+    init_scale: float = 1.0
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x[B, L, D] -> [B, L, D]."""
+        D = x.shape[-1]
+        init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+        param = lambda name, shape, axes: self.param(
+            name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype
+        )
+        gated = ACTIVATIONS[self.activation][1]
+        ffn = StackedExperts(
+            w_in=param("w_in", (D, self.d_ff), ("embed", "mlp"))[None],
+            w_out=param("w_out", (self.d_ff, D), ("mlp", "embed"))[None],
+            w_gate=param("w_gate", (D, self.d_ff), ("embed", "mlp"))[None] if gated else None,
+            activation=self.activation,
+            dtype=self.dtype,
+        )
+        return ffn(x.reshape(1, -1, D)).reshape(x.shape)

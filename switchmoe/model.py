@@ -21,42 +21,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from switchmoe.experts import ACTIVATIONS, StackedExperts
+from switchmoe.experts import DenseFFN
 from switchmoe.moe_layer import MoeLayer
 
 Array = jax.Array
-
-# The MoeLayer fields a config's `model.moe` block may set (everything but sizes and dtypes,
-# which come from the model).
-MOE_FIELDS = (
-    "num_selected",
-    "router",
-    "backend",
-    "dropless_implementation",
-    "block_size",
-    "train_capacity_factor",
-    "eval_capacity_factor",
-    "min_capacity",
-    "group_size",
-    "gate_norm",
-    "batch_prioritized",
-    "causal_routing",
-    "random_routing",
-    "random_routing_threshold",
-    "jitter_eps",
-    "load_balancing_weight",
-    "z_loss_weight",
-    "importance_weight",
-    "load_weight",
-    "sbase_iters",
-    "sbase_temperature",
-    "expert_dropout",
-    "shared_d_ff",
-    "router_init_scale",
-    "router_bias",
-    "router_dtype",
-    "init_scale",
-)
 
 
 def is_moe_block(index: int, num_experts: int, moe_every: int) -> bool:
@@ -150,31 +118,6 @@ class SelfAttention(nn.Module):
         return dense("out", ("heads", "kv", "embed"), D, in_axes=(-2, -1))(out)
 
 
-class DenseFFN(nn.Module):
-    """The dense feed-forward block; the same maths as one expert (single-expert StackedExperts)."""
-
-    d_ff: int
-    activation: str = "relu"
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        D = x.shape[-1]
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        param = lambda name, shape, axes: self.param(
-            name, nn.with_logical_partitioning(init, axes), shape
-        )
-        gated = ACTIVATIONS[self.activation][1]
-        ffn = StackedExperts(
-            w_in=param("w_in", (D, self.d_ff), ("embed", "mlp"))[None],
-            w_out=param("w_out", (self.d_ff, D), ("mlp", "embed"))[None],
-            w_gate=param("w_gate", (D, self.d_ff), ("embed", "mlp"))[None] if gated else None,
-            activation=self.activation,
-            dtype=self.dtype,
-        )
-        return ffn(x.reshape(1, -1, D)).reshape(x.shape)
-
-
 class Block(nn.Module):
     """One pre-norm Transformer block: self-attention, optional cross-attention (an
     encoder–decoder's decoder), then a dense FFN or, with `moe`, an MoE layer.
@@ -234,12 +177,12 @@ class Block(nn.Module):
         h = RMSNorm(dtype=dtype, name="ffn_norm")(x)
         aux = None
         if self.moe:
-            settings = {name: cfg.moe[name] for name in MOE_FIELDS}
+            overrides = {}
             if self.batch_prioritized is not None:
-                settings["batch_prioritized"] = self.batch_prioritized
+                overrides["batch_prioritized"] = self.batch_prioritized
             if self.force_causal_routing:
-                settings["causal_routing"] = True
-            if self.causal and settings["batch_prioritized"]:
+                overrides["causal_routing"] = True
+            if self.causal and overrides.get("batch_prioritized", cfg.moe.batch_prioritized):
                 raise ValueError(
                     f"{self.name}: batch_prioritized routing is not allowed in a decoder (causal) "
                     "block: it orders tokens by router confidence over the whole group, so a "
@@ -247,16 +190,12 @@ class Block(nn.Module):
                     "(False); in an encoder–decoder, model.moe.encoder_batch_prioritized=True "
                     "uses it in the encoder only."
                 )
-            table = cfg.moe.get("hash_table")
-            h, aux = MoeLayer(
-                num_experts=cfg.moe.num_experts,
-                d_ff=cfg.moe.get("expert_d_ff") or cfg.d_ff,
-                activation=cfg.activation,
+            h, aux = MoeLayer.from_config(
+                cfg,
                 dtype=dtype,
                 expert_parallelism=self.expert_parallelism,
-                hash_table=None if table is None else tuple(table),
                 name="moe",
-                **settings,
+                **overrides,
             )(h, deterministic=deterministic, token_ids=token_ids)
         else:
             h = DenseFFN(cfg.d_ff, cfg.activation, dtype, name="ffn")(h)
@@ -271,14 +210,16 @@ def head_dim(cfg: ml_collections.ConfigDict) -> int:
 def sum_aux(auxes: list[dict]) -> dict[str, Any]:
     """Combines the per-layer MoE aux dicts: losses summed, statistics stacked per layer.
 
-    Returns {"loss": scalar, "losses": {name: scalar sum}, "stats": {name: [num_moe_layers, ...]}}
-    or zeros / empty dicts for a dense model.
+    Returns {"loss": scalar, "losses" and "weighted_losses": {name: scalar sum}, "stats": {name:
+    [num_moe_layers, ...]}} or zeros / empty dicts for a dense model.
     """
     if not auxes:
-        return {"loss": jnp.zeros(()), "losses": {}, "stats": {}}
+        return {"loss": jnp.zeros(()), "losses": {}, "weighted_losses": {}, "stats": {}}
+    total = lambda key: jax.tree.map(lambda *v: sum(v), *[a[key] for a in auxes])
     return {
         "loss": sum(a["loss"] for a in auxes),
-        "losses": jax.tree.map(lambda *v: sum(v), *[a["losses"] for a in auxes]),
+        "losses": total("losses"),
+        "weighted_losses": total("weighted_losses"),
         "stats": jax.tree.map(lambda *v: jnp.stack(v), *[a["stats"] for a in auxes]),
     }
 

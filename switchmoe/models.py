@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from switchmoe import routers
 from switchmoe.config import resolve, sequence_lengths
 from switchmoe.encoder_decoder import EncoderDecoderLM
 from switchmoe.model import DecoderLM
@@ -91,6 +92,7 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
             getattr(k, "key", None) == "moe" for k in path
         ):
             expert += n
-    E, k = config.model.moe.num_experts, config.model.moe.num_selected
-    active = total - expert + (expert * k // E if E else 0)
+    E = config.model.moe.num_experts
+    k = routers.make_router(config.model.moe).experts_per_token if E else 0
+    active = total - expert + (int(expert * k // E) if E else 0)
     return {"total": total, "experts": expert, "active_per_token": active}

@@ -1,4 +1,6 @@
-"""Routers: from router logits to one `RoutingResult` that every dispatch backend reads.
+"""What every router shares: logits, capacity, slot assignment, and the `RoutingResult` it returns
+(a `DispatchPlan` that every backend reads, and the diagnostics beside it). The routers
+themselves are in switchmoe/routers/.
 
 Shape legend (used in every docstring of the MoE modules):
   G  routing groups in the batch        S  tokens per group
@@ -6,7 +8,7 @@ Shape legend (used in every docstring of the MoE modules):
   K  choices per token (top-k; E for expert-choice)
   D  model width                        F  expert hidden width
 
-A router answers three questions for every (token, choice) pair and nothing else:
+A router answers three questions for every (token, choice) pair, the dispatch plan:
   expert[g, s, k]  which expert the k-th choice of token s is,
   slot[g, s, k]    its position in that expert's buffer of C slots, -1 when it was not placed
                    (dropped for capacity, skipped by random routing, or not picked by the expert),
@@ -37,12 +39,14 @@ from switchmoe import losses as losses_lib
 
 Array = jax.Array
 
+# How a token's chosen gates are scaled: the router probabilities as they are (Switch), or
+# normalised over the chosen K (GShard, Mixtral).
 GATE_NORMS = ("raw", "normalized")
 
 
 @flax.struct.dataclass
-class RoutingResult:
-    """What a router decided for one MoE layer.
+class DispatchPlan:
+    """What a dispatch backend reads, and nothing else: where each (token, choice) goes.
 
     Attributes:
       expert: int32[G, S, K] the expert of each of a token's K choices.
@@ -50,29 +54,50 @@ class RoutingResult:
         choice holds no slot. For dropless routing (capacity None) it is the position in the
         expert's unbounded queue and is never -1 for a kept choice.
       gate: float32[G, S, K] combine weight of the choice; 0 wherever slot is -1.
-      probs: float32[G, S, E] router probabilities (softmax of the logits), read by losses/stats.
-      logits: float32[G, S, E] router logits (z-loss and logit-magnitude statistics read these).
-      losses: dict of scalar auxiliary losses, unweighted (the layer applies the weights).
-      stats: dict of routing statistics (scalars and [E] / [K] vectors), all float32.
+      num_experts: static E (a plan may leave experts empty, so it is not read off the arrays).
       capacity: static Python int C, or None for dropless routing.
-      causal: static; False when a token's routing depends on later tokens of its group
-        (expert-choice, batch-prioritized routing), which autoregressive decoding cannot allow.
     """
 
     expert: Array
     slot: Array
     gate: Array
-    probs: Array
-    logits: Array
-    losses: dict[str, Array]
-    stats: dict[str, Array]
+    num_experts: int = flax.struct.field(pytree_node=False)
     capacity: Optional[int] = flax.struct.field(pytree_node=False, default=None)
-    causal: bool = flax.struct.field(pytree_node=False, default=True)
 
     @property
     def kept(self) -> Array:
         """bool[G, S, K]: the choice holds a slot and contributes to the output."""
         return self.slot >= 0
+
+
+@flax.struct.dataclass
+class RoutingResult:
+    """What a router decided for one MoE layer: the dispatch plan, and the diagnostics beside it.
+
+    Attributes:
+      plan: the DispatchPlan the backends read (expert, slot, gate, E, C; also readable here as
+        `result.expert`, `result.slot`, ...).
+      probs: float32[G, S, E] router probabilities (softmax of the logits), read by losses/stats.
+      logits: float32[G, S, E] router logits (z-loss and logit-magnitude statistics read these).
+      losses: dict of scalar auxiliary losses, unweighted (the layer applies the weights).
+      stats: dict of routing statistics (scalars and [E] / [K] vectors), all float32.
+      causal: static; False when a token's routing depends on later tokens of its group
+        (expert-choice, batch-prioritized routing), which autoregressive decoding cannot allow.
+    """
+
+    plan: DispatchPlan
+    probs: Array
+    logits: Array
+    losses: dict[str, Array]
+    stats: dict[str, Array]
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+    expert = property(lambda self: self.plan.expert)
+    slot = property(lambda self: self.plan.slot)
+    gate = property(lambda self: self.plan.gate)
+    num_experts = property(lambda self: self.plan.num_experts)
+    capacity = property(lambda self: self.plan.capacity)
+    kept = property(lambda self: self.plan.kept)
 
 
 def build_result(
@@ -91,13 +116,14 @@ def build_result(
 ) -> RoutingResult:
     """A router's RoutingResult with its statistics filled in (losses.routing_stats).
 
-    requested/overflow: bool[G, S, K], the choices that asked for a slot and those dropped for
-    capacity; only the router knows them (random routing skips, expert-choice non-picks).
+    probs[G, S, E] fixes E. requested/overflow: bool[G, S, K], the choices that asked for a slot
+    and those dropped for capacity; only the router knows them (random routing skips,
+    expert-choice non-picks).
     """
+    plan = DispatchPlan(expert, slot, gate, num_experts=probs.shape[-1], capacity=capacity)
     result = RoutingResult(
-        expert=expert, slot=slot, gate=gate, probs=probs, logits=logits, losses=losses,
-        stats={}, capacity=capacity, causal=causal,
-    )  # fmt: skip
+        plan=plan, probs=probs, logits=logits, losses=losses, stats={}, causal=causal
+    )
     stats = losses_lib.routing_stats(
         result, requested=requested, overflow=overflow, per_rank=per_rank
     )
@@ -259,129 +285,3 @@ def assign_slots(
     inverse = jnp.argsort(order, axis=-1)
     untake = lambda a: jnp.take_along_axis(a, inverse[:, :, None], axis=1)
     return untake(unflatten(slot_o)), untake(unflatten(overflow_o))
-
-
-# ----------------------------------------------------------------------------------------------
-# Token-choice top-k (Switch k=1, GShard k=2, general k).
-
-
-def gshard_keep_second(key: Array, second_gate: Array, threshold: float = 0.5) -> Array:
-    """bool[G, S]: GShard random routing of the second expert.
-
-    The second choice is kept with probability min(1, g2 / threshold), g2 being its gate normalised
-    over the top-2. GShard's rule "keep if 2·g2 > U(0,1)" is threshold 0.5: a second expert with
-    half the weight is always used, one with a tiny weight is mostly skipped, which saves capacity
-    for first choices. The uniforms are `jax.random.uniform(key, second_gate.shape)`.
-    """
-    u = jax.random.uniform(key, second_gate.shape, jnp.float32)
-    return u < second_gate / threshold
-
-
-def top_k_route(
-    logits: Array,
-    *,
-    num_selected: int,
-    capacity: Optional[int],
-    gate_norm: str = "raw",
-    batch_prioritized: bool = False,
-    random_routing_key: Optional[Array] = None,
-    random_routing_threshold: float = 0.5,
-    rank_major: bool = True,
-) -> RoutingResult:
-    """Token-choice routing: each token picks its K most probable experts, subject to capacity.
-
-    Args:
-      logits: float32[G, S, E] router logits.
-      num_selected: K (1 = Switch, 2 = GShard / ST-MoE).
-      capacity: C from `expert_capacity`, or None for dropless routing (nothing dropped).
-      gate_norm: "raw" uses p[e] as the gate (Switch; the router learns through the gate's scale);
-        "normalized" divides the K chosen probabilities by their sum (GShard top-2, Mixtral).
-        Normalisation happens before capacity: a token whose second choice drops keeps its first
-        gate unchanged, as in GShard, rather than being scaled up to 1.
-      batch_prioritized: claim slots by descending top-1 probability instead of sequence order.
-      random_routing_key: if given and K >= 2, GShard random routing decides whether each token's
-        second choice is used at all (`gshard_keep_second`). None (evaluation) keeps all K choices.
-      random_routing_threshold: see `gshard_keep_second`.
-      rank_major: slot order across choices (see `assign_slots`); False makes in-order routing
-        causal for K >= 2.
-
-    Returns:
-      A RoutingResult with K choices per token.
-    """
-    G, S, E = logits.shape
-    if not 1 <= num_selected <= E:
-        raise ValueError(f"num_selected (k) must be in [1, num_experts={E}]; got {num_selected}.")
-    if gate_norm not in GATE_NORMS:
-        raise ValueError(f"gate_norm must be one of {GATE_NORMS}; got {gate_norm!r}.")
-    probs = jax.nn.softmax(logits, axis=-1)
-    top_p, expert = jax.lax.top_k(probs, num_selected)  # [G, S, K] each, descending.
-    expert = expert.astype(jnp.int32)
-    normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    gate = normalized if gate_norm == "normalized" else top_p
-
-    requested = jnp.ones((G, S, num_selected), bool)
-    if random_routing_key is not None and num_selected >= 2:
-        # GShard's g2 is the second gate normalised over the top-2, whatever gate_norm says.
-        g2 = top_p[..., 1] / (top_p[..., 0] + top_p[..., 1])
-        keep2 = gshard_keep_second(random_routing_key, g2, random_routing_threshold)
-        requested = requested.at[..., 1].set(keep2)
-
-    order = priority_order(probs, batch_prioritized)
-    slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major)
-    gate = jnp.where(slot >= 0, gate, 0.0)
-    causal = not batch_prioritized and (num_selected == 1 or not rank_major or capacity is None)
-    return build_result(
-        expert, slot, gate, probs, logits,
-        capacity=capacity, causal=causal,
-        losses=losses_lib.router_losses(logits, probs, expert),
-        requested=requested, overflow=overflow,
-    )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------
-# Expert-choice (Zhou et al. 2022).
-
-
-def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
-    """Expert-choice routing: every expert takes the C tokens of the group it likes best.
-
-    Each expert fills exactly C slots, so load is perfectly balanced by construction and nothing
-    "drops" in the token-choice sense; instead a token may be taken by 0..E experts. Its gate for
-    expert e is p[s, e] (softmax over experts), as in the paper. Choosing among all S tokens of the
-    group means token s's routing depends on tokens after it: not causal, so a decoder can train
-    with it but cannot decode autoregressively (the result carries causal=False).
-
-    Returns a RoutingResult with K = E: choice e of a token is expert e, with slot = the token's rank
-    among expert e's picks (0 = best), or -1 when expert e did not pick it.
-
-    Args:
-      logits: float32[G, S, E].
-      capacity: C in [1, S], usually `expert_capacity(S, E, 1, capacity_factor)`.
-    """
-    G, S, E = logits.shape
-    if capacity is None or not 1 <= capacity <= S:
-        raise ValueError(
-            f"expert-choice routing needs a capacity in [1, tokens_per_group={S}]; got {capacity}."
-        )
-    probs = jax.nn.softmax(logits, axis=-1)
-    # [G, E, C]: the tokens each expert picked, best first (top_k breaks ties by lower index).
-    _, picked = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
-    g_idx = jnp.arange(G)[:, None, None]
-    e_idx = jnp.arange(E)[None, :, None]
-    c_idx = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), picked.shape)
-    slot = jnp.full((G, S, E), -1, jnp.int32).at[g_idx, picked, e_idx].set(c_idx)
-    expert = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
-    gate = jnp.where(slot >= 0, probs, 0.0)
-    # The load-balancing loss is computed from each token's top-1 preference for reporting; with
-    # perfectly balanced slots an expert-choice model normally trains with its weight at 0.
-    top1 = jnp.argmax(probs, axis=-1)[..., None].astype(jnp.int32)
-    return build_result(
-        expert, slot, gate, probs, logits,
-        capacity=capacity, causal=False,
-        losses=losses_lib.router_losses(logits, probs, top1),
-        requested=slot >= 0, overflow=jnp.zeros_like(slot, bool), per_rank=False,
-    )  # fmt: skip
-
-
-# Every router the MoE layer offers; the last three live in their own modules.
-ROUTERS = ("top_k", "expert_choice", "noisy_top_k", "hash", "sbase")

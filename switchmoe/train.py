@@ -106,14 +106,15 @@ def non_finite_leaf(tree) -> str | None:
     return next((p for p, ok in zip(paths, finite) if not ok), None)
 
 
-def moe_metrics(aux: dict[str, Any], moe: ml_collections.ConfigDict, prefix: str) -> dict:
+def moe_metrics(aux: dict[str, Any], prefix: str) -> dict:
     """Named MoE metrics of one step from the model's aux output (see model.sum_aux)."""
     if not aux["stats"]:
         return {}
     out = {
-        # What the auxiliary losses add to the objective, summed over MoE layers.
-        f"{prefix}/aux_loss": moe.load_balancing_weight * aux["losses"]["load_balancing"],
-        f"{prefix}/z_loss": moe.z_loss_weight * aux["losses"]["z_loss"],
+        # What the auxiliary losses add to the objective, summed over MoE layers (the layers
+        # applied the weights).
+        f"{prefix}/aux_loss": aux["weighted_losses"]["load_balancing"],
+        f"{prefix}/z_loss": aux["weighted_losses"]["z_loss"],
     }
     num_layers = next(iter(aux["stats"].values())).shape[0]
     # Unweighted, averaged over layers: 1.0 is perfectly balanced.
@@ -214,7 +215,7 @@ class Trainer:
             "train/objective": total,
             "train/grad_norm": optax.tree_utils.tree_norm(grads),
             "train/learning_rate": self.schedule(step),
-            **moe_metrics(aux, self.config.model.moe, "train"),
+            **moe_metrics(aux, "train"),
         }
         grad_norms, update_norms = expert_norms(grads), expert_norms(updates)
         if grad_norms is not None:
@@ -267,7 +268,7 @@ class Trainer:
             {"params": params}, *model_inputs(self.config, batch), deterministic=True
         )
         ce_sum, count = cross_entropy(logits, batch)
-        return {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, self.config.model.moe, "eval")}
+        return {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, "eval")}
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a global batch -> global arrays split over (data, expert)."""

@@ -8,8 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switchmoe.config import default_config, is_noncausal_ablation, resolve, validate_config
+from switchmoe.config import (
+    causal_routers,
+    default_config,
+    is_noncausal_ablation,
+    resolve,
+    validate_config,
+)
 from switchmoe.model import DecoderLM
+from switchmoe.routers import make_router
 from tiny import apply_overrides
 
 L, ROWS, T = 16, 4, 6  # sequence length, rows, the position whose future is changed
@@ -74,13 +81,22 @@ def test_accepted_routers_do_not_see_later_tokens(name, deterministic):
     validate_config(config)  # accepted by default, with no ablation flag
     tokens = jax.random.randint(jax.random.key(2), (ROWS, L), 0, 64)
     before, after, dropped = logits_and_drops(config, tokens, deterministic)
-    if config.model.moe.backend != "dropless":
+    # Where the router's capacity can drop tokens (not dropless; DSelect-k trains with S slots),
+    # the check needs drops to have happened.
+    group = config.model.moe.get("group_size") or L
+    capacity = make_router(config.model.moe).capacity(group, train=not deterministic)
+    if capacity is not None and capacity < group:
         assert dropped > 0.2, "the test needs tokens to be dropped"
     # Row 1 changed after position T: its positions <= T and row 0 (earlier in any group that
     # holds both) must not move. Later rows of a two-row group may: they route after row 1.
     np.testing.assert_array_equal(before[1, : T + 1], after[1, : T + 1])
     np.testing.assert_array_equal(before[0], after[0])
     assert not np.array_equal(before[1, T + 1 :], after[1, T + 1 :])  # the change is seen later
+
+
+def test_every_router_accepted_by_default_is_checked_above():
+    checked = {overrides.get("model.moe.router", "top_k") for overrides in ACCEPTED.values()}
+    assert set(causal_routers()) <= checked, "add the new causal router to ACCEPTED"
 
 
 NONCAUSAL = {

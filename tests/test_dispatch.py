@@ -8,6 +8,7 @@ import pytest
 
 import references as ref
 from switchmoe import dispatch, routing
+from switchmoe.routers import top_k, expert_choice
 from switchmoe.experts import StackedExperts
 from switchmoe.moe_layer import MoeLayer
 
@@ -30,8 +31,8 @@ def make_inputs(seed, activation="relu"):
 def routed(x, router, k, C, policy="top_k"):
     logits = routing.router_logits(x, router)
     if policy == "expert_choice":
-        return routing.expert_choice_route(logits, capacity=C)
-    return routing.top_k_route(logits, num_selected=k, capacity=C)
+        return expert_choice.expert_choice_route(logits, capacity=C)
+    return top_k.top_k_route(logits, num_selected=k, capacity=C)
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def uneven_routing(seed, k, capacity, empty_expert=E - 1):
     x, router, w = make_inputs(seed)
     router = router.at[:, empty_expert].set(0.0)
     logits = routing.router_logits(x, router).at[..., empty_expert].add(-1e4).at[..., 0].add(2.0)
-    r = routing.top_k_route(logits, num_selected=k, capacity=capacity)
+    r = top_k.top_k_route(logits, num_selected=k, capacity=capacity)
     assert not (np.asarray(r.expert) == empty_expert).any()
     return x, r, w
 
@@ -214,7 +215,7 @@ def test_dropless_implementations_equal_the_per_token_reference(
 
     def loss(x, gate, w_in, w_out):
         experts = StackedExperts(w_in=w_in, w_out=w_out)
-        y = dispatch.dropless_moe(x, r.replace(gate=gate), experts, implementation, block_size)
+        y = dispatch.dropless_moe(x, r.plan.replace(gate=gate), experts, implementation, block_size)
         return jnp.sum(y * cotangent), y
 
     grads, y = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, r.gate, w["w_in"], w["w_out"])

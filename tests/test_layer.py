@@ -1,5 +1,7 @@
 """The Flax MoE layer: compile-once, precision, grouping, train/eval modes and setting errors."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 
 import references as ref
-from switchmoe import routing
+from switchmoe import routers, routing
+from switchmoe.routers import top_k
 from switchmoe.moe_layer import MoeLayer
 
 D = 6
@@ -65,15 +68,14 @@ def test_train_and_eval_capacity_factors():
     layer = MoeLayer(
         num_experts=4, d_ff=8, train_capacity_factor=0.5, eval_capacity_factor=2.0, min_capacity=1
     )
-    assert layer.capacity(16, deterministic=False) == 2
-    assert layer.capacity(16, deterministic=True) == 8
-    assert MoeLayer(num_experts=4, d_ff=8, backend="dropless").capacity(16, True) is None
-    assert (
-        MoeLayer(num_experts=4, d_ff=8, router="expert_choice", eval_capacity_factor=2.0).capacity(
-            16, True
-        )
-        == 8
-    )
+    # C = ceil(K·S/E·factor): ceil(16/4·0.5) = 2 training, ceil(16/4·2) = 8 evaluating.
+    assert layer.make_router().capacity(16, train=True) == 2
+    assert layer.make_router().capacity(16, train=False) == 8
+    dropless = MoeLayer(num_experts=4, d_ff=8, backend="dropless")
+    assert dropless.make_router().capacity(16, train=False) is None
+    # Expert choice keeps its capacity whatever the backend: ceil(16/4·2) = 8.
+    expert_choice = MoeLayer(num_experts=4, d_ff=8, router="expert_choice", backend="dropless")
+    assert expert_choice.make_router().capacity(16, train=False) == 8
 
 
 def test_training_mode_randomness_uses_the_dropout_stream():
@@ -114,7 +116,8 @@ def test_layer_output_equals_loop_reference():
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(variables)["params"])
     probs = ref.softmax(np.asarray(x, np.float64) @ p["router_kernel"])
     C = ref.capacity(8, 4, 2, 0.75)
-    expert, slot, gate = ref.top_k_route(probs, 2, C, "normalized")
+    # The layer's default slot order is token-major (causal_routing=True).
+    expert, slot, gate = ref.top_k_route(probs, 2, C, "normalized", rank_major=False)
     assert (slot < 0).any()
     expected = ref.moe_output(
         np.asarray(x, np.float64), expert, slot, gate, p["w_in"], p["w_out"], p["w_gate"], "swiglu"
@@ -131,7 +134,7 @@ def test_layer_output_equals_loop_reference():
         (dict(backend="megablocks"), r"backend must be one of \('einsum', 'gather', 'dropless'\)"),
         (
             dict(router="switch"),
-            r"router must be one of \('top_k', 'expert_choice', 'noisy_top_k', 'hash', 'sbase'\)",
+            re.escape(f"router must be one of {routers.NAMES}"),
         ),
         (
             dict(activation="tanh"),
@@ -164,11 +167,12 @@ def test_capacity_routing_matches_routing_function():
     _, state = layer.apply(variables, x, mutable=["intermediates"])
     (r,) = state["intermediates"]["routing"]
     (logits,) = state["intermediates"]["router_logits"]
-    direct = routing.top_k_route(
+    direct = top_k.top_k_route(
         logits,
         num_selected=2,
         capacity=routing.expert_capacity(8, 4, 2, 1.0, 4),
         batch_prioritized=True,
+        rank_major=False,  # the layer's default causal_routing=True
     )
     np.testing.assert_array_equal(r.slot, direct.slot)
     assert not r.causal

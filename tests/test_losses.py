@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import references as ref
-from switchmoe import losses, routing
+from switchmoe import losses
+from switchmoe.routers import top_k
 from switchmoe.moe_layer import MoeLayer
 
 
@@ -14,7 +15,7 @@ from switchmoe.moe_layer import MoeLayer
 def test_load_balancing_loss_is_one_under_uniform_routing(k):
     # Uniform probabilities: P_i = 1/E, so E·Σ f_i·P_i = Σ f_i = 1 whatever the choices.
     G, S, E = 2, 16, 4
-    result = routing.top_k_route(jnp.zeros((G, S, E)), num_selected=k, capacity=None)
+    result = top_k.top_k_route(jnp.zeros((G, S, E)), num_selected=k, capacity=None)
     assert float(result.losses["load_balancing"]) == pytest.approx(1.0, abs=1e-6)
     # Uniform hard choices too: token s picks experts s mod E (and s+1 mod E), probs uniform.
     expert = (np.arange(S)[:, None] + np.arange(k)[None, :]) % E
@@ -36,9 +37,9 @@ def test_load_balancing_loss_equals_formula_and_grows_with_imbalance():
             for g in range(G)
         ]
     )
-    got = routing.top_k_route(
-        jnp.asarray(logits, jnp.float32), num_selected=k, capacity=None
-    ).losses["load_balancing"]
+    got = top_k.top_k_route(jnp.asarray(logits, jnp.float32), num_selected=k, capacity=None).losses[
+        "load_balancing"
+    ]
     assert float(got) == pytest.approx(expected, rel=1e-5)
 
     # Concentrate more and more probability on expert 0: the loss rises towards E.
@@ -46,7 +47,7 @@ def test_load_balancing_loss_equals_formula_and_grows_with_imbalance():
     for strength in [0.0, 1.0, 2.0, 4.0, 8.0, 30.0]:
         skew = jnp.zeros((1, S, E)).at[..., 0].set(strength)
         jitter = jnp.asarray(rng.normal(size=(1, S, E)) * 0.01, jnp.float32)
-        r = routing.top_k_route(skew + jitter, num_selected=1, capacity=None)
+        r = top_k.top_k_route(skew + jitter, num_selected=1, capacity=None)
         values.append(float(r.losses["load_balancing"]))
     assert values[0] == pytest.approx(1.0, abs=0.02)
     assert all(b > a for a, b in zip(values, values[1:])), values
@@ -67,7 +68,7 @@ def test_statistics_equal_counts_from_the_routing_result():
     G, S, E, k = 2, 16, 4, 2
     logits = jnp.asarray(rng.normal(size=(G, S, E)) * 2 + np.linspace(0, 2, E), jnp.float32)
     C = 3
-    r = routing.top_k_route(logits, num_selected=k, capacity=C)
+    r = top_k.top_k_route(logits, num_selected=k, capacity=C)
     slot, expert = np.asarray(r.slot), np.asarray(r.expert)
     probs = ref.softmax(np.asarray(logits, np.float64))
     dropped = slot < 0  # no random routing: every choice was requested

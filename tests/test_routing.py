@@ -7,6 +7,7 @@ import pytest
 
 import references as ref
 from switchmoe import routing
+from switchmoe.routers import top_k, expert_choice
 
 
 def skewed_logits(seed, G=3, S=24, E=4, scale=2.0):
@@ -37,7 +38,7 @@ def test_top_k_equals_per_token_loop(k, batch_prioritized, factor, gate_norm, ra
     logits = skewed_logits(seed=k * 100 + int(factor * 10))
     G, S, E = logits.shape
     C = routing.expert_capacity(S, E, k, factor)
-    result = routing.top_k_route(
+    result = top_k.top_k_route(
         logits,
         num_selected=k,
         capacity=C,
@@ -61,8 +62,8 @@ def test_batch_prioritized_drops_the_least_confident_tokens():
     # One expert, capacity 2, four tokens: in-order keeps tokens 0 and 1; BPR keeps the two most
     # confident (3 and 2).
     logits = jnp.asarray([[[0.1, 0.0], [0.2, 0.0], [3.0, 0.0], [5.0, 0.0]]], jnp.float32)
-    in_order = routing.top_k_route(logits, num_selected=1, capacity=2)
-    bpr = routing.top_k_route(logits, num_selected=1, capacity=2, batch_prioritized=True)
+    in_order = top_k.top_k_route(logits, num_selected=1, capacity=2)
+    bpr = top_k.top_k_route(logits, num_selected=1, capacity=2, batch_prioritized=True)
     np.testing.assert_array_equal(in_order.slot[0, :, 0], [0, 1, -1, -1])
     np.testing.assert_array_equal(bpr.slot[0, :, 0], [-1, -1, 1, 0])
 
@@ -71,7 +72,7 @@ def test_first_choices_placed_before_second_choices():
     # Token 0 picks (expert 1, then 0); token 1 picks (expert 0, then 1). With one slot per expert,
     # token 1's first choice of expert 0 must beat token 0's second choice, despite token order.
     logits = jnp.asarray([[[1.0, 2.0], [2.0, 1.0]]], jnp.float32)
-    r = routing.top_k_route(logits, num_selected=2, capacity=1)
+    r = top_k.top_k_route(logits, num_selected=2, capacity=1)
     np.testing.assert_array_equal(r.expert[0], [[1, 0], [0, 1]])
     np.testing.assert_array_equal(r.slot[0], [[0, -1], [0, -1]])
     np.testing.assert_array_equal(r.stats["dropped_fraction_by_rank"], [0.0, 1.0])
@@ -83,7 +84,7 @@ def test_gshard_random_routing_equals_loop(batch_prioritized):
     G, S, E = logits.shape
     C = routing.expert_capacity(S, E, 2, 1.0)
     key = jax.random.key(3)
-    r = routing.top_k_route(
+    r = top_k.top_k_route(
         logits,
         num_selected=2,
         capacity=C,
@@ -105,8 +106,8 @@ def test_gshard_random_routing_equals_loop(batch_prioritized):
     same = dict(
         num_selected=2, capacity=C, gate_norm="normalized", batch_prioritized=batch_prioritized
     )
-    again = routing.top_k_route(logits, random_routing_key=key, **same)
-    other = routing.top_k_route(logits, random_routing_key=jax.random.key(4), **same)
+    again = top_k.top_k_route(logits, random_routing_key=key, **same)
+    other = top_k.top_k_route(logits, random_routing_key=jax.random.key(4), **same)
     np.testing.assert_array_equal(again.slot, r.slot)
     assert (other.slot[..., 1] != r.slot[..., 1]).any()
 
@@ -116,7 +117,7 @@ def test_expert_choice_equals_per_expert_loop(factor):
     logits = skewed_logits(seed=11)
     G, S, E = logits.shape
     C = routing.expert_capacity(S, E, 1, factor)
-    r = routing.expert_choice_route(logits, capacity=C)
+    r = expert_choice.expert_choice_route(logits, capacity=C)
     probs = ref.softmax(np.asarray(logits, np.float64))
     slot, gate = ref.expert_choice_route(probs, C)
     np.testing.assert_array_equal(r.slot, slot)
@@ -132,8 +133,8 @@ def test_in_order_routing_is_causal():
     logits = skewed_logits(seed=5, G=1, S=16)
     changed = logits.at[:, 12:].set(-logits[:, 12:] + 3.0)
     for k in (1, 2):
-        a = routing.top_k_route(logits, num_selected=k, capacity=3)
-        b = routing.top_k_route(changed, num_selected=k, capacity=3)
+        a = top_k.top_k_route(logits, num_selected=k, capacity=3)
+        b = top_k.top_k_route(changed, num_selected=k, capacity=3)
         if k == 1:
             np.testing.assert_array_equal(a.slot[:, :12], b.slot[:, :12])
         else:
@@ -144,7 +145,7 @@ def test_in_order_routing_is_causal():
             assert not a.causal
             # ...token-major order (causal_routing) makes every choice causal.
             a, b = (
-                routing.top_k_route(x, num_selected=k, capacity=3, rank_major=False)
+                top_k.top_k_route(x, num_selected=k, capacity=3, rank_major=False)
                 for x in (logits, changed)
             )
             np.testing.assert_array_equal(a.slot[:, :12], b.slot[:, :12])
@@ -165,8 +166,8 @@ def test_router_logits_are_float32_and_jitter_is_bounded():
 def test_bad_settings_name_the_setting():
     logits = skewed_logits(seed=0)
     with pytest.raises(ValueError, match=r"num_selected \(k\) must be in \[1, num_experts=4\]"):
-        routing.top_k_route(logits, num_selected=5, capacity=4)
+        top_k.top_k_route(logits, num_selected=5, capacity=4)
     with pytest.raises(ValueError, match=r"gate_norm must be one of \('raw', 'normalized'\)"):
-        routing.top_k_route(logits, num_selected=1, capacity=4, gate_norm="softmax")
+        top_k.top_k_route(logits, num_selected=1, capacity=4, gate_norm="softmax")
     with pytest.raises(ValueError, match="expert-choice routing needs a capacity"):
-        routing.expert_choice_route(logits, capacity=100)
+        expert_choice.expert_choice_route(logits, capacity=100)

@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from switchmoe import routing
+from switchmoe.routers import top_k, expert_choice
 
 # Few distinct shapes keep the number of XLA compilations (and the test time) small; the values,
 # capacities, k and priorities vary freely.
@@ -28,7 +29,7 @@ def test_token_choice_invariants(shape, k, factor, batch_prioritized, random_rou
     logits = jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
     C = routing.expert_capacity(S, E, k, factor)
     key = jax.random.key(seed) if random_routing else None
-    r = routing.top_k_route(
+    r = top_k.top_k_route(
         logits,
         num_selected=k,
         capacity=C,
@@ -75,7 +76,7 @@ def test_expert_choice_invariants(shape, factor, seed):
     G, S, E = shape
     logits = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
     C = routing.expert_capacity(S, E, 1, factor)
-    r = routing.expert_choice_route(logits, capacity=C)
+    r = expert_choice.expert_choice_route(logits, capacity=C)
     slot, gate, probs = np.asarray(r.slot), np.asarray(r.gate), np.asarray(r.probs)
     for g in range(G):
         for e in range(E):

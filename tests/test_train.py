@@ -169,7 +169,7 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
         ({"model.moe.backend": "cuda"}, r"model.moe.backend must be one of \('einsum', 'gather', "),
         (
             {"model.moe.dropless_implementation": "triton"},
-            r"model.moe.dropless_implementation must be one of \('ragged_dot', 'blocked'\)",
+            r"model.moe.dropless_implementation must be None or one of \('ragged_dot', 'blocked'\)",
         ),
         (
             {"model.moe.batch_prioritized": True},

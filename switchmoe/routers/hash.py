@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from switchmoe import losses as losses_lib
+from switchmoe.routers.base import Option, Router
 from switchmoe.routing import RoutingResult, assign_slots, build_result
 
 Array = jax.Array
@@ -72,3 +73,60 @@ def hash_route(
         expert, slot, jnp.where(slot >= 0, 1.0, 0.0), probs, jnp.zeros_like(probs),
         capacity=capacity, causal=True, losses=losses, requested=requested, overflow=overflow,
     )  # fmt: skip
+
+
+def table_for_config(config) -> np.ndarray:
+    """The token id -> expert table int32[vocab_size] a run of `config` routes with."""
+    moe, vocab = config.model.moe, config.model.vocab_size
+    if moe.hash_kind == "random":
+        return random_hash_table(vocab, moe.num_experts, config.seed)
+    from switchmoe.data.pipeline import LMDataPipeline  # noqa: PLC0415
+
+    windows = LMDataPipeline(config.data, config.batch_size).packed(config.data.train_split)
+    counts = np.bincount(np.asarray(windows.windows, np.int64).ravel(), minlength=vocab)
+    return balanced_hash_table(counts[:vocab], moe.num_experts)
+
+
+class Hash(Router):
+    """A fixed token-id table: no router parameters, one expert per token, gate 1; causal."""
+
+    name = "hash"
+    options = {
+        "hash_kind": Option(
+            "random",
+            "'random' (seeded hash) or 'balanced' (greedy on training-corpus token "
+            "frequencies); the table is computed when the run starts and saved in config.json",
+            str,
+        ),
+        "hash_table": Option(None, "token id -> expert (filled when a run starts)", tuple),
+    }
+
+    @property
+    def choices_per_token(self):
+        return 1
+
+    def streams(self, train):
+        return ()  # no logits to jitter
+
+    def check(self, prefix="", tokens_per_group=None):
+        super().check(prefix, tokens_per_group)
+        kind = self.option("hash_kind")
+        if kind not in HASH_KINDS:
+            raise ValueError(f"{prefix}hash_kind must be one of {HASH_KINDS}; got {kind!r}.")
+
+    def prepare(self, config):
+        if config.model.moe.get("hash_table") is None:
+            config.model.moe.hash_table = tuple(int(e) for e in table_for_config(config))
+
+    def route(self, layer, groups, token_ids, keys, train):
+        if token_ids is None:
+            raise ValueError("router='hash' needs the token ids: call the layer with token_ids.")
+        table = self.option("hash_table")
+        if table is None:
+            raise ValueError(
+                "router='hash' needs router_options['hash_table'] (token id -> expert)."
+            )
+        capacity = self.capacity(groups.shape[1], train)
+        return hash_route(
+            token_ids, jnp.asarray(table, jnp.int32), self.num_experts, capacity=capacity
+        )

@@ -25,7 +25,9 @@ import jax.numpy as jnp
 from jax.scipy.stats import norm
 
 from switchmoe import losses as losses_lib
-from switchmoe.routing import RoutingResult, priority_order, assign_slots, build_result
+from switchmoe.routers.base import Option, Router, router_weights
+from switchmoe.routers.top_k import token_choice_causal_reason
+from switchmoe.routing import RoutingResult, assign_slots, build_result, priority_order
 
 Array = jax.Array
 
@@ -103,3 +105,53 @@ def noisy_top_k_route(
         causal=not batch_prioritized and (num_selected == 1 or not rank_major or capacity is None),
         requested=requested, overflow=overflow,
     )  # fmt: skip
+
+
+class NoisyTopK(Router):
+    """Shazeer et al. 2017: top-k of noisy scores, learned noise scale, importance/load losses."""
+
+    name = "noisy_top_k"
+    supports_batch_prioritized = True
+    options = {
+        "importance_weight": Option(0.0, "weight of the importance loss (Shazeer et al.: 0.1)"),
+        "load_weight": Option(0.0, "weight of the load loss (Shazeer et al.: 0.1)"),
+    }
+
+    def noncausal_reason(self):
+        return token_choice_causal_reason(self.settings)
+
+    def streams(self, train):
+        return super().streams(train) + (("noise",) if train else ())
+
+    def loss_weights(self):
+        return {
+            **super().loss_weights(),
+            "importance": self.option("importance_weight"),
+            "load": self.option("load_weight"),
+        }
+
+    def check(self, prefix="", tokens_per_group=None):
+        super().check(prefix, tokens_per_group)
+        s = self.settings
+        if s.num_selected >= s.num_experts:
+            raise ValueError(
+                f"{prefix}router='noisy_top_k' needs {prefix}num_selected < {prefix}num_experts="
+                f"{s.num_experts} (its load loss reads the (k+1)-th score); got {s.num_selected}."
+            )
+
+    def route(self, layer, groups, token_ids, keys, train):
+        s = self.settings
+        # Both weights start at zero (Shazeer et al.): every expert equally likely.
+        logits, scores = self.learned_logits(layer, groups, keys, zero_init=True)
+        noise_kernel = router_weights(
+            layer, "noise_kernel", jax.nn.initializers.zeros, groups.shape[-1], self.num_experts
+        )
+        return noisy_top_k_route(
+            logits,
+            scores(noise_kernel, None),
+            num_selected=s.num_selected,
+            capacity=self.capacity(groups.shape[1], train),
+            noise_key=keys.get("noise"),
+            batch_prioritized=s.batch_prioritized,
+            rank_major=not s.causal_routing,
+        )

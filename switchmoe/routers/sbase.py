@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from switchmoe import losses as losses_lib
+from switchmoe.routers.base import Option, Router
+from switchmoe.routers.top_k import top_k_route
 from switchmoe.routing import RoutingResult, build_result
 
 Array = jax.Array
@@ -95,3 +97,50 @@ def sbase_route(logits: Array, *, num_iters: int = 200, temperature: float = 0.0
         losses=losses_lib.router_losses(logits, probs, expert),
         requested=requested, overflow=jnp.zeros_like(requested),
     )  # fmt: skip
+
+
+class SBase(Router):
+    """Balanced assignment while training, greedy top-1 at evaluation; not causal."""
+
+    name = "sbase"
+    options = {
+        "sbase_iters": Option(200, "Sinkhorn iterations", int),
+        "sbase_temperature": Option(0.02, "Sinkhorn temperature, on standardised logits"),
+    }
+
+    @property
+    def choices_per_token(self):
+        return 1
+
+    def noncausal_reason(self):
+        return f"model.moe.router={self.name!r} routes on the whole group"
+
+    def capacity(self, tokens_per_group, train):
+        if train:
+            return tokens_per_group // self.num_experts  # exactly balanced
+        return super().capacity(tokens_per_group, train)
+
+    def check(self, prefix="", tokens_per_group=None):
+        super().check(prefix, tokens_per_group)
+        if tokens_per_group is not None and tokens_per_group % self.num_experts:
+            raise ValueError(
+                f"{prefix}router='sbase' needs the tokens per routing group ({tokens_per_group}: "
+                f"{prefix}group_size, or the sequence length) divisible by {prefix}num_experts="
+                f"{self.num_experts} (every expert gets exactly S/E tokens)."
+            )
+
+    def route(self, layer, groups, token_ids, keys, train):
+        logits, _ = self.learned_logits(layer, groups, keys)
+        if train:
+            return sbase_route(
+                logits,
+                num_iters=self.option("sbase_iters"),
+                temperature=self.option("sbase_temperature"),
+            )
+        return top_k_route(
+            logits,
+            num_selected=1,
+            capacity=self.capacity(groups.shape[1], train),
+            gate_norm=self.settings.gate_norm,
+            rank_major=not self.settings.causal_routing,
+        )

@@ -1,0 +1,64 @@
+"""The one validation of the MoE settings, for an `MoeLayer` and a config's `model.moe` alike.
+
+`MoeLayer.check_settings` runs it when the layer is traced; `config.validate_config` runs it on
+`MoeLayer.from_config(model)` with the prefix "model.moe.", before anything is compiled or
+written. Router-specific checks are the router's (`Router.check`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from switchmoe import dispatch as dispatch_lib
+from switchmoe import experts as experts_lib
+from switchmoe import routers as routers_lib
+from switchmoe.routing import GATE_NORMS
+
+
+def _positive(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name} must be > 0; got {value!r}.")
+
+
+def check_settings(s, prefix: str = "", tokens_per_group: Optional[int] = None) -> None:
+    """Raises ValueError naming the setting (with `prefix`) and what is allowed.
+
+    s: an MoeLayer (anything with its settings as attributes and `make_router()`);
+    tokens_per_group: S where the caller knows it.
+    """
+    if s.num_experts < 1:
+        raise ValueError(f"{prefix}num_experts must be >= 1; got {s.num_experts}.")
+    if not 1 <= s.num_selected <= s.num_experts:
+        raise ValueError(
+            f"{prefix}num_selected (k) must be in [1, {prefix}num_experts={s.num_experts}]; "
+            f"got {s.num_selected}."
+        )
+    _one_of(prefix + "router", s.router, routers_lib.NAMES)
+    _one_of(prefix + "backend", s.backend, dispatch_lib.BACKENDS)
+    if s.dropless_implementation not in (None, *dispatch_lib.DROPLESS_IMPLEMENTATIONS):
+        raise ValueError(
+            f"{prefix}dropless_implementation must be None or one of "
+            f"{dispatch_lib.DROPLESS_IMPLEMENTATIONS}; got {s.dropless_implementation!r}."
+        )
+    if s.block_size is not None:
+        _positive(prefix + "block_size", s.block_size)
+    _positive(prefix + "train_capacity_factor", s.train_capacity_factor)
+    _positive(prefix + "eval_capacity_factor", s.eval_capacity_factor)
+    if s.min_capacity < 1:
+        raise ValueError(f"{prefix}min_capacity must be >= 1; got {s.min_capacity}.")
+    _one_of(prefix + "gate_norm", s.gate_norm, GATE_NORMS)
+    _one_of(prefix + "router_dtype", s.router_dtype, ("float32", "bfloat16"))
+    if not 0.0 <= s.expert_dropout < 1.0:
+        raise ValueError(f"{prefix}expert_dropout must be in [0, 1); got {s.expert_dropout}.")
+    if s.random_routing and s.num_selected < 2:
+        raise ValueError(
+            f"{prefix}random_routing (GShard second-expert routing) needs {prefix}num_selected "
+            f">= 2; got {prefix}num_selected={s.num_selected}."
+        )
+    experts_lib.check_activation(s.activation)
+    s.make_router().check(prefix, tokens_per_group)
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}.")
