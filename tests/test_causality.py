@@ -43,6 +43,11 @@ ACCEPTED = {
     "top2_random_routing": {"model.moe.num_selected": 2, "model.moe.random_routing": True},
     "noisy_top2": {"model.moe.router": "noisy_top_k", "model.moe.num_selected": 2},
     "hash": {"model.moe.router": "hash"},
+    "dselect_k": {
+        "model.moe.router": "dselect_k",
+        "model.moe.num_selected": 2,
+        "model.moe.train_capacity_factor": 0.25,  # C = S·0.25 of the E choices per token
+    },
     "top2_dropless": {"model.moe.num_selected": 2, "model.moe.backend": "dropless"},
     "top1_gather_groups_of_two_rows": {
         "model.moe.backend": "gather",

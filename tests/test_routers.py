@@ -181,6 +181,7 @@ ROUTERS = {
     "noisy_top_k": dict(num_selected=2),
     "hash": dict(router_options=dict(hash_table=tuple(range(4)) * 65)),
     "sbase": dict(),
+    "dselect_k": dict(num_selected=2),
 }
 
 

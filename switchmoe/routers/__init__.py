@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from switchmoe.routers.base import Option, Router, stream_keys  # noqa: F401  (the layer's)
+from switchmoe.routers.dselect_k import DSelectK
 from switchmoe.routers.expert_choice import ExpertChoice
 from switchmoe.routers.hash import Hash
 from switchmoe.routers.noisy_top_k import NoisyTopK
@@ -17,7 +18,7 @@ from switchmoe.routers.sbase import SBase
 from switchmoe.routers.top_k import TopK
 
 REGISTRY: dict[str, type[Router]] = {
-    cls.name: cls for cls in (TopK, ExpertChoice, NoisyTopK, Hash, SBase)
+    cls.name: cls for cls in (TopK, ExpertChoice, NoisyTopK, Hash, SBase, DSelectK)
 }
 NAMES = tuple(REGISTRY)
 DEFAULT = TopK.name  # Switch's
