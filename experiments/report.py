@@ -142,26 +142,51 @@ def capacity_evaluation(trials, factors) -> list[dict]:
 
 
 def plot_capacity_evaluation(rows):
+    """Eval loss and eval drops against the eval capacity factor, one line per trained setting
+    (mean over its seeds, error bars ± std): colour = training factor, solid top-1, dashed top-2."""
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_drop) = plt.subplots(1, 2, figsize=(11, 4))
-    for trial in sorted({r["trial"] for r in rows}):
-        mine = [r for r in rows if r["trial"] == trial and r["eval_cf"] != "dropless"]
-        xs = [float(r["eval_cf"]) for r in mine]
-        label = analysis.trial_label(trial)
-        ax_loss.plot(xs, [r["eval_loss"] for r in mine], "o-", label=label)
-        ax_drop.plot(xs, [r["eval_dropped_pct"] for r in mine], "o-", label=label)
-        dropless = [r for r in rows if r["trial"] == trial and r["eval_cf"] == "dropless"]
-        if dropless:
-            ax_loss.axhline(dropless[0]["eval_loss"], ls=":", color=ax_loss.lines[-1].get_color())
+    settings: dict[str, list[dict]] = {}
+    for r in rows:
+        settings.setdefault(seeds_lib.setting_name(r["trial"]), []).append(r)
+    train_factors = sorted({r["train_cf"] for r in rows})
+    colour = {
+        f: plt.cm.viridis(i / max(len(train_factors) - 1, 1)) for i, f in enumerate(train_factors)
+    }
+    for setting, mine in settings.items():
+        k, train_cf = mine[0]["k"], mine[0]["train_cf"]
+        style = dict(color=colour[train_cf], ls="-" if k == 1 else "--", marker="o", capsize=3)
+        n_seeds = len({r["trial"] for r in mine})
+        label = f"top-{k}, trained at cf {train_cf:g}" + (
+            f" ({n_seeds} seeds)" if n_seeds > 1 else ""
+        )
+        factors = sorted({float(r["eval_cf"]) for r in mine if r["eval_cf"] != "dropless"})
+        for ax, metric in ((ax_loss, "eval_loss"), (ax_drop, "eval_dropped_pct")):
+            stats = [
+                seeds_lib.mean_std(
+                    [
+                        r[metric]
+                        for r in mine
+                        if r["eval_cf"] != "dropless" and float(r["eval_cf"]) == f
+                    ]
+                )
+                for f in factors
+            ]
+            ax.errorbar(factors, [m for m, _ in stats], yerr=[sd or 0.0 for _, sd in stats],
+                        label=label, **style)  # fmt: skip
+        dropless, _ = seeds_lib.mean_std(
+            [r["eval_loss"] for r in mine if r["eval_cf"] == "dropless"]
+        )
+        if dropless is not None:
+            ax_loss.axhline(dropless, ls=":", color=colour[train_cf], lw=0.8)
     ax_loss.set(xlabel="eval capacity factor", ylabel="eval loss (nats/token; dotted: dropless)")
     ax_drop.set(xlabel="eval capacity factor", ylabel="tokens dropped at eval (%)")
     for ax in (ax_loss, ax_drop):
         ax.grid(alpha=0.3)
     # One legend for both panels, beside them: over the curves it hid the top-2 models.
     handles, labels = ax_loss.get_legend_handles_labels()
-    fig.legend(handles, [f"trained: {l}" for l in labels], fontsize=8, loc="center left",
-               bbox_to_anchor=(1.0, 0.5))  # fmt: skip
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
 
@@ -364,6 +389,14 @@ def main(argv):
                 markdown(cap_rows, columns),
             ]
             figures["capacity_eval.png"] = plot_capacity_evaluation(cap_rows)
+            if any(seeds_lib.setting_name(t["name"]) != t["name"] for t in trials):
+                matrix = seeds_lib.capacity_matrix(cap_rows)
+                sections += [
+                    "",
+                    "## Eval loss at every eval capacity factor, mean ± std over seeds",
+                    "",
+                    markdown(matrix, list(matrix[0])),
+                ]
     if any(seeds_lib.setting_name(t["name"]) != t["name"] for t in trials):
         seed_text, seed_figures = seed_report(trials, rows, out)
         sections += ["", seed_text]

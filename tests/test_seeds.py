@@ -45,6 +45,28 @@ def test_aggregate_equals_numpy_mean_and_sample_std():
     assert list(out) == ["num_experts=8", "num_experts=0"]  # order of first appearance
 
 
+def test_capacity_matrix_is_numpys_mean_and_std_per_cell():
+    rows = [
+        {"k": 1, "train_cf": 1.0, "eval_cf": 1.0, "eval_loss": 1.50},
+        {"k": 1, "train_cf": 1.0, "eval_cf": 2.0, "eval_loss": 1.45},
+        {"k": 1, "train_cf": 1.0, "eval_cf": "dropless", "eval_loss": 1.44},
+        {"k": 1, "train_cf": 1.0, "eval_cf": 1.0, "eval_loss": 1.52},  # the second seed
+        {"k": 1, "train_cf": 1.0, "eval_cf": 2.0, "eval_loss": 1.41},
+        {"k": 1, "train_cf": 1.0, "eval_cf": "dropless", "eval_loss": 1.40},
+        {"k": 2, "train_cf": 0.5, "eval_cf": 1.0, "eval_loss": 1.60},  # one seed only
+    ]
+    top1, top2 = seeds.capacity_matrix(rows)
+    mean_std = lambda v: f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
+    assert top1 == {
+        "k": 1,
+        "train_cf": 1.0,
+        "1.0": mean_std([1.50, 1.52]),
+        "2.0": mean_std([1.45, 1.41]),
+        "dropless": mean_std([1.44, 1.40]),
+    }
+    assert top2 == {"k": 2, "train_cf": 0.5, "1.0": "1.6000", "2.0": "-", "dropless": "-"}
+
+
 def test_speedup_on_synthetic_curves():
     steps = [100, 200, 300, 400]
     dense = [3.0, 2.5, 2.2, 2.0]  # reaches its final loss 2.0 at step 400

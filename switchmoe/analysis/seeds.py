@@ -107,3 +107,29 @@ def seed_speedups(
     """The speed-up of each of a setting's seeds over the baseline's mean curve over seeds."""
     steps, mean, _ = mean_curve(base_curves)
     return [speedup(steps, mean, s, v) for s, v in curves]
+
+
+def capacity_matrix(rows: Sequence[dict], metric: str = "eval_loss") -> list[dict]:
+    """The capacity study's re-evaluations, mean ± std over seeds: one row per (k, train factor),
+    one column per eval factor (in first-seen order), each cell "mean ± std" (or the value alone
+    for one seed).
+
+    rows: {'k', 'train_cf', 'eval_cf', metric} per checkpoint and eval factor (report's
+    capacity_eval.csv); the seed is what tells rows with the same three apart.
+    """
+    cells: dict[tuple, dict[Any, list[float]]] = {}
+    columns: list[Any] = []
+    for r in rows:
+        cells.setdefault((r["k"], r["train_cf"]), {}).setdefault(r["eval_cf"], []).append(r[metric])
+        if r["eval_cf"] not in columns:
+            columns.append(r["eval_cf"])
+    out = []
+    for (k, train_cf), by_eval in cells.items():
+        row: dict[str, Any] = {"k": k, "train_cf": train_cf}
+        for eval_cf in columns:
+            mean, std = mean_std(by_eval.get(eval_cf, []))
+            row[str(eval_cf)] = (
+                "-" if mean is None else f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+            )
+        out.append(row)
+    return out
