@@ -19,11 +19,8 @@ from switchmoe.config import default_config
 
 def get_config():
     config = default_config()
-    # Small enough for 2 CPU cores: 4 blocks of width 128, MoE in blocks 1 and 3.
-    config.model.d_model = 128
-    config.model.num_layers = 4
-    config.model.num_heads = 4
-    config.model.d_ff = 512
+    # The default size (switchmoe/config.py), small enough for 2 CPU cores: 4 blocks of width
+    # 128 and d_ff 512, 128-token sequences, batches of 32; MoE in blocks 1 and 3.
     # 32 experts, top-2, capacity factor 1.25 in training and 2.0 at evaluation.
     config.model.moe.num_experts = 32
     config.model.moe.num_selected = 2
@@ -34,12 +31,7 @@ def get_config():
     config.model.moe.group_size = 1024
     # Index gather/scatter is ~10% faster than one-hot einsum at this size on CPU.
     config.model.moe.backend = "gather"
-    config.data.seq_len = 128
-    config.batch_size = 32
     config.num_train_steps = 800
-    config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 100
-    config.log_every = 50
     config.eval_every = 200
     config.num_eval_batches = 16
     config.checkpoint_every = 200

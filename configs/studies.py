@@ -29,6 +29,10 @@ routing       every router at matched expert FLOPs: Switch top-1, plain top-2, G
               top-1, and top-1 with a bfloat16 router (float32 vs bf16 router).
 Top-2 trials use experts of half the width (model.moe.expert_d_ff=256) so that two experts cost
 what one does in the top-1 trials; the dense blocks keep d_ff=512 throughout.
+
+Measured: EXPERIMENTS.md holds one section per study with its tables and plots ("Why 64 experts
+were no better than 8: the diagnosis", "Expert-count scaling, top-2 ...", "Capacity-factor sweep
+on the expert-count setup", "Routing comparison", and the first top-1 runs).
 """
 
 from switchmoe.config import default_config
@@ -57,22 +61,15 @@ def get_config(study="expert_count"):
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; allowed: {STUDIES}.")
     config = default_config()
-    config.model.d_model, config.model.num_layers, config.model.num_heads = 128, 4, 4
-    config.model.d_ff = 512
-    config.model.moe.num_experts = 8
+    # The default size (d_model 128, 4 blocks, d_ff 512, 8 experts, 128-token sequences).
     config.model.moe.num_selected = 1
     config.model.moe.moe_every = 2
     config.model.moe.backend = "gather"
     config.model.moe.train_capacity_factor = 1.25
     config.model.moe.eval_capacity_factor = 2.0
-    config.data.seq_len = 128
-    config.batch_size = 32
     # 600 steps (2.5M tokens): the demo's curve has left its initial drop by ~300 steps
     # (eval 2.63 bits/byte at step 200, 2.25 at 400, 2.01 at 800).
     config.num_train_steps = 600
-    config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 100
-    config.log_every = 50
     config.eval_every = 100
     config.num_eval_batches = 16
     config.checkpoint_every = 600

@@ -4,13 +4,6 @@ T5-style encoder–decoders pre-trained with span corruption (noise density 0.15
   python -m experiments.train --config=configs/switch_t5.py --workdir=runs/switch_t5
   python -m experiments.param_count --config=configs/switch_t5.py:base128
 
-Result on this machine: a 100-step run of the CPU variant (`--config.num_train_steps=100`) took
-1m55s while another training job shared the 2 cores (≈0.85 s/step, so its 1,500 steps take
-roughly 15–20 min), falling from 6.8 to 4.2 bits per target token in training and 3.88 at eval
-after 100 steps, with 28% of tokens dropped (mean of the 4 MoE layers, steps 75–100). Its
-decoder routes each example's 29 target tokens as one group, so each expert has 5 slots
-(ceil(29·1.25/8)) and any imbalance drops; a per-stack group size is the fix (not built yet).
-
 Variants:
   (none)          CPU-sized Switch encoder–decoder: d_model 128, 4 + 4 blocks, 8 experts top-1
                   every other block, byte tokens with 100 sentinels, 128-token inputs.
@@ -26,6 +19,13 @@ Variants:
 The paper-sized variants use `for_accelerators` (bf16, Adafactor, 512-token inputs, 256
 sequences per batch, a SentencePiece vocabulary: give --config.data.spm_model_path and a TFDS
 dataset). Their parameter counts need neither; EXPERIMENTS.md lists them.
+
+Measured on this machine: a 100-step run of the CPU variant (`--config.num_train_steps=100`) took
+1m55s while another training job shared the 2 cores (≈0.85 s/step, so its 1,500 steps take
+roughly 15–20 min), falling from 6.8 to 4.2 bits per target token in training and 3.88 at eval
+after 100 steps, with 28% of tokens dropped (mean of the 4 MoE layers, steps 75–100). Its
+decoder routes each example's 29 target tokens as one group, so each expert has 5 slots
+(ceil(29·1.25/8)) and any imbalance drops; a per-stack group size is the fix (not built yet).
 """
 
 from switchmoe.config import (
@@ -55,13 +55,8 @@ def get_config(variant=None):
     config.model.arch = "encoder_decoder"
     config.data.num_sentinels = 100  # T5's 100 extra ids
     # CPU size: 128-token inputs corrupt to 29-token targets (141 raw tokens, 7 spans).
-    config.model.d_model, config.model.num_layers, config.model.num_heads = 128, 4, 4
-    config.model.d_ff = 512
-    config.model.moe.num_experts = 8
-    config.data.seq_len = 128
-    config.batch_size = 32
+    # (the default size: d_model 128, 4 blocks per stack, d_ff 512, 8 experts, batches of 32)
     config.num_train_steps = 1500
-    config.optimizer.learning_rate = 3e-3
     config.eval_every = 250
     config.checkpoint_every = 500
     config.num_eval_batches = 16

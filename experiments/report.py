@@ -39,7 +39,8 @@ flags.mark_flags_as_required(["workdir"])
 COLUMNS = (
     "trial", "experts", "k", "train_cf", "causal", "eval_loss", "eval_bits_per_token", "eval_bits_per_byte",
     "train_loss",
-    "train_dropped_pct", "eval_dropped_pct", "load_cv", "logit_rms", "router_z", "step_time_ms",
+    "train_dropped_pct", "eval_dropped_pct", "load_cv", "dead_pct", "max_share", "logit_rms",
+    "router_z", "step_time_ms",
     "quiet_step_ms",
     "params_total", "params_active", "steps", "finished",
 )  # fmt: skip
@@ -69,10 +70,14 @@ def row(trial, quiet: dict | None = None) -> dict:
     records, config = trial["records"], trial["config"]
     last = lambda m: analysis.last_value(records, m)
     load = last("eval/expert_load")
-    load_cv = None
+    load_cv = dead_pct = max_share = None
     if load is not None:
-        load = np.asarray(load, np.float64)  # [layers, E]
+        load = np.asarray(load, np.float64)  # [layers, E], each row sums to 1
         load_cv = float(np.mean(load.std(-1) / np.maximum(load.mean(-1), 1e-12)))
+        # Utilisation at the last evaluation, mean over layers: experts under 10% of a uniform
+        # share, and the largest expert's share.
+        dead_pct = float(100 * np.mean(load * load.shape[-1] < 0.1))
+        max_share = float(np.mean(load.max(-1)))
     counts = count_params(resolve(config))
     pct = lambda v: None if v is None else 100 * v
     eval_loss = trial["final_eval_loss"]
@@ -91,6 +96,8 @@ def row(trial, quiet: dict | None = None) -> dict:
         "train_dropped_pct": pct(last("train/dropped_fraction")),
         "eval_dropped_pct": pct(last("eval/dropped_fraction")),
         "load_cv": load_cv,
+        "dead_pct": dead_pct,
+        "max_share": max_share,
         "logit_rms": last("train/logit_rms"),
         # mean over tokens of logsumexp(logits)², the quantity the z-loss penalises
         "router_z": last("train/router_z"),
@@ -193,7 +200,7 @@ def plot_capacity_evaluation(rows):
 
 SEED_METRICS = (
     "eval_loss", "eval_bits_per_byte", "train_dropped_pct", "eval_dropped_pct", "load_cv",
-    "step_time_ms", "quiet_step_ms",
+    "dead_pct", "step_time_ms", "quiet_step_ms",
 )  # fmt: skip
 
 
@@ -241,6 +248,7 @@ def seed_report(trials, rows, out):
         ("speed-up vs dense", "speedup", 2),
         ("train dropped %", "train_dropped_pct", 2),
         ("load CV", "load_cv", 3),
+        ("dead experts %", "dead_pct", 1),
         ("step ms (alone)", "quiet_step_ms", 0),
         ("step ms (logged)", "step_time_ms", 0),
     ]

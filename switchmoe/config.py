@@ -64,6 +64,9 @@ def _config_value(default, types):
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """Every setting with its default. The defaults are the CPU size every config in configs/
+    starts from (d_model 128, 4 blocks, 4 heads, d_ff 512, 8 experts, 128-token sequences,
+    batches of 32, AdamW 3e-3): a config states only what differs."""
     config = ml_collections.ConfigDict()
     # Seed of parameter init and of the per-step dropout/routing keys.
     config.seed = 0
@@ -430,6 +433,22 @@ def switch_routing(config):
     moe.load_balancing_weight = 1e-2
     moe.jitter_eps = 1e-2
     moe.router_init_scale = 0.1
+    return config
+
+
+def gshard_routing(config):
+    """GShard's MoE layers (Lepikhin et al. 2021): top-2 with gates normalised over the two,
+    random routing of the second expert (kept when U < 2·g2), MoE every other block, capacity
+    factor 1.25 / 2.0, load-balancing loss 1e-2."""
+    moe = config.model.moe
+    moe.num_selected = 2
+    moe.gate_norm = "normalized"
+    moe.random_routing = True
+    moe.random_routing_threshold = 0.5
+    moe.moe_every = 2
+    moe.train_capacity_factor = 1.25
+    moe.eval_capacity_factor = 2.0
+    moe.load_balancing_weight = 1e-2
     return config
 
 

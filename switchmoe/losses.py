@@ -85,6 +85,11 @@ def routing_stats(
       router_entropy: mean over tokens of -Σ_e p_e log p_e (nats; log E when uniform).
       top1_prob: mean over tokens of max_e p_e.
       logit_rms: root mean square of the router logits (what z-loss keeps small).
+      dead_expert_fraction: fraction of experts that received under 10% of a uniform share of
+        the kept pairs (the "dead experts" of MoE utilisation reports).
+      max_expert_share: the largest expert's share of the kept pairs (1/E when balanced).
+      expert_load_p10, _p50, _p90: percentiles of the experts' loads in units of the uniform
+        share (1 = balanced; NumPy's linear interpolation).
     """
     kept = result.slot >= 0
     E = result.probs.shape[-1]
@@ -102,6 +107,11 @@ def routing_stats(
         "top1_prob": jnp.mean(jnp.max(probs, axis=-1)),
         "logit_rms": jnp.sqrt(jnp.mean(jnp.square(result.logits))),
     }
+    share = stats["expert_load"] * E  # 1 = a uniform share
+    stats["dead_expert_fraction"] = jnp.mean(share < 0.1)
+    stats["max_expert_share"] = jnp.max(stats["expert_load"])
+    for q in (10, 50, 90):
+        stats[f"expert_load_p{q}"] = jnp.percentile(share, q)
     if per_rank:
         stats["dropped_fraction_by_rank"] = jnp.sum(overflow, axis=(0, 1)) / num_tokens
         stats["requested_fraction_by_rank"] = jnp.sum(requested, axis=(0, 1)) / num_tokens

@@ -49,6 +49,8 @@ from switchmoe.workdir_lock import WorkdirLock
 # MoE statistics that are vectors per layer ([num_moe_layers, E] or [num_moe_layers, K]); they
 # are logged per layer. All other statistics are averaged over the MoE layers.
 VECTOR_STATS = ("expert_load", "dropped_fraction_by_rank", "requested_fraction_by_rank")
+# Utilisation statistics logged per MoE layer too ("<name>_by_layer"), beside their mean.
+PER_LAYER_STATS = ("dead_expert_fraction", "max_expert_share")
 
 
 def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -124,6 +126,8 @@ def moe_metrics(aux: dict[str, Any], prefix: str) -> dict:
         out[f"{prefix}/{name}"] = aux["losses"][name] / num_layers
     for name, value in aux["stats"].items():
         out[f"{prefix}/{name}"] = value if name in VECTOR_STATS else jnp.mean(value)
+        if name in PER_LAYER_STATS:
+            out[f"{prefix}/{name}_by_layer"] = value
     return out
 
 

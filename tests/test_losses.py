@@ -7,6 +7,7 @@ import pytest
 
 import references as ref
 from switchmoe import losses
+from switchmoe.routers import hash as hash_routing
 from switchmoe.routers import top_k
 from switchmoe.moe_layer import MoeLayer
 
@@ -82,6 +83,18 @@ def test_statistics_equal_counts_from_the_routing_result():
     assert s["unrouted_fraction"] == pytest.approx(dropped.all(-1).mean())
     assert s["router_entropy"] == pytest.approx(np.mean(-(probs * np.log(probs)).sum(-1)), rel=1e-5)
     assert s["top1_prob"] == pytest.approx(probs.max(-1).mean(), rel=1e-5)
+
+
+def test_utilisation_statistics_from_hand_counted_loads():
+    # 16 tokens through a fixed table to 4 experts: 10, 5, 1 and 0 of them (nothing dropped).
+    token_ids = jnp.asarray([[0] * 10 + [1] * 5 + [2]])
+    table = jnp.asarray([0, 1, 2, 3], jnp.int32)
+    stats = hash_routing.hash_route(token_ids, table, 4, capacity=None).stats
+    share = np.asarray([10, 5, 1, 0]) / 16 * 4  # in uniform shares: 2.5, 1.25, 0.25, 0
+    assert float(stats["dead_expert_fraction"]) == 0.25  # only the empty expert is under 0.1
+    assert float(stats["max_expert_share"]) == pytest.approx(10 / 16)
+    for q in (10, 50, 90):
+        assert float(stats[f"expert_load_p{q}"]) == pytest.approx(np.percentile(share, q))
 
 
 def test_gradients_reach_the_router_through_gates_and_losses():

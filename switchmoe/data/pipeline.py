@@ -92,7 +92,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.noise_density = 0.15
     config.mean_noise_span_length = 3.0
     # Tokens per training example (the model's context); packed windows hold seq_len + 1 tokens.
-    config.seq_len = 256
+    config.seq_len = 128
     # Corpus limit, 0 = all. stdlib_source: number of files (>= 2; each setting is its own TFDS
     # config, built once). TFDS datasets: the first max_files documents of each split.
     config.max_files = 0
