@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from switchmoe import losses as losses_lib
-from switchmoe.routers.base import Router
+from switchmoe.routers.base import Option, Router
 from switchmoe.routing import GATE_NORMS, RoutingResult, assign_slots, build_result, priority_order
 
 Array = jax.Array
@@ -42,8 +42,10 @@ def top_k_route(
     random_routing_key: Optional[Array] = None,
     random_routing_threshold: float = 0.5,
     rank_major: bool = True,
+    score_function: str = "softmax",
+    routed_scaling_factor: float = 1.0,
 ) -> RoutingResult:
-    """Token-choice routing: each token picks its K most probable experts, subject to capacity.
+    """Token-choice routing: each token picks its K highest-scoring experts, subject to capacity.
 
     Args:
       logits: float32[G, S, E] router logits.
@@ -59,6 +61,11 @@ def top_k_route(
       random_routing_threshold: see `gshard_keep_second`.
       rank_major: slot order across choices (see `assign_slots`); False makes in-order routing
         causal for K >= 2.
+      score_function: "softmax" over experts (Switch, GShard) or an independent "sigmoid" per
+        expert (DeepSeek-V3, usually with gate_norm="normalized"). With sigmoid scores the losses
+        and statistics read them normalised over the experts, s_e / Σ s, as a distribution.
+      routed_scaling_factor: multiplies the gates after normalisation (DeepSeek-V3: 2.5), so
+        that normalised gates do not shrink the routed experts' output against a shared expert.
 
     Returns:
       A RoutingResult with K choices per token.
@@ -68,11 +75,21 @@ def top_k_route(
         raise ValueError(f"num_selected (k) must be in [1, num_experts={E}]; got {num_selected}.")
     if gate_norm not in GATE_NORMS:
         raise ValueError(f"gate_norm must be one of {GATE_NORMS}; got {gate_norm!r}.")
-    probs = jax.nn.softmax(logits, axis=-1)
-    top_p, expert = jax.lax.top_k(probs, num_selected)  # [G, S, K] each, descending.
+    if score_function not in SCORE_FUNCTIONS:
+        raise ValueError(
+            f"score_function must be one of {SCORE_FUNCTIONS}; got {score_function!r}."
+        )
+    if score_function == "softmax":
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    top_p, expert = jax.lax.top_k(scores, num_selected)  # [G, S, K] each, descending.
     expert = expert.astype(jnp.int32)
     normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     gate = normalized if gate_norm == "normalized" else top_p
+    if routed_scaling_factor != 1.0:
+        gate = gate * routed_scaling_factor
 
     requested = jnp.ones((G, S, num_selected), bool)
     if random_routing_key is not None and num_selected >= 2:
@@ -91,6 +108,9 @@ def top_k_route(
         losses=losses_lib.router_losses(logits, probs, expert),
         requested=requested, overflow=overflow,
     )  # fmt: skip
+
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 def token_choice_causal_reason(settings) -> Optional[str]:
@@ -112,6 +132,17 @@ class TopK(Router):
 
     name = "top_k"
     supports_batch_prioritized = True
+    options = {
+        "score_function": Option(
+            "softmax",
+            "'softmax' over experts (Switch, GShard) or 'sigmoid' per expert (DeepSeek-V3, with "
+            "gate_norm='normalized')",
+            str,
+        ),
+        "routed_scaling_factor": Option(
+            1.0, "multiplies the routed experts' gates after normalisation (DeepSeek-V3: 2.5)"
+        ),
+    }
 
     def noncausal_reason(self):
         return token_choice_causal_reason(self.settings)
@@ -125,6 +156,16 @@ class TopK(Router):
         s = self.settings
         if s.gate_norm not in GATE_NORMS:
             raise ValueError(f"{prefix}gate_norm must be one of {GATE_NORMS}; got {s.gate_norm!r}.")
+        if self.option("score_function") not in SCORE_FUNCTIONS:
+            raise ValueError(
+                f"{prefix}score_function must be one of {SCORE_FUNCTIONS}; "
+                f"got {self.option('score_function')!r}."
+            )
+        if not self.option("routed_scaling_factor") > 0:
+            raise ValueError(
+                f"{prefix}routed_scaling_factor must be > 0; "
+                f"got {self.option('routed_scaling_factor')!r}."
+            )
         if s.random_routing and s.num_selected < 2:
             raise ValueError(
                 f"{prefix}random_routing (GShard second-expert routing) needs "
@@ -143,4 +184,6 @@ class TopK(Router):
             random_routing_key=keys.get("random_routing"),
             random_routing_threshold=s.random_routing_threshold,
             rank_major=not s.causal_routing,
+            score_function=self.option("score_function"),
+            routed_scaling_factor=self.option("routed_scaling_factor"),
         )
