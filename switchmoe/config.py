@@ -11,6 +11,7 @@ allowed values in its message.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 import ml_collections
@@ -242,10 +243,39 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         )
     if not 0 <= model.dropout_rate < 1:
         raise ValueError(f"model.dropout_rate must be in [0, 1); got {model.dropout_rate}.")
+    if model.get("head_dim") is not None:
+        _positive("model.head_dim", model.head_dim)
+    if model.get("vocab_size") is not None:
+        # Only the byte tokenizer's size is known without reading (or training) a model file.
+        minimum_vocab = (
+            make_tokenizer(config.data).vocab_size if config.data.tokenizer == "byte" else 1
+        )
+        if not model.vocab_size >= minimum_vocab:
+            raise ValueError(
+                f"model.vocab_size={model.vocab_size} is below the tokenizer's {minimum_vocab} "
+                f"ids (data.tokenizer={config.data.tokenizer!r}); allowed: >= {minimum_vocab}, "
+                "or None for the tokenizer's own."
+            )
+    if not (isinstance(config.seed, int) and config.seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0; got {config.seed!r}.")
     if moe.num_experts < 0:
         raise ValueError(f"model.moe.num_experts must be >= 0 (0 = dense); got {moe.num_experts}.")
     if moe.num_experts:
         _positive("model.moe.moe_every", moe.moe_every)
+        if moe.moe_every > model.num_layers:
+            raise ValueError(
+                f"model.moe.moe_every={moe.moe_every} exceeds model.num_layers="
+                f"{model.num_layers}: the model would have no MoE layer. Allowed: 1 to "
+                f"{model.num_layers}, or model.moe.num_experts=0 for a dense model."
+            )
+        if moe.get("expert_d_ff") is not None:
+            _positive("model.moe.expert_d_ff", moe.expert_d_ff)
+        table = moe.get("hash_table")
+        if moe.router == "hash" and table is not None and len(table) != model.vocab_size:
+            raise ValueError(
+                f"model.moe.hash_table has {len(table)} entries; it needs one per token id "
+                f"(model.vocab_size={model.vocab_size})."
+            )
         _one_of("model.moe.router", moe.router, routers.NAMES)
         # The layer's own validation, on the layer this config builds (one validator for both).
         tokens_per_group = moe.get("group_size") or config.data.seq_len
@@ -290,6 +320,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _one_of("optimizer.name", opt.name, OPTIMIZERS)
     _one_of("optimizer.schedule", opt.schedule, SCHEDULES)
     _positive("optimizer.learning_rate", opt.learning_rate)
+    if not math.isfinite(opt.learning_rate):
+        raise ValueError(f"optimizer.learning_rate must be finite; got {opt.learning_rate!r}.")
+    for name in ("weight_decay", "grad_clip_norm"):
+        if not opt[name] >= 0:
+            raise ValueError(f"optimizer.{name} must be >= 0 (0 = off); got {opt[name]!r}.")
+    for name in ("b1", "b2"):
+        if not 0 <= opt[name] < 1:
+            raise ValueError(f"optimizer.{name} must be in [0, 1); got {opt[name]!r}.")
+    if not config.num_eval_batches >= 0:
+        raise ValueError(
+            f"num_eval_batches must be >= 0 (0 = the whole split); got {config.num_eval_batches!r}."
+        )
     if opt.warmup_steps < 0:
         raise ValueError(f"optimizer.warmup_steps must be >= 0; got {opt.warmup_steps}.")
     _positive("batch_size", config.batch_size)

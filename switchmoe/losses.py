@@ -44,6 +44,27 @@ def load_balancing_loss(probs: Array, expert: Array) -> Array:
     return jnp.mean(E * jnp.sum(fraction * mean_prob, axis=-1))
 
 
+def sequence_balance_loss(probs: Array, expert: Array, sequence_length: int) -> Array:
+    """DeepSeek-V3's complementary sequence-wise balance loss, unweighted: the Switch loss
+    E · Σ_i f_i · P_i computed over each sequence of T tokens instead of each routing group, then
+    averaged over sequences (DeepSeek-V3 writes f_i = E/(K·T) · #{t: i in top-K(t)}, which is E
+    times this f_i, and P_i over the scores normalised per token, as `probs` are).
+
+    Balancing each sequence, not only the batch, keeps one sequence from sending all its tokens
+    to a few experts (and so from overflowing their capacity at inference).
+
+    Args:
+      probs: float32[G, S, E]; expert: int32[G, S, K] the router's choices before capacity; the
+        G·S tokens are B sequences of T = sequence_length tokens in order (groups are consecutive
+        tokens of the [B, T] batch, so a group may hold several sequences or part of one).
+    """
+    G, S, E = probs.shape
+    B = G * S // sequence_length
+    return load_balancing_loss(
+        probs.reshape(B, sequence_length, E), expert.reshape(B, sequence_length, -1)
+    )
+
+
 def z_loss(logits: Array) -> Array:
     """ST-MoE router z-loss, unweighted: mean over tokens of (logsumexp_j h_j)².
 

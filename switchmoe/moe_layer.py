@@ -75,6 +75,9 @@ class MoeLayer(nn.Module):
       jitter_eps: multiplicative jitter on the router input during training (Switch: 1e-2).
       load_balancing_weight: α of the Switch load-balancing loss (1e-2).
       z_loss_weight: β of the router z-loss (ST-MoE: 1e-3; 0 = off).
+      sequence_balance_weight: weight of DeepSeek-V3's sequence-wise balance loss (the Switch
+        loss counted over each sequence rather than each routing group; DeepSeek-V3: 1e-4).
+        Balancers compose: every loss with a non-zero weight adds to the objective.
       expert_dropout: dropout rate on the experts' hidden activations during training.
       shared_d_ff: hidden width of a shared dense FFN applied to every token (0 = none).
       router_init_scale: router kernel ~ truncated normal with variance scale·1/D (Switch uses 0.1
@@ -111,6 +114,7 @@ class MoeLayer(nn.Module):
     jitter_eps: float = 0.0
     load_balancing_weight: float = 1e-2
     z_loss_weight: float = 0.0
+    sequence_balance_weight: float = 0.0
     expert_dropout: float = 0.0
     shared_d_ff: int = 0
     router_init_scale: float = 0.1
@@ -194,6 +198,7 @@ class MoeLayer(nn.Module):
             streams += ("expert_dropout",)
         keys = routers_lib.stream_keys(self.make_rng("dropout"), streams) if streams else {}
         routing = router.route(self, groups, token_ids, keys, train)
+        routing = router.with_balance_losses(routing, sequence_length=L)
         self.sow("intermediates", "routing", routing)
 
         # Batched over experts: fan-in is the axis D (or F) of each expert's matrix.

@@ -48,6 +48,20 @@ def check_settings(s, prefix: str = "", tokens_per_group: Optional[int] = None) 
         raise ValueError(f"{prefix}min_capacity must be >= 1; got {s.min_capacity}.")
     _one_of(prefix + "gate_norm", s.gate_norm, GATE_NORMS)
     _one_of(prefix + "router_dtype", s.router_dtype, ("float32", "bfloat16"))
+    if s.group_size is not None:
+        _positive(prefix + "group_size", s.group_size)
+    if not 0.0 <= s.jitter_eps < 1.0:
+        raise ValueError(
+            f"{prefix}jitter_eps must be in [0, 1) (the input is scaled by U(1-ε, 1+ε)); "
+            f"got {s.jitter_eps}."
+        )
+    nonnegative = ("load_balancing_weight", "z_loss_weight", "sequence_balance_weight", "shared_d_ff",
+                   "router_init_scale")  # fmt: skip
+    for name in nonnegative:
+        if not getattr(s, name) >= 0:
+            raise ValueError(f"{prefix}{name} must be >= 0; got {getattr(s, name)!r}.")
+    _positive(prefix + "init_scale", s.init_scale)
+    _positive(prefix + "random_routing_threshold", s.random_routing_threshold)
     if not 0.0 <= s.expert_dropout < 1.0:
         raise ValueError(f"{prefix}expert_dropout must be in [0, 1); got {s.expert_dropout}.")
     if s.random_routing and s.num_selected < 2:

@@ -26,7 +26,6 @@ def lm_config(**overrides):
     c = default_config()
     c.data.seq_len = L
     c.batch_size = ROWS
-    c.model.vocab_size = 64
     c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.d_ff = 32, 2, 2, 32
     c.model.moe.num_experts = 4
     c.model.moe.moe_every = 1

@@ -131,13 +131,15 @@ def test_non_finite_loss_stops_and_names_the_metric(data_dir, tmp_path):
 
 
 def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_path):
-    # Step 1's loss is finite (computed before the update); its update makes every weight
-    # non-finite. With a checkpoint every step, the old guard (on the loss) saved them.
+    # At lr 1e30 (inf is refused as a setting) step 1 moves the weights to ~1e30, still finite,
+    # and is saved; step 2's update overflows the optimizer state and weights while its loss,
+    # computed before the update, is what the old guard checked. With a checkpoint every step,
+    # that guard saved them.
     workdir = str(tmp_path / "run")
     config = tiny_config(
         data_dir,
         **{
-            "optimizer.learning_rate": float("inf"),
+            "optimizer.learning_rate": 1e30,
             "optimizer.warmup_steps": 0,
             "optimizer.grad_clip_norm": 0.0,
             "checkpoint_every": 1,
@@ -146,10 +148,12 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
     )
     with pytest.raises(
         FloatingPointError,
-        match=r"non-finite values in \['params'\]\['block_0'\].* after step 1; not saved",
+        match=r"non-finite values in \[.*\] after step 2; not saved. Latest checkpoint: 1\.",
     ):
         train_and_evaluate(config, workdir, log=quiet)
-    assert checkpoints.Checkpointer(workdir).all_steps() == []
+    assert checkpoints.Checkpointer(workdir).all_steps() == [1]
+    _, params = restore_run(workdir)
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize(
@@ -176,6 +180,38 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
             "batch_prioritized=True is not allowed in a decoder",
         ),
         ({"optimizer.name": "sgd"}, r"optimizer.name must be one of \('adafactor', 'adamw'\)"),
+        # Settings that used to train silently, or fail deep inside JAX:
+        ({"model.moe.moe_every": 3}, r"moe_every=3 exceeds model.num_layers=2: .*no MoE layer"),
+        ({"model.moe.expert_d_ff": 0}, r"model.moe.expert_d_ff must be > 0; got 0"),
+        ({"model.moe.group_size": -32}, r"model.moe.group_size must be > 0; got -32"),
+        ({"model.moe.jitter_eps": 2.0}, r"model.moe.jitter_eps must be in \[0, 1\)"),
+        ({"model.moe.load_balancing_weight": -0.01}, r"load_balancing_weight must be >= 0"),
+        ({"model.moe.shared_d_ff": -8}, r"model.moe.shared_d_ff must be >= 0"),
+        ({"model.moe.random_routing_threshold": 0.0}, r"random_routing_threshold must be > 0"),
+        (
+            {
+                "model.moe.router": "sbase",
+                "model.moe.sbase_temperature": 0.0,
+                "model.moe.noncausal_ablation": True,
+            },
+            r"model.moe.sbase_temperature must be > 0",
+        ),  # fmt: skip
+        (
+            {"model.moe.router": "hash", "model.moe.hash_table": (0, 1, 2, 3) * 10},
+            r"hash_table has 40 entries; it needs one per token id \(model.vocab_size=259\)",
+        ),
+        (
+            {"model.moe.router": "hash", "model.moe.hash_table": (0, 1, 2, 9) * 64 + (0, 1, 2)},
+            r"hash_table names experts outside \[0, model.moe.num_experts=4\)",
+        ),
+        ({"model.vocab_size": 0}, r"model.vocab_size=0 is below the tokenizer's 259 ids"),
+        ({"model.head_dim": -4}, r"model.head_dim must be > 0"),
+        ({"seed": -1}, r"seed must be an integer >= 0; got -1"),
+        ({"optimizer.learning_rate": float("inf")}, r"optimizer.learning_rate must be finite"),
+        ({"optimizer.grad_clip_norm": -1.0}, r"optimizer.grad_clip_norm must be >= 0"),
+        ({"optimizer.weight_decay": -0.1}, r"optimizer.weight_decay must be >= 0"),
+        ({"optimizer.b1": 1.5}, r"optimizer.b1 must be in \[0, 1\); got 1.5"),
+        ({"num_eval_batches": -2}, r"num_eval_batches must be >= 0"),
     ],
 )
 def test_bad_settings_raise_before_anything_is_written(data_dir, tmp_path, overrides, message):

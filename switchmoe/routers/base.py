@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from switchmoe import losses as losses_lib
 from switchmoe import routing as routing_lib
 
 Array = jax.Array
@@ -121,7 +122,26 @@ class Router:
 
     def loss_weights(self) -> dict[str, float]:
         s = self.settings
-        return {"load_balancing": s.load_balancing_weight, "z_loss": s.z_loss_weight}
+        return {
+            "load_balancing": s.load_balancing_weight,
+            "z_loss": s.z_loss_weight,
+            "sequence_balance": s.sequence_balance_weight,
+        }
+
+    def preferences(self, result: routing_lib.RoutingResult) -> Array:
+        """int32[G, S, K']: the experts each token asked for, before capacity (what balance
+        losses count); token-choice routers' own choices."""
+        return result.expert
+
+    def with_balance_losses(
+        self, result: routing_lib.RoutingResult, sequence_length: int
+    ) -> routing_lib.RoutingResult:
+        """`result` with the balance losses every router reports beside its own: the
+        sequence-wise loss (losses.sequence_balance_loss) over sequences of `sequence_length`."""
+        balance = losses_lib.sequence_balance_loss(
+            result.probs, self.preferences(result), sequence_length
+        )
+        return result.replace(losses={**result.losses, "sequence_balance": balance})
 
     def check(self, prefix: str = "", tokens_per_group: Optional[int] = None) -> None:
         """Raises ValueError for settings this router cannot serve (names carry `prefix`);

@@ -134,6 +134,9 @@ class DSelectK(Router):
     def experts_per_token(self):
         return self.settings.num_selected  # once the selectors are hard
 
+    def preferences(self, result):
+        return jnp.argmax(result.probs, axis=-1)[..., None].astype(jnp.int32)  # top-1 of q
+
     def capacity(self, tokens_per_group, train):
         if self.settings.backend == "dropless":
             return None
@@ -149,6 +152,11 @@ class DSelectK(Router):
             raise ValueError(f"{prefix}router='dselect_k' needs {prefix}num_experts >= 2.")
         if self.settings.random_routing:
             raise ValueError(f"{prefix}random_routing applies to router 'top_k', not 'dselect_k'.")
+        if not self.option("dselect_entropy_weight") >= 0:
+            raise ValueError(
+                f"{prefix}dselect_entropy_weight must be >= 0; "
+                f"got {self.option('dselect_entropy_weight')!r}."
+            )
         if not self.option("dselect_gamma") > 0:
             raise ValueError(
                 f"{prefix}dselect_gamma must be > 0; got {self.option('dselect_gamma')}."

@@ -73,6 +73,9 @@ class ExpertChoice(Router):
     def noncausal_reason(self):
         return f"model.moe.router={self.name!r} routes on the whole group"
 
+    def preferences(self, result):
+        return jnp.argmax(result.probs, axis=-1)[..., None].astype(jnp.int32)  # top-1
+
     def capacity(self, tokens_per_group, train):
         return self._factor_capacity(tokens_per_group, train, 1)  # whatever the backend
 

@@ -113,6 +113,12 @@ class Hash(Router):
         kind = self.option("hash_kind")
         if kind not in HASH_KINDS:
             raise ValueError(f"{prefix}hash_kind must be one of {HASH_KINDS}; got {kind!r}.")
+        table = self.option("hash_table")
+        if table is not None and not all(0 <= int(e) < self.num_experts for e in table):
+            raise ValueError(
+                f"{prefix}hash_table names experts outside [0, {prefix}num_experts="
+                f"{self.num_experts}); got values in [{min(table)}, {max(table)}]."
+            )
 
     def prepare(self, config):
         if config.model.moe.get("hash_table") is None:

@@ -133,6 +133,9 @@ class NoisyTopK(Router):
     def check(self, prefix="", tokens_per_group=None):
         super().check(prefix, tokens_per_group)
         s = self.settings
+        for name in ("importance_weight", "load_weight"):
+            if not self.option(name) >= 0:
+                raise ValueError(f"{prefix}{name} must be >= 0; got {self.option(name)!r}.")
         if s.num_selected >= s.num_experts:
             raise ValueError(
                 f"{prefix}router='noisy_top_k' needs {prefix}num_selected < {prefix}num_experts="

@@ -122,6 +122,11 @@ class SBase(Router):
 
     def check(self, prefix="", tokens_per_group=None):
         super().check(prefix, tokens_per_group)
+        if not self.option("sbase_temperature") > 0 or not self.option("sbase_iters") >= 1:
+            raise ValueError(
+                f"{prefix}sbase_temperature must be > 0 and {prefix}sbase_iters >= 1; got "
+                f"{self.option('sbase_temperature')!r} and {self.option('sbase_iters')!r}."
+            )
         if tokens_per_group is not None and tokens_per_group % self.num_experts:
             raise ValueError(
                 f"{prefix}router='sbase' needs the tokens per routing group ({tokens_per_group}: "

@@ -1,11 +1,13 @@
-"""Router scoring as DeepSeek-V3 does it (sigmoid scores, top-k renormalisation, a routed scaling
-factor) against a NumPy transcription, through the router function and the layer's options."""
+"""Load balancing and scoring as DeepSeek-V3 does them — the sequence-wise balance loss, sigmoid
+scores, top-k renormalisation, a routed scaling factor — against NumPy transcriptions of the
+paper's formulas, through the plain functions and the layer's settings."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from switchmoe import losses
 from switchmoe.moe_layer import MoeLayer
 from switchmoe.routers import top_k
 
@@ -51,3 +53,44 @@ def test_the_layer_takes_the_scoring_options_and_refuses_bad_ones():
         MoeLayer(num_experts=4, d_ff=8, router_options=dict(routed_scaling_factor=0.0)).init(
             jax.random.key(1), x
         )
+
+
+def deepseek_sequence_loss(scores, chosen, T):
+    """DeepSeek-V3 eq. (17)-(20): per sequence, f_i = N/(K·T)·#{t: i in top-K(t)},
+    P_i = (1/T)·Σ_t s_it/Σ_j s_jt, loss Σ_i f_i·P_i; averaged over sequences."""
+    tokens, N = scores.shape
+    K = chosen.shape[-1]
+    out = []
+    for b in range(tokens // T):
+        s, c = scores[b * T : (b + 1) * T], chosen[b * T : (b + 1) * T]
+        f = np.array([N / (K * T) * sum(i in c[t] for t in range(T)) for i in range(N)])
+        P = (s / s.sum(-1, keepdims=True)).mean(0)
+        out.append(np.sum(f * P))
+    return np.mean(out)
+
+
+@pytest.mark.parametrize("group_size", [4, 8, 16])  # part of a sequence, one, two sequences
+def test_sequence_balance_loss_equals_deepseek_v3(group_size):
+    rng = np.random.default_rng(group_size)
+    B, T, E, K = 2, 8, 6, 2
+    scores = rng.uniform(0.05, 1.0, size=(B * T, E))
+    scores[:T, 0] += 3.0  # the first sequence leans on expert 0: it alone is imbalanced
+    chosen = np.argsort(-scores, axis=-1)[:, :K]
+    probs = (scores / scores.sum(-1, keepdims=True)).reshape(-1, group_size, E)
+    got = losses.sequence_balance_loss(
+        jnp.asarray(probs, jnp.float32), jnp.asarray(chosen.reshape(-1, group_size, K)), T
+    )
+    assert float(got) == pytest.approx(deepseek_sequence_loss(scores, chosen, T), rel=1e-5)
+
+
+def test_the_layer_adds_the_weighted_sequence_loss_to_its_objective():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 6))
+    settings = dict(num_experts=4, d_ff=8, num_selected=2, group_size=32)
+    layer = MoeLayer(**settings)
+    params = layer.init(jax.random.key(1), x)
+    _, aux = layer.apply(params, x)
+    _, weighted = MoeLayer(sequence_balance_weight=1e-2, **settings).apply(params, x)
+    seq = float(aux["losses"]["sequence_balance"])
+    assert np.isfinite(seq) and seq > 0
+    assert float(weighted["loss"]) == pytest.approx(float(aux["loss"]) + 1e-2 * seq, rel=1e-6)
+    assert float(weighted["weighted_losses"]["sequence_balance"]) == pytest.approx(1e-2 * seq)
