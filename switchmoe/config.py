@@ -20,6 +20,7 @@ from ml_collections import config_dict
 from switchmoe import experts, routers, sharding
 from switchmoe.moe_layer import SETTINGS as MOE_SETTINGS
 from switchmoe.moe_layer import MoeLayer
+from switchmoe.moe_settings import _one_of, _positive  # the one copy of each check
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data.tokenizers import make_tokenizer
 
@@ -204,16 +205,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         with config.unlocked():
             routers.make_router(config.model.moe).prepare(config)
     return config
-
-
-def _one_of(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}.")
-
-
-def _positive(name, value):
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name} must be > 0; got {value!r}.")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
