@@ -10,6 +10,10 @@
   python -m experiments.sweep --config=configs/studies.py:capacity_g1024 \
       --workdir=runs/sweeps/capacity_g1024 --seeds=0,1
   python -m experiments.sweep --config=configs/studies.py:diagnosis --workdir=runs/sweeps/diagnosis
+  python -m experiments.sweep --config=configs/studies.py:balancing \
+      --workdir=runs/sweeps/balancing --seeds=0,1
+  python -m experiments.sweep --config=configs/studies.py:granularity \
+      --workdir=runs/sweeps/granularity --seeds=0,1
   python -m experiments.report --workdir=runs/sweeps/expert_count      (likewise for the others)
 
 expert_count  Switch Fig. 4 / Table 9: 1 (dense), 2, 4, 8, 16, 32, 64 experts, top-1, the same
@@ -20,6 +24,14 @@ expert_count_top2  the same question on the setup the diagnosis chose: 0 (dense)
 learning_rate_top2  expert_count_top2's setup at lr 1e-2 and 2e-2 for dense, 8 and 64 experts
               (its own runs are the 3e-3 column); run with --seeds=0,1.
 capacity_g1024  the capacity study on routing groups of 1024 tokens (causal top-2), --seeds=0,1.
+balancing     the load balancers of 2021 and of 2024 at 16 and 64 experts on expert_count_top2's
+              setup: none, Switch's per-group loss, DeepSeek-V3's sequence-wise loss, the
+              global-batch loss (Qiu et al. 2025), auxiliary-loss-free bias balancing, and the
+              bias with a small sequence-wise loss (DeepSeek-V3's recipe), also with sigmoid
+              scores as DeepSeek-V3 routes; --seeds=0,1.
+granularity   fine-grained experts (DeepSeekMoE) on expert_count_top2's 8-expert model: each
+              expert split into m = 1, 2, 4, 8 experts of width 256/m, top-2m, equal parameters
+              and FLOPs; --seeds=0,1.
 diagnosis     why top-1 with 64 experts was no better than 8: one change at a time at 8 and 64
               experts (python -m experiments.diagnose --workdir=... tabulates routing health).
 capacity      Switch Table 1: top-1 and top-2 trained at capacity factors 0.5, 1.0, 1.25, 2.0;
@@ -47,6 +59,8 @@ STUDIES = (
     "expert_count_top2",
     "capacity_g1024",
     "learning_rate_top2",
+    "balancing",
+    "granularity",
 )
 # The setup the diagnosis chose (EXPERIMENTS.md, "Why 64 experts were no better than 8"):
 # routing groups of 1024 tokens, top-2 with gates normalised over the two, half-width experts.
@@ -74,11 +88,12 @@ def get_config(study="expert_count"):
     config.num_eval_batches = 16
     config.checkpoint_every = 600
     config.keep_checkpoints = 1
-    if study in ("diagnosis", "expert_count_top2", "capacity_g1024", "learning_rate_top2"):
+    if study in ("diagnosis", "expert_count_top2", "capacity_g1024", "learning_rate_top2",
+                 "balancing", "granularity"):  # fmt: skip
         # Routing groups of 8 sequences: the expert-count study's second run showed that
         # 128-token groups leave 64 experts 3 slots each and drop 20% of training tokens.
         config.model.moe.group_size = 1024
-    if study in ("expert_count_top2", "learning_rate_top2"):
+    if study in ("expert_count_top2", "learning_rate_top2", "balancing", "granularity"):
         # Top-2 with normalised gates: two gates sum to 1 whatever E is, where top-1's raw gate
         # is the router probability, ~1/E until the router has learned (diagnosis).
         for key, value in TOP2.items():
@@ -100,6 +115,35 @@ TOP2 = {
     "model.moe.gate_norm": "normalized",
     "model.moe.expert_d_ff": 256,
 }
+
+
+# Load balancing (issue: balancing as the field does it now). Each balancer alone at Switch's
+# weight 1e-2, so that the losses differ only in what they count over; the bias at DeepSeek-V3's
+# update speed 1e-3, alone and with their small sequence-wise loss (1e-4), and DeepSeek-V3's
+# router as a whole (sigmoid scores).
+NO_SWITCH_LOSS = {"model.moe.load_balancing_weight": 0.0}
+BALANCERS = [
+    NO_SWITCH_LOSS,  # no balancing at all: the control
+    {},  # Switch's loss per routing group (1,024 tokens), α = 1e-2
+    {**NO_SWITCH_LOSS, "model.moe.sequence_balance_weight": 1e-2},
+    {**NO_SWITCH_LOSS, "model.moe.global_balance_weight": 1e-2},
+    {**NO_SWITCH_LOSS, "model.moe.bias_update_speed": 1e-3},
+    {
+        **NO_SWITCH_LOSS,
+        "model.moe.bias_update_speed": 1e-3,
+        "model.moe.sequence_balance_weight": 1e-4,
+    },
+    # DeepSeek-V3's router as a whole: sigmoid scores normalised over the chosen experts, the
+    # bias on the scores, and the small sequence-wise loss.
+    {
+        **NO_SWITCH_LOSS,
+        "model.moe.score_function": "sigmoid",
+        "model.moe.bias_update_speed": 1e-3,
+        "model.moe.sequence_balance_weight": 1e-4,
+    },
+]
+BALANCING_COUNTS = (16, 64)
+GRANULARITIES = (1, 2, 4, 8)
 
 
 # Routing comparison at matched expert FLOPs per token (issue: the rest of the routing literature).
@@ -174,6 +218,10 @@ def get_sweep(study="expert_count"):
             for e in LR_COUNTS
             for lr in LEARNING_RATES
         ]
+    if study == "balancing":
+        return [{"model.moe.num_experts": e, **b} for b in BALANCERS for e in BALANCING_COUNTS]
+    if study == "granularity":
+        return [{"model.moe.num_experts": 8, "model.moe.granularity": m} for m in GRANULARITIES]
     if study == "expert_count":
         return [{"model.moe.num_experts": e} for e in EXPERT_COUNTS]
     if study == "capacity":

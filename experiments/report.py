@@ -353,6 +353,58 @@ def seed_figures(table, curves) -> dict:
     return figures
 
 
+def load_cv_series(records) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, coefficient of variation of the experts' loads) from train/expert_load
+    [layers, E] per logged step, averaged over the MoE layers."""
+    steps, loads = [], []
+    for r in records:
+        if "train/expert_load" in r:
+            load = np.asarray(r["train/expert_load"], np.float64)
+            load = load.reshape(-1, load.shape[-1])
+            steps.append(r["step"])
+            loads.append(np.mean(load.std(-1) / np.maximum(load.mean(-1), 1e-12)))
+    return np.asarray(steps), np.asarray(loads)
+
+
+def balance_figure(trials):
+    """Load CV, dead experts and dropped tokens over training, mean ± std over seeds per
+    setting: how fast and how well each balancer balances."""
+    import matplotlib.pyplot as plt
+
+    series = {
+        "load CV (train)": load_cv_series,
+        "dead experts % (train)": lambda rs: _scaled(rs, "train/dead_expert_fraction"),
+        "tokens dropped % (train)": lambda rs: _scaled(rs, "train/dropped_fraction"),
+    }
+    groups: dict[str, list] = {}
+    for t in trials:
+        if t["finished"] and any("train/expert_load" in r for r in t["records"]):
+            groups.setdefault(seeds_lib.setting_name(t["name"]), []).append(t["records"])
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, (label, fn) in zip(axes, series.items()):
+        for setting, runs in groups.items():
+            curves = [fn(records) for records in runs]
+            if not all(len(c[0]) for c in curves):
+                continue
+            steps, mean, std = seeds_lib.mean_curve(curves)
+            (line,) = ax.plot(steps, mean, "-", lw=1.2, label=analysis.trial_label(setting))
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.set(xlabel="step", ylabel=label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("mean ± std over seeds (bands)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _scaled(records, metric):
+    steps, values = analysis.metric_series(records, metric)
+    return steps, 100 * values
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -409,6 +461,9 @@ def main(argv):
         seed_text, seed_figures = seed_report(trials, rows, out)
         sections += ["", seed_text]
         figures.update(seed_figures)
+        balance = balance_figure(trials)
+        if balance is not None:
+            figures["balance_over_training_seeds.png"] = balance
     for name, fig in figures.items():
         fig.savefig(os.path.join(out, name), dpi=110, bbox_inches="tight")
         # A vector copy for papers and slides beside each PNG.

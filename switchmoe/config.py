@@ -19,7 +19,8 @@ from ml_collections import config_dict
 
 from switchmoe import experts, routers, sharding
 from switchmoe.moe_layer import SETTINGS as MOE_SETTINGS
-from switchmoe.moe_layer import MoeLayer
+from switchmoe.model import REMAT_POLICIES
+from switchmoe.moe_layer import MoeLayer, check_granularity
 from switchmoe.moe_settings import _one_of, _positive  # the one copy of each check
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data.tokenizers import make_tokenizer
@@ -42,6 +43,10 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe.expert_d_ff = config_dict.placeholder(int)
     # Every moe_every-th block is an MoE block (Switch/GShard: 2, ST-MoE: 4, all blocks: 1).
     moe.moe_every = 2
+    # Fine-grained experts (DeepSeekMoE): split each expert into `granularity` experts of width
+    # F/granularity and route each token to granularity·num_selected of them (the same expert
+    # parameters and FLOPs; token-choice routers). 1: ordinary experts.
+    moe.granularity = 1
     # Batch prioritized routing in an encoder–decoder's encoder only (its decoder stays causal).
     moe.encoder_batch_prioritized = False
     # Permits a decoder-only LM to be a non-causal routing ablation: routers whose choice for a
@@ -105,6 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
     model.dropout_rate = 0.0
     # Compute dtype: 'bfloat16' on accelerators, 'float32' on CPU (bf16 matmuls are slow there).
     model.dtype = "float32"
+    # Rematerialisation (jax.checkpoint) per block: 'none', 'full' (recompute everything in the
+    # backward pass: activation memory of one block) or 'dots' (keep matmul outputs).
+    model.remat = "none"
     # MoE settings.
     model.moe = default_moe_config()
 
@@ -224,6 +232,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     if model.arch == "encoder_decoder":
         _validate_encoder_decoder(config)
     _one_of("model.dtype", model.dtype, DTYPES)
+    _one_of("model.remat", model.get("remat", "none"), REMAT_POLICIES)
     experts.check_activation(model.activation)
     for name in ("d_model", "num_layers", "num_heads", "d_ff"):
         _positive(f"model.{name}", model[name])
@@ -268,6 +277,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 f"(model.vocab_size={model.vocab_size})."
             )
         _one_of("model.moe.router", moe.router, routers.NAMES)
+        check_granularity(model)
         # The layer's own validation, on the layer this config builds (one validator for both).
         tokens_per_group = moe.get("group_size") or config.data.seq_len
         MoeLayer.from_config(model).check_settings("model.moe.", tokens_per_group)

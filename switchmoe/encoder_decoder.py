@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from switchmoe.model import (
-    Block,
+    block_class,
     RMSNorm,
     embedding,
     is_moe_block,
@@ -128,7 +128,7 @@ class EncoderDecoderLM(nn.Module):
         self.decoder_position_bias = bias(False)
         E, every = cfg.moe.num_experts, cfg.moe.moe_every
         self.encoder_blocks = [
-            Block(
+            block_class(cfg)(
                 cfg,
                 is_moe_block(i, E, every),
                 causal=False,
@@ -140,7 +140,7 @@ class EncoderDecoderLM(nn.Module):
             for i in range(cfg.num_layers)
         ]
         self.decoder_blocks = [
-            Block(
+            block_class(cfg)(
                 cfg,
                 is_moe_block(i, E, every),
                 causal=True,
@@ -165,7 +165,10 @@ class EncoderDecoderLM(nn.Module):
         bias = self.encoder_position_bias(L, L)
         x, auxes = self.embed(inputs), []
         for block in self.encoder_blocks:
-            x, aux = block(x, None, mask, deterministic, token_ids=inputs, bias=bias)
+            x, aux = block(
+                x, None, mask, deterministic, token_ids=inputs, bias=bias,
+                token_mask=input_mask > 0,
+            )  # fmt: skip
             auxes += [aux] if aux is not None else []
         return self.encoder_norm(x), auxes
 
@@ -175,8 +178,12 @@ class EncoderDecoderLM(nn.Module):
         input_mask: Array | None,
         decoder_inputs: Array,
         deterministic: bool = True,
+        decoder_mask: Array | None = None,
     ):
-        """-> (logits float32[B, Ld, V], aux of the decoder's MoE layers, as a list)."""
+        """-> (logits float32[B, Ld, V], aux of the decoder's MoE layers, as a list).
+
+        decoder_mask: optional bool[B, Ld], False at target positions that are not scored
+        (padding); the decoder's MoE layers leave them out."""
         B, Le = encoded.shape[:2]
         if input_mask is None:
             input_mask = jnp.ones((B, Le), jnp.float32)
@@ -194,6 +201,7 @@ class EncoderDecoderLM(nn.Module):
                 bias=bias,
                 encoded=encoded,
                 encoded_mask=cross_mask,
+                token_mask=decoder_mask,
             )
             auxes += [aux] if aux is not None else []
         x = self.decoder_norm(x)
@@ -205,7 +213,10 @@ class EncoderDecoderLM(nn.Module):
         decoder_inputs: Array,
         input_mask: Array | None = None,
         deterministic: bool = True,
+        decoder_mask: Array | None = None,
     ):
         encoded, encoder_aux = self.encode(inputs, input_mask, deterministic)
-        logits, decoder_aux = self.decode(encoded, input_mask, decoder_inputs, deterministic)
+        logits, decoder_aux = self.decode(
+            encoded, input_mask, decoder_inputs, deterministic, decoder_mask
+        )
         return logits, sum_aux(encoder_aux + decoder_aux)

@@ -10,13 +10,20 @@ configured weights and the model sums them into the objective. Statistics are di
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
 
-def load_balancing_loss(probs: Array, expert: Array) -> Array:
+def _token_weights(shape, mask: Optional[Array]) -> Array:
+    """float32[G, S]: 1 for a real token, 0 for a padded one (all ones without a mask)."""
+    return jnp.ones(shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
+def load_balancing_loss(probs: Array, expert: Array, mask: Optional[Array] = None) -> Array:
     """Switch Transformer load-balancing loss, unweighted: E · Σ_i f_i · P_i, averaged over groups.
 
     f_i is the fraction of the group's (token, choice) pairs whose choice is expert i, counted from
@@ -33,18 +40,29 @@ def load_balancing_loss(probs: Array, expert: Array) -> Array:
     Args:
       probs: float32[G, S, E] router probabilities.
       expert: int32[G, S, K] chosen experts (before capacity).
+      mask: optional bool[G, S], False at padded positions: they are left out of f and P, and a
+        group holding no real token is left out of the mean over groups.
 
     Returns:
       float32 scalar; 1 under uniform routing, up to E when every token picks the same expert with
       probability 1.
     """
     E = probs.shape[-1]
-    fraction = jnp.mean(jax.nn.one_hot(expert, E, dtype=jnp.float32), axis=(1, 2))  # [G, E]
-    mean_prob = jnp.mean(probs, axis=1)  # [G, E]
-    return jnp.mean(E * jnp.sum(fraction * mean_prob, axis=-1))
+    w = _token_weights(probs.shape[:2], mask)  # [G, S]
+    n = jnp.sum(w, axis=1)  # [G]
+    onehot = jnp.mean(jax.nn.one_hot(expert, E, dtype=jnp.float32), axis=2)  # [G, S, E]
+    fraction = jnp.einsum("gs,gse->ge", w, onehot) / jnp.maximum(n, 1.0)[:, None]
+    mean_prob = jnp.einsum("gs,gse->ge", w, probs) / jnp.maximum(n, 1.0)[:, None]
+    per_group = E * jnp.sum(fraction * mean_prob, axis=-1)
+    if mask is None:
+        return jnp.mean(per_group)
+    has_tokens = (n > 0).astype(jnp.float32)
+    return jnp.sum(per_group * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
 
 
-def sequence_balance_loss(probs: Array, expert: Array, sequence_length: int) -> Array:
+def sequence_balance_loss(
+    probs: Array, expert: Array, sequence_length: int, mask: Optional[Array] = None
+) -> Array:
     """DeepSeek-V3's complementary sequence-wise balance loss, unweighted: the Switch loss
     E · Σ_i f_i · P_i computed over each sequence of T tokens instead of each routing group, then
     averaged over sequences (DeepSeek-V3 writes f_i = E/(K·T) · #{t: i in top-K(t)}, which is E
@@ -57,34 +75,100 @@ def sequence_balance_loss(probs: Array, expert: Array, sequence_length: int) -> 
       probs: float32[G, S, E]; expert: int32[G, S, K] the router's choices before capacity; the
         G·S tokens are B sequences of T = sequence_length tokens in order (groups are consecutive
         tokens of the [B, T] batch, so a group may hold several sequences or part of one).
+      mask: optional bool[G, S]; padded positions are left out (T counts real tokens).
     """
     G, S, E = probs.shape
     B = G * S // sequence_length
     return load_balancing_loss(
-        probs.reshape(B, sequence_length, E), expert.reshape(B, sequence_length, -1)
+        probs.reshape(B, sequence_length, E),
+        expert.reshape(B, sequence_length, -1),
+        None if mask is None else mask.reshape(B, sequence_length),
     )
 
 
-def z_loss(logits: Array) -> Array:
-    """ST-MoE router z-loss, unweighted: mean over tokens of (logsumexp_j h_j)².
+def selection_counts(expert: Array, mask: Optional[Array], num_experts: int) -> Array:
+    """float32[E]: how many (real token, choice) pairs chose each expert, before capacity.
+
+    What the global-batch loss and the bias balancing count, summed over every group (and then
+    over microbatches); no gradient."""
+    w = _token_weights(expert.shape[:2], mask)
+    onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.float32)  # [G, S, K, E]
+    return jax.lax.stop_gradient(jnp.einsum("gs,gske->e", w, onehot))
+
+
+def global_balance_loss(
+    probs: Array,
+    expert: Array,
+    mask: Optional[Array] = None,
+    *,
+    global_counts: Optional[Array] = None,
+    global_tokens: Optional[Array] = None,
+) -> Array:
+    """The global-batch balance loss (Qiu et al. 2025, arXiv 2501.11873), unweighted:
+    E · Σ_i f_i · P_i with f_i and P_i counted over the whole global batch instead of each group.
+
+    f_i = (pairs choosing i) / (K · tokens) and P_i = Σ_t p_ti / tokens, both over the real tokens
+    of every device, process and accumulation microbatch. Counting f over the global batch lets a
+    batch of many domains be balanced while each sequence's tokens concentrate on the experts of
+    its domain, which per-group or per-sequence losses forbid.
+
+    Under jit the arrays here are global (every device's groups), so without accumulation the
+    counts are exact as they stand. With N accumulation microbatches the step first counts the
+    choices of all microbatches (a forward pass) and passes them in: `global_counts` [E] (all
+    microbatches' selection_counts) and `global_tokens` (all real tokens / N). Each microbatch's
+    loss is then E · Σ_i f_i · (its Σ_t p_ti) / global_tokens, and the mean over microbatches is
+    the global-batch loss exactly (f carries no gradient, and the loss is linear in P), however
+    the real tokens are spread over the microbatches.
+
+    Args:
+      probs: float32[G, S, E]; expert: int32[G, S, K]; mask: optional bool[G, S].
+    """
+    E = probs.shape[-1]
+    w = _token_weights(probs.shape[:2], mask)
+    if global_counts is None:
+        global_counts = selection_counts(expert, mask, E)
+        global_tokens = jnp.sum(w)
+    # Every real token makes K choices, so the counts sum to K·tokens: f_i = c_i / Σ_j c_j.
+    counts = jax.lax.stop_gradient(global_counts)
+    fraction = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    prob_sum = jnp.einsum("gs,gse->e", w, probs)
+    return E * jnp.sum(fraction * prob_sum) / jnp.maximum(global_tokens, 1.0)
+
+
+def z_loss(logits: Array, mask: Optional[Array] = None) -> Array:
+    """ST-MoE router z-loss, unweighted: mean over (real) tokens of (logsumexp_j h_j)².
 
     Penalising the log-partition keeps router logits small, so the float32 softmax and exponentials
     stay in their accurate range; ST-MoE reports it as the fix for router-induced training
     instability (weight 1e-3).
 
     Args:
-      logits: float32[G, S, E].
+      logits: float32[G, S, E]; mask: optional bool[G, S], padded positions left out.
     """
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    squares = jnp.square(jax.nn.logsumexp(logits, axis=-1))
+    return _masked_mean(squares, mask)
 
 
-def router_losses(logits: Array, probs: Array, expert: Array) -> dict[str, Array]:
+def _masked_mean(values: Array, mask: Optional[Array]) -> Array:
+    """Mean of values[G, S] over the real tokens (all of them without a mask)."""
+    if mask is None:
+        return jnp.mean(values)
+    w = mask.astype(jnp.float32)
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def router_losses(
+    logits: Array, probs: Array, expert: Array, mask: Optional[Array] = None
+) -> dict[str, Array]:
     """The auxiliary losses every probability-based router reports: load balancing and z-loss."""
-    return {"load_balancing": load_balancing_loss(probs, expert), "z_loss": z_loss(logits)}
+    return {
+        "load_balancing": load_balancing_loss(probs, expert, mask),
+        "z_loss": z_loss(logits, mask),
+    }
 
 
 def routing_stats(
-    result, *, requested: Array, overflow: Array, per_rank: bool = True
+    result, *, requested: Array, overflow: Array, per_rank: bool = True, mask=None
 ) -> dict[str, Array]:
     """Diagnostics of one layer's routing.
 
@@ -94,6 +178,8 @@ def routing_stats(
         routing).
       overflow: bool[G, S, K] requested pairs dropped because their expert was full.
       per_rank: also report the [K] per-choice-rank drop fractions (token-choice routers).
+      mask: optional bool[G, S], False at padded positions: they are left out of every
+        statistic (a router gives them no slot, so they are neither kept nor dropped).
 
     Returns (all float32, stop-gradient):
       dropped_fraction: dropped pairs / requested pairs (Switch Table 1's "tokens dropped" for K=1).
@@ -112,21 +198,24 @@ def routing_stats(
       expert_load_p10, _p50, _p90: percentiles of the experts' loads in units of the uniform
         share (1 = balanced; NumPy's linear interpolation).
     """
-    kept = result.slot >= 0
+    real = jnp.ones(result.slot.shape[:2], bool) if mask is None else mask  # [G, S]
+    kept = (result.slot >= 0) & real[..., None]
+    requested, overflow = requested & real[..., None], overflow & real[..., None]
     E = result.probs.shape[-1]
-    num_tokens = kept.shape[0] * kept.shape[1]
+    num_tokens = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
     num_requested = jnp.sum(requested)
     num_dropped = jnp.sum(overflow)
     kept_per_expert = jnp.sum(jax.nn.one_hot(result.expert, E) * kept[..., None], axis=(0, 1, 2))
     probs = result.probs
+    token_mean = lambda v: _masked_mean(v, mask)
     stats = {
         "dropped_fraction": num_dropped / jnp.maximum(num_requested, 1),
         "dropped_count": num_dropped.astype(jnp.float32),
-        "unrouted_fraction": jnp.mean(~jnp.any(kept, axis=-1)),
+        "unrouted_fraction": token_mean(~jnp.any(kept, axis=-1)),
         "expert_load": kept_per_expert / jnp.maximum(jnp.sum(kept_per_expert), 1.0),
-        "router_entropy": jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)),
-        "top1_prob": jnp.mean(jnp.max(probs, axis=-1)),
-        "logit_rms": jnp.sqrt(jnp.mean(jnp.square(result.logits))),
+        "router_entropy": token_mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)),
+        "top1_prob": token_mean(jnp.max(probs, axis=-1)),
+        "logit_rms": jnp.sqrt(token_mean(jnp.mean(jnp.square(result.logits), axis=-1))),
     }
     share = stats["expert_load"] * E  # 1 = a uniform share
     stats["dead_expert_fraction"] = jnp.mean(share < 0.1)

@@ -150,11 +150,13 @@ class Block(nn.Module):
         bias=None,
         encoded=None,
         encoded_mask=None,
+        token_mask=None,
     ):
         """x[B, L, D] -> (x[B, L, D], MoE aux or None).
 
         bias: self-attention position bias [1, H, L, L]; encoded[B, Le, D] and
-        encoded_mask bool[B, 1, L, Le]: the encoder output a cross-attention block reads.
+        encoded_mask bool[B, 1, L, Le]: the encoder output a cross-attention block reads;
+        token_mask: optional bool[B, L], False at padded positions (the MoE layer's `mask`).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -196,11 +198,35 @@ class Block(nn.Module):
                 expert_parallelism=self.expert_parallelism,
                 name="moe",
                 **overrides,
-            )(h, deterministic=deterministic, token_ids=token_ids)
+            )(h, deterministic=deterministic, token_ids=token_ids, mask=token_mask)
         else:
             h = DenseFFN(cfg.d_ff, cfg.activation, dtype, name="ffn")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         return x, aux
+
+
+# Rematerialisation of a block's activations in the backward pass (jax.checkpoint), by name:
+# "none" keeps them all; "full" keeps only each block's input and recomputes the rest (one more
+# forward of compute, activation memory O(one block)); "dots" keeps the matmul outputs without
+# batch dimensions and recomputes the cheap elementwise work around them.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_class(cfg: ml_collections.ConfigDict) -> type[nn.Module]:
+    """`Block`, or `Block` under nn.remat with the policy `model.remat` names. What the MoE
+    layers sow (their loads) is an output of the forward pass: recomputation in the backward
+    pass does not count it again (tests/test_global_balance.py)."""
+    name = cfg.get("remat", "none")
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {tuple(REMAT_POLICIES)}; got {name!r}.")
+    if name == "none":
+        return Block
+    # Argument 4 (counting self) is `deterministic`, a Python bool that selects code paths.
+    return nn.remat(Block, static_argnums=(4,), policy=REMAT_POLICIES[name])
 
 
 def head_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -235,7 +261,9 @@ class DecoderLM(nn.Module):
     expert_parallelism: str | None = None
 
     @nn.compact
-    def __call__(self, tokens: Array, deterministic: bool = True):
+    def __call__(self, tokens: Array, deterministic: bool = True, token_mask: Array | None = None):
+        """token_mask: optional bool[B, L], False at positions whose prediction is not scored
+        (the padded tail of a sequence); the MoE layers leave them out (MoeLayer's `mask`)."""
         cfg = self.config
         embed = embedding(cfg)
         x = embed(tokens)
@@ -243,8 +271,12 @@ class DecoderLM(nn.Module):
         auxes = []
         for i in range(cfg.num_layers):
             moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every)
-            block = Block(cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}")
-            x, aux = block(x, positions, None, deterministic, token_ids=tokens)
+            block = block_class(cfg)(
+                cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}"
+            )
+            x, aux = block(
+                x, positions, None, deterministic, token_ids=tokens, token_mask=token_mask
+            )
             if aux is not None:
                 auxes.append(aux)
         x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from switchmoe import routers
+from switchmoe.moe_layer import MoeLayer
 from switchmoe.config import resolve, sequence_lengths
 from switchmoe.encoder_decoder import EncoderDecoderLM
 from switchmoe.model import DecoderLM
@@ -40,6 +40,15 @@ def build_model(
 def model_inputs(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> tuple:
     """The positional model arguments of `batch` (see MODEL_INPUTS)."""
     return tuple(batch[name] for name in MODEL_INPUTS[config.model.get("arch", "decoder")])
+
+
+def model_masks(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> dict[str, Any]:
+    """The padding masks of `batch` as the model's keyword arguments: positions whose target is
+    not scored are padding to the MoE layers (the encoder's come from `input_mask`)."""
+    key = (
+        "decoder_mask" if config.model.get("arch", "decoder") == "encoder_decoder" else "token_mask"
+    )
+    return {key: batch["weights"] > 0}
 
 
 def init_rows(config: ml_collections.ConfigDict) -> int:
@@ -92,7 +101,9 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
             getattr(k, "key", None) == "moe" for k in path
         ):
             expert += n
-    E = config.model.moe.num_experts
-    k = routers.make_router(config.model.moe).experts_per_token if E else 0
+    E = k = 0
+    if config.model.moe.num_experts:  # the layer's own counts (fine-grained experts: m·E, m·k)
+        layer = MoeLayer.from_config(config.model)
+        E, k = layer.num_experts, layer.make_router().experts_per_token
     active = total - expert + (int(expert * k // E) if E else 0)
     return {"total": total, "experts": expert, "active_per_token": active}

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from switchmoe import balancing
 from switchmoe import dispatch as dispatch_lib
 from switchmoe import expert_parallel
 from switchmoe import experts as experts_lib
@@ -78,6 +79,14 @@ class MoeLayer(nn.Module):
       sequence_balance_weight: weight of DeepSeek-V3's sequence-wise balance loss (the Switch
         loss counted over each sequence rather than each routing group; DeepSeek-V3: 1e-4).
         Balancers compose: every loss with a non-zero weight adds to the objective.
+      global_balance_weight: weight of the global-batch balance loss (Qiu et al. 2025): the
+        Switch loss with its counts taken over the whole global batch (every device, process
+        and accumulation microbatch, exactly; losses.global_balance_loss). With
+        load_balancing_weight it is the Switch loss "per batch" beside "per routing group".
+      bias_update_speed: γ of DeepSeek-V3's auxiliary-loss-free balancing (0 = off; DeepSeek-V3:
+        1e-3): a per-expert bias `selection_bias`, added to the scores for choosing experts
+        only, moved by γ·sign(mean load − load) after every optimizer step from the global
+        batch's loads, outside the optimizer (switchmoe/balancing.py).
       expert_dropout: dropout rate on the experts' hidden activations during training.
       shared_d_ff: hidden width of a shared dense FFN applied to every token (0 = none).
       router_init_scale: router kernel ~ truncated normal with variance scale·1/D (Switch uses 0.1
@@ -115,6 +124,8 @@ class MoeLayer(nn.Module):
     load_balancing_weight: float = 1e-2
     z_loss_weight: float = 0.0
     sequence_balance_weight: float = 0.0
+    global_balance_weight: float = 0.0
+    bias_update_speed: float = 0.0
     expert_dropout: float = 0.0
     shared_d_ff: int = 0
     router_init_scale: float = 0.1
@@ -129,15 +140,24 @@ class MoeLayer(nn.Module):
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, **fields) -> "MoeLayer":
         """The MoE layer of a config's `model` block (settings from `model.moe`, the expert width
-        from `model.moe.expert_d_ff` or `model.d_ff`); `fields` override (name, dtype, ...)."""
+        from `model.moe.expert_d_ff` or `model.d_ff`); `fields` override (name, dtype, ...).
+
+        Fine-grained experts (DeepSeekMoE): `model.moe.granularity` m splits each of the E
+        experts of width F into m experts of width F/m and routes each token to m·k of them, so
+        the layer has m·E experts, top-(m·k), of width F/m: the same expert parameters and FLOPs
+        per token as m = 1, with far more combinations of experts per token (the router alone
+        grows, from D·E to D·m·E weights).
+        """
         moe = model.moe
         options = routers_lib.REGISTRY[moe.router].options
         values = {name: moe.get(name) for name in options}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         settings = {name: moe[name] for name in SETTINGS}
+        m = check_granularity(model)
+        settings["num_selected"] = moe.num_selected * m
         return cls(
-            num_experts=moe.num_experts,
-            d_ff=moe.get("expert_d_ff") or model.d_ff,
+            num_experts=moe.num_experts * m,
+            d_ff=(moe.get("expert_d_ff") or model.d_ff) // m,
             activation=model.activation,
             router_options=flax.core.FrozenDict(values),
             **{**settings, **fields},
@@ -167,13 +187,20 @@ class MoeLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, deterministic: bool = True, token_ids: Optional[Array] = None
+        self,
+        x: Array,
+        deterministic: bool = True,
+        token_ids: Optional[Array] = None,
+        mask: Optional[Array] = None,
     ) -> tuple[Array, dict[str, Any]]:
         """Applies the layer.
 
         Args:
           x: [B, L, D] tokens.
           token_ids: int[B, L] token ids, for routers that route on them (a fixed id table).
+          mask: optional bool[B, L], False at padded positions: they take no expert slot and are
+            left out of every balance loss, the z-loss, the load counts, the statistics and the
+            bias updates (their output is the shared expert's, or 0).
           deterministic: evaluation mode: eval capacity factor, no jitter, no random routing, no
             expert dropout. When False and any of those is active, the "dropout" PRNG stream is used.
 
@@ -189,6 +216,7 @@ class MoeLayer(nn.Module):
         router = self.make_router()
         if token_ids is not None:
             token_ids = token_ids.reshape(G, S)
+        group_mask = None if mask is None else mask.reshape(G, S).astype(bool)
 
         train = not deterministic
         # The layer's randomness, training only: one key from the "dropout" stream, split into
@@ -197,8 +225,33 @@ class MoeLayer(nn.Module):
         if train and self.expert_dropout > 0:
             streams += ("expert_dropout",)
         keys = routers_lib.stream_keys(self.make_rng("dropout"), streams) if streams else {}
-        routing = router.route(self, groups, token_ids, keys, train)
-        routing = router.with_balance_losses(routing, sequence_length=L)
+        bias = None
+        if self.bias_update_speed:
+            # Moved by the balancing rule after each step, never by a gradient (balancing.py).
+            bias = jax.lax.stop_gradient(
+                self.param(
+                    balancing.BIAS,
+                    nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                    (E,),
+                    jnp.float32,
+                )
+            )
+        routing = router.route(
+            self, groups, token_ids, keys, train, mask=group_mask, selection_bias=bias
+        )
+        # The loads of this call, for the bias update and for the global-batch loss of a step in
+        # several microbatches; a no-op unless the caller makes the collection mutable.
+        counts = router.selection_counts(routing, group_mask)
+        tokens = jnp.float32(G * S) if mask is None else jnp.sum(group_mask, dtype=jnp.float32)
+        for name, value in (("counts", counts), ("tokens", tokens)):
+            self.sow(balancing.COUNTS, name, value, init_fn=lambda: 0.0, reduce_fn=jnp.add)
+        totals = {}
+        if self.has_variable(balancing.TOTALS, "counts"):
+            totals = {
+                "global_counts": self.get_variable(balancing.TOTALS, "counts"),
+                "global_tokens": self.get_variable(balancing.TOTALS, "tokens"),
+            }
+        routing = router.with_balance_losses(routing, sequence_length=L, mask=group_mask, **totals)
         self.sow("intermediates", "routing", routing)
 
         # Batched over experts: fan-in is the axis D (or F) of each expert's matrix.
@@ -258,6 +311,35 @@ class MoeLayer(nn.Module):
             "weighted_losses": weighted,
             "stats": routing.stats,
         }
+
+
+# Routers for which a token's m·k choices mean m·k experts of width F/m (token choice).
+GRANULAR_ROUTERS = ("top_k", "noisy_top_k")
+
+
+def check_granularity(model: ml_collections.ConfigDict) -> int:
+    """`model.moe.granularity` m, checked: a positive integer dividing the expert width, with a
+    token-choice router. Raises ValueError naming the setting and what is allowed."""
+    moe = model.moe
+    m = moe.get("granularity", 1)
+    if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
+        raise ValueError(f"model.moe.granularity must be an integer >= 1; got {m!r}.")
+    if m == 1:
+        return m
+    width = moe.get("expert_d_ff") or model.d_ff
+    if width % m:
+        divisors = [d for d in range(1, width + 1) if width % d == 0 and d <= 64]
+        raise ValueError(
+            f"model.moe.granularity={m} must divide the expert width "
+            f"{'model.moe.expert_d_ff' if moe.get('expert_d_ff') else 'model.d_ff'}={width} "
+            f"(each expert is split into m experts of width F/m); allowed: {divisors}."
+        )
+    if moe.router not in GRANULAR_ROUTERS:
+        raise ValueError(
+            f"model.moe.granularity={m} applies to token-choice routers {GRANULAR_ROUTERS} (a "
+            f"token picks m·k experts); got model.moe.router={moe.router!r}."
+        )
+    return m
 
 
 # The MoeLayer fields a config's `model.moe` block sets (by the same names); the rest come from

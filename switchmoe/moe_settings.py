@@ -55,7 +55,8 @@ def check_settings(s, prefix: str = "", tokens_per_group: Optional[int] = None) 
             f"{prefix}jitter_eps must be in [0, 1) (the input is scaled by U(1-ε, 1+ε)); "
             f"got {s.jitter_eps}."
         )
-    nonnegative = ("load_balancing_weight", "z_loss_weight", "sequence_balance_weight", "shared_d_ff",
+    nonnegative = ("load_balancing_weight", "z_loss_weight", "sequence_balance_weight",
+                   "global_balance_weight", "bias_update_speed", "shared_d_ff",
                    "router_init_scale")  # fmt: skip
     for name in nonnegative:
         if not getattr(s, name) >= 0:

@@ -32,9 +32,28 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
 
 
 def make_optimizer(
+    opt: ml_collections.ConfigDict, num_train_steps: int, *, rule_set: bool = False
+) -> optax.GradientTransformation:
+    """AdamW or Adafactor with the schedule, after global-norm gradient clipping.
+
+    rule_set: the parameters hold values set by a rule after each step rather than trained
+    (balancing.optimizer_labels: the selection biases of auxiliary-loss-free balancing); the
+    optimizer gives them a zero update, no weight decay and no state.
+    """
+    tx = _optimizer(opt, num_train_steps)
+    if rule_set:
+        from switchmoe import balancing  # noqa: PLC0415
+
+        return optax.multi_transform(
+            {balancing.TRAINED: tx, balancing.RULE: optax.set_to_zero()},
+            balancing.optimizer_labels,
+        )
+    return tx
+
+
+def _optimizer(
     opt: ml_collections.ConfigDict, num_train_steps: int
 ) -> optax.GradientTransformation:
-    """AdamW or Adafactor with the schedule, after global-norm gradient clipping."""
     schedule = learning_rate_schedule(opt, num_train_steps)
     if opt.name == "adamw":
         core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)

@@ -113,19 +113,21 @@ def build_result(
     requested: Array,
     overflow: Array,
     per_rank: bool = True,
+    mask: Optional[Array] = None,
 ) -> RoutingResult:
     """A router's RoutingResult with its statistics filled in (losses.routing_stats).
 
     probs[G, S, E] fixes E. requested/overflow: bool[G, S, K], the choices that asked for a slot
     and those dropped for capacity; only the router knows them (random routing skips,
-    expert-choice non-picks).
+    expert-choice non-picks). mask: optional bool[G, S], False at padded positions (left out
+    of the statistics).
     """
     plan = DispatchPlan(expert, slot, gate, num_experts=probs.shape[-1], capacity=capacity)
     result = RoutingResult(
         plan=plan, probs=probs, logits=logits, losses=losses, stats={}, causal=causal
     )
     stats = losses_lib.routing_stats(
-        result, requested=requested, overflow=overflow, per_rank=per_rank
+        result, requested=requested, overflow=overflow, per_rank=per_rank, mask=mask
     )
     return result.replace(stats=stats)
 

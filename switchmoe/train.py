@@ -30,7 +30,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from switchmoe import checkpoints, optim, sharding
+from switchmoe import balancing, checkpoints, optim, sharding
 from switchmoe import metrics as metrics_lib
 from switchmoe.config import resolve, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
@@ -43,6 +43,7 @@ from switchmoe.models import (  # noqa: F401  (build_model & co. were defined he
     dummy_inputs,
     init_rows,
     model_inputs,
+    model_masks,
 )
 from switchmoe.workdir_lock import WorkdirLock
 
@@ -144,7 +145,16 @@ class Trainer:
         parallel = config.mesh.expert_parallelism if mesh.shape["expert"] > 1 else None
         self.model = build_model(config, parallel)
         self.schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
-        self.optimizer = optim.make_optimizer(config.optimizer, config.num_train_steps)
+        moe = config.model.moe
+        self.bias_speed = moe.get("bias_update_speed", 0.0) if moe.num_experts else 0.0
+        # Under accumulation, the global-batch loss needs every microbatch's loads first.
+        self.count_first = (
+            bool(moe.num_experts) and moe.get("global_balance_weight", 0.0) > 0
+            and config.get("grad_accum_steps", 1) > 1
+        )  # fmt: skip
+        self.optimizer = optim.make_optimizer(
+            config.optimizer, config.num_train_steps, rule_set=self.bias_speed > 0
+        )
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), *dummy_inputs(config)))[
@@ -194,26 +204,41 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self.train_step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
 
+    def _apply(self, params, rows, key, totals=None):
+        """The model on `rows` in training mode -> (logits, aux, the loads it sowed)."""
+        variables = {"params": params}
+        if totals is not None:
+            variables[balancing.TOTALS] = totals
+        (logits, aux), sown = self.model.apply(
+            variables,
+            *model_inputs(self.config, rows),
+            **model_masks(self.config, rows),
+            deterministic=False,
+            rngs={"dropout": key},
+            mutable=[balancing.COUNTS],
+        )
+        return logits, aux, sown.get(balancing.COUNTS, {})
+
     def _train_step(self, params, opt_state, batch, step):
         key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
         if self.config.get("grad_accum_steps", 1) > 1:
-            total, loss, aux, grads = self._accumulated_gradients(params, batch, key)
+            total, loss, aux, grads, counts = self._accumulated_gradients(params, batch, key)
         else:
 
             def objective(params):
-                logits, aux = self.model.apply(
-                    {"params": params},
-                    *model_inputs(self.config, batch),
-                    deterministic=False,
-                    rngs={"dropout": key},
-                )
+                logits, aux, counts = self._apply(params, batch, key)
                 ce_sum, count = cross_entropy(logits, batch)
                 loss = ce_sum / jnp.maximum(count, 1.0)
-                return loss + aux["loss"], (loss, aux)
+                return loss + aux["loss"], (loss, aux, counts)
 
-            (total, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            (total, (loss, aux, counts)), grads = jax.value_and_grad(objective, has_aux=True)(
+                params
+            )
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if self.bias_speed:
+            # After the optimizer, from the loads of the whole global batch (balancing.py).
+            params = balancing.update_biases(params, counts, self.bias_speed)
         metrics = {
             "train/loss": loss,
             "train/objective": total,
@@ -225,6 +250,9 @@ class Trainer:
         if grad_norms is not None:
             metrics["train/expert_grad_norm"] = grad_norms
             metrics["train/expert_update_norm"] = update_norms
+        biases = balancing.stacked_biases(params)
+        if biases is not None:
+            metrics["train/selection_bias"] = biases
         return params, opt_state, metrics
 
     def _accumulated_gradients(self, params, batch, key):
@@ -237,39 +265,56 @@ class Trainer:
         auxiliary losses (means over routing groups) are averaged over microbatches, so the
         objective and its gradient are the whole batch's. Dropout and routing keys are folded
         per microbatch.
+
+        The global-batch balance loss counts the loads of all N microbatches before any of them
+        is differentiated: a forward pass over the microbatches first (the price of exactness:
+        one more forward per step, only with global_balance_weight > 0 and N > 1), whose totals
+        every microbatch's loss then reads (losses.global_balance_loss). The loads the bias rule
+        reads are the microbatches' counts summed. Returns (objective, loss, aux, grads, loads).
         """
         n = self.config.grad_accum_steps
         count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         micro = jax.tree.map(
             lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch
         )
+        xs = (micro, jnp.arange(n))
+        totals = None
+        if self.count_first:
+
+            def count_loads(carry, xs):
+                rows, i = xs
+                _, _, counts = self._apply(params, rows, jax.random.fold_in(key, i))
+                return carry, counts
+
+            _, per_micro = jax.lax.scan(count_loads, None, xs)
+            loads = jax.tree.map(lambda v: jnp.sum(v, axis=0), per_micro)
+            totals = balancing.totals_for_microbatches(loads, n)
 
         def objective(params, rows, i):
-            logits, aux = self.model.apply(
-                {"params": params},
-                *model_inputs(self.config, rows),
-                deterministic=False,
-                rngs={"dropout": jax.random.fold_in(key, i)},
-            )
+            logits, aux, counts = self._apply(params, rows, jax.random.fold_in(key, i), totals)
             ce_sum, _ = cross_entropy(logits, rows)
-            return ce_sum / count + aux["loss"] / n, (ce_sum, aux)
+            return ce_sum / count + aux["loss"] / n, (ce_sum, aux, counts)
 
         def accumulate(carry, xs):
             grads, ce = carry
-            (_, (ce_sum, aux)), g = jax.value_and_grad(objective, has_aux=True)(params, *xs)
-            return (jax.tree.map(jnp.add, grads, g), ce + ce_sum), aux
+            (_, (ce_sum, aux, counts)), g = jax.value_and_grad(objective, has_aux=True)(params, *xs)
+            return (jax.tree.map(jnp.add, grads, g), ce + ce_sum), (aux, counts)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, ce), auxes = jax.lax.scan(
-            accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(n))
+        (grads, ce), (auxes, per_micro) = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros((), jnp.float32)), xs
         )
         aux = jax.tree.map(lambda v: jnp.mean(v, axis=0), auxes)
+        loads = jax.tree.map(lambda v: jnp.sum(v, axis=0), per_micro)
         loss = ce / count
-        return loss + aux["loss"], loss, aux, grads
+        return loss + aux["loss"], loss, aux, grads, loads
 
     def _eval_step(self, params, batch):
         logits, aux = self.model.apply(
-            {"params": params}, *model_inputs(self.config, batch), deterministic=True
+            {"params": params},
+            *model_inputs(self.config, batch),
+            **model_masks(self.config, batch),
+            deterministic=True,
         )
         ce_sum, count = cross_entropy(logits, batch)
         return {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, "eval")}

@@ -136,6 +136,11 @@ _LABELS = {
     "router": lambda v: v.replace("_", " "),
     "hash_kind": lambda v: f"({v})",
     "gate_norm": lambda v: "unit gate" if v == "normalized" else "raw gate",
+    "sequence_balance_weight": lambda v: f"seq-wise {v}",
+    "global_balance_weight": lambda v: f"global-batch {v}",
+    "bias_update_speed": lambda v: f"bias γ {v}",
+    "score_function": lambda v: f"{v} scores",
+    "granularity": lambda v: f"granularity {v}",
 }
 # Parts implied by another part of the same name ('top-2' implies its normalised gates and
 # half-width experts in these studies; a SentencePiece vocabulary size implies the tokenizer).

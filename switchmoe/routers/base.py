@@ -18,9 +18,12 @@ answers what the layer, the config validation, the reports and the FLOP counts a
   check(prefix, S)      ValueError naming a setting it cannot serve, before anything compiles
   prepare(config)       derived settings filled when a run starts (the hash router's table)
 
-and inside the layer's compact call, `route(layer, groups, token_ids, keys, train)` creates its
-parameters on the layer (so their names sit directly under the MoE layer, as they always have)
-and returns a `RoutingResult`.
+and inside the layer's compact call, `route(layer, groups, token_ids, keys, train, mask,
+selection_bias)` creates its parameters on the layer (so their names sit directly under the MoE
+layer, as they always have) and returns a `RoutingResult`. `mask` (bool[G, S], False at padded
+positions) must keep pads from taking slots and out of the losses and statistics; a router that
+can take `selection_bias` [E] (auxiliary-loss-free balancing) says so in
+`supports_selection_bias`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class Router:
     # Settings that only some routers read; a router that does not lists them here so that
     # setting them with it is an error rather than silently ignored.
     supports_batch_prioritized: ClassVar[bool] = False
+    # Routers that pick experts by a top-k of scores, to which a balancing bias can be added.
+    supports_selection_bias: ClassVar[bool] = False
 
     def option(self, name: str) -> Any:
         value = self.option_values.get(name)
@@ -126,6 +131,7 @@ class Router:
             "load_balancing": s.load_balancing_weight,
             "z_loss": s.z_loss_weight,
             "sequence_balance": s.sequence_balance_weight,
+            "global_balance": s.global_balance_weight,
         }
 
     def preferences(self, result: routing_lib.RoutingResult) -> Array:
@@ -134,14 +140,33 @@ class Router:
         return result.expert
 
     def with_balance_losses(
-        self, result: routing_lib.RoutingResult, sequence_length: int
+        self,
+        result: routing_lib.RoutingResult,
+        sequence_length: int,
+        mask: Optional[Array] = None,
+        global_counts: Optional[Array] = None,
+        global_tokens: Optional[Array] = None,
     ) -> routing_lib.RoutingResult:
         """`result` with the balance losses every router reports beside its own: the
-        sequence-wise loss (losses.sequence_balance_loss) over sequences of `sequence_length`."""
-        balance = losses_lib.sequence_balance_loss(
-            result.probs, self.preferences(result), sequence_length
-        )
-        return result.replace(losses={**result.losses, "sequence_balance": balance})
+        sequence-wise loss (losses.sequence_balance_loss) over sequences of `sequence_length`,
+        and the global-batch loss (losses.global_balance_loss; `global_counts` and
+        `global_tokens` when the step counted them over several microbatches)."""
+        preferences = self.preferences(result)
+        balance = {
+            "sequence_balance": losses_lib.sequence_balance_loss(
+                result.probs, preferences, sequence_length, mask
+            ),
+            "global_balance": losses_lib.global_balance_loss(
+                result.probs, preferences, mask,
+                global_counts=global_counts, global_tokens=global_tokens,
+            ),
+        }  # fmt: skip
+        return result.replace(losses={**result.losses, **balance})
+
+    def selection_counts(self, result: routing_lib.RoutingResult, mask=None) -> Array:
+        """float32[E]: (real token, choice) pairs that chose each expert, before capacity: the
+        loads the global-batch loss and the bias balancing read."""
+        return losses_lib.selection_counts(self.preferences(result), mask, self.num_experts)
 
     def check(self, prefix: str = "", tokens_per_group: Optional[int] = None) -> None:
         """Raises ValueError for settings this router cannot serve (names carry `prefix`);
@@ -153,13 +178,21 @@ class Router:
                 f"priority order ({', '.join(_with_batch_priority())}); got "
                 f"{prefix}router={self.name!r}."
             )
+        if s.bias_update_speed and not self.supports_selection_bias:
+            raise ValueError(
+                f"{prefix}bias_update_speed (auxiliary-loss-free balancing) applies to the "
+                f"routers that pick experts by a top-k of scores "
+                f"({', '.join(_with_selection_bias())}); got {prefix}router={self.name!r}."
+            )
 
     def prepare(self, config) -> None:
         """Fills settings derived when a run starts into `config` (unlocked); most have none."""
 
     # -- what it does -------------------------------------------------------------------------
 
-    def route(self, layer, groups, token_ids, keys, train) -> routing_lib.RoutingResult:
+    def route(
+        self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None
+    ) -> routing_lib.RoutingResult:
         raise NotImplementedError
 
     def learned_logits(
@@ -211,6 +244,12 @@ def router_weights(layer: nn.Module, name: str, init, d_model: int, num_experts:
         (d_model, num_experts),
         layer.param_dtype,
     )
+
+
+def _with_selection_bias() -> tuple[str, ...]:
+    from switchmoe.routers import REGISTRY  # noqa: PLC0415  (the registry imports this module)
+
+    return tuple(n for n, r in REGISTRY.items() if r.supports_selection_bias)
 
 
 def _with_batch_priority() -> tuple[str, ...]:

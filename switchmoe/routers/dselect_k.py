@@ -69,21 +69,33 @@ def selector_outputs(z: Array, num_experts: int, gamma: float) -> Array:
     return r
 
 
-def selector_entropy(r: Array) -> Array:
-    """Mean over tokens of Σ_i H(r_i), with 0·log 0 = 0."""
+def selector_entropy(r: Array, mask=None) -> Array:
+    """Mean over (real) tokens of Σ_i H(r_i), with 0·log 0 = 0."""
     plogp = jnp.where(r > 0, r * jnp.log(jnp.where(r > 0, r, 1.0)), 0.0)
-    return jnp.mean(-jnp.sum(plogp, axis=(-2, -1)))
+    entropy = -jnp.sum(plogp, axis=(-2, -1))
+    if mask is None:
+        return jnp.mean(entropy)
+    w = mask.astype(jnp.float32)
+    return jnp.sum(entropy * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def dselect_k_route(
-    z: Array, selector_logits: Array, *, num_experts: int, capacity, gamma: float, train: bool
+    z: Array,
+    selector_logits: Array,
+    *,
+    num_experts: int,
+    capacity,
+    gamma: float,
+    train: bool,
+    mask=None,
 ) -> RoutingResult:
     """DSelect-k routing of one layer.
 
     Args:
       z: float32[G, S, k, m] selector scores. selector_logits: float32[G, S, k] (softmax: w).
       capacity: C per group (None: dropless). train: soft gates over every used expert (True)
-        or each selector's most likely expert (False).
+        or each selector's most likely expert (False). mask: optional bool[G, S]; padded
+        positions ask for no slot and are left out of the losses and statistics.
     """
     G, S, k, _ = z.shape
     E = num_experts
@@ -100,18 +112,20 @@ def dselect_k_route(
         q = jnp.einsum("gsk,gske->gse", w, jax.nn.one_hot(expert, E, dtype=jnp.float32))
         requested = jnp.ones(expert.shape, bool)
         gate_of_choice = w
+    if mask is not None:
+        requested = requested & mask[..., None]
     slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major=False)
     gate = jnp.where(slot >= 0, gate_of_choice, 0.0)
     top1 = jnp.argmax(q, axis=-1)[..., None].astype(jnp.int32)
     losses = {
-        "load_balancing": losses_lib.load_balancing_loss(q, top1),
+        "load_balancing": losses_lib.load_balancing_loss(q, top1, mask),
         "z_loss": jnp.zeros((), jnp.float32),
-        "selector_entropy": selector_entropy(r),
+        "selector_entropy": selector_entropy(r, mask),
     }
     return build_result(
         expert, slot, gate, q, jnp.zeros_like(q),
         capacity=capacity, causal=True, losses=losses,
-        requested=requested, overflow=overflow, per_rank=not train,
+        requested=requested, overflow=overflow, per_rank=not train, mask=mask,
     )  # fmt: skip
 
 
@@ -162,7 +176,7 @@ class DSelectK(Router):
                 f"{prefix}dselect_gamma must be > 0; got {self.option('dselect_gamma')}."
             )
 
-    def route(self, layer, groups, token_ids, keys, train):
+    def route(self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None):
         s = self.settings
         G, S, D = groups.shape
         k, m = s.num_selected, code_bits(self.num_experts).shape[1]
@@ -186,4 +200,5 @@ class DSelectK(Router):
             capacity=self.capacity(S, train),
             gamma=self.option("dselect_gamma"),
             train=train,
+            mask=mask,
         )

@@ -15,7 +15,7 @@ from switchmoe.routing import RoutingResult, build_result
 Array = jax.Array
 
 
-def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
+def expert_choice_route(logits: Array, *, capacity: int, mask=None) -> RoutingResult:
     """Expert-choice routing: every expert takes the C tokens of the group it likes best.
 
     Each expert fills exactly C slots, so load is perfectly balanced by construction and nothing
@@ -30,6 +30,9 @@ def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
     Args:
       logits: float32[G, S, E].
       capacity: C in [1, S], usually `expert_capacity(S, E, 1, capacity_factor)`.
+      mask: optional bool[G, S], False at padded positions: experts rank them below every real
+        token whatever they hold, and a pad an expert still picks (C above the real tokens)
+        holds no slot.
     """
     G, S, E = logits.shape
     if capacity is None or not 1 <= capacity <= S:
@@ -38,11 +41,14 @@ def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
         )
     probs = jax.nn.softmax(logits, axis=-1)
     # [G, E, C]: the tokens each expert picked, best first (top_k breaks ties by lower index).
-    _, picked = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
+    preference = probs if mask is None else jnp.where(mask[..., None], probs, -1.0)
+    _, picked = jax.lax.top_k(jnp.swapaxes(preference, 1, 2), capacity)
     g_idx = jnp.arange(G)[:, None, None]
     e_idx = jnp.arange(E)[None, :, None]
     c_idx = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), picked.shape)
     slot = jnp.full((G, S, E), -1, jnp.int32).at[g_idx, picked, e_idx].set(c_idx)
+    if mask is not None:
+        slot = jnp.where(mask[..., None], slot, -1)
     expert = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
     gate = jnp.where(slot >= 0, probs, 0.0)
     # The load-balancing loss is computed from each token's top-1 preference for reporting; with
@@ -51,8 +57,8 @@ def expert_choice_route(logits: Array, *, capacity: int) -> RoutingResult:
     return build_result(
         expert, slot, gate, probs, logits,
         capacity=capacity, causal=False,
-        losses=losses_lib.router_losses(logits, probs, top1),
-        requested=slot >= 0, overflow=jnp.zeros_like(slot, bool), per_rank=False,
+        losses=losses_lib.router_losses(logits, probs, top1, mask),
+        requested=slot >= 0, overflow=jnp.zeros_like(slot, bool), per_rank=False, mask=mask,
     )  # fmt: skip
 
 
@@ -79,6 +85,8 @@ class ExpertChoice(Router):
     def capacity(self, tokens_per_group, train):
         return self._factor_capacity(tokens_per_group, train, 1)  # whatever the backend
 
-    def route(self, layer, groups, token_ids, keys, train):
+    def route(self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None):
         logits, _ = self.learned_logits(layer, groups, keys)
-        return expert_choice_route(logits, capacity=self.capacity(groups.shape[1], train))
+        return expert_choice_route(
+            logits, capacity=self.capacity(groups.shape[1], train), mask=mask
+        )

@@ -50,28 +50,37 @@ def balanced_hash_table(token_counts: Sequence[int], num_experts: int) -> np.nda
 
 
 def hash_route(
-    token_ids: Array, table: Array, num_experts: int, *, capacity: Optional[int]
+    token_ids: Array,
+    table: Array,
+    num_experts: int,
+    *,
+    capacity: Optional[int],
+    mask: Optional[Array] = None,
 ) -> RoutingResult:
     """Routes token_ids[G, S] through table[V]: one choice per token, gate 1.
 
     Tokens of a group claim slots in sequence order (causal). `probs` is the one-hot assignment,
     so the statistics (load, drops) read the same as for learned routers; there are no losses.
+    mask: optional bool[G, S]; padded positions ask for no slot and are left out of the counts.
     """
     expert = jnp.asarray(table)[token_ids].astype(jnp.int32)[..., None]  # [G, S, 1]
     G, S, _ = expert.shape
     requested = jnp.ones(expert.shape, bool)
+    if mask is not None:
+        requested = requested & mask[..., None]
     order = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
     slot, overflow = assign_slots(expert, requested, num_experts, capacity, order)
     probs = jax.nn.one_hot(expert[..., 0], num_experts, dtype=jnp.float32)
     # No router parameters, so nothing to train: the load-balancing value (E·Σ f_i², 1 when the
     # table balances this batch) is reported for comparison with learned routers; z-loss is 0.
     losses = {
-        "load_balancing": losses_lib.load_balancing_loss(probs, expert),
+        "load_balancing": losses_lib.load_balancing_loss(probs, expert, mask),
         "z_loss": jnp.zeros((), jnp.float32),
     }
     return build_result(
         expert, slot, jnp.where(slot >= 0, 1.0, 0.0), probs, jnp.zeros_like(probs),
         capacity=capacity, causal=True, losses=losses, requested=requested, overflow=overflow,
+        mask=mask,
     )  # fmt: skip
 
 
@@ -124,7 +133,7 @@ class Hash(Router):
         if config.model.moe.get("hash_table") is None:
             config.model.moe.hash_table = tuple(int(e) for e in table_for_config(config))
 
-    def route(self, layer, groups, token_ids, keys, train):
+    def route(self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None):
         if token_ids is None:
             raise ValueError("router='hash' needs the token ids: call the layer with token_ids.")
         table = self.option("hash_table")
@@ -134,5 +143,6 @@ class Hash(Router):
             )
         capacity = self.capacity(groups.shape[1], train)
         return hash_route(
-            token_ids, jnp.asarray(table, jnp.int32), self.num_experts, capacity=capacity
-        )
+            token_ids, jnp.asarray(table, jnp.int32), self.num_experts, capacity=capacity,
+            mask=mask,
+        )  # fmt: skip

@@ -59,6 +59,7 @@ def noisy_top_k_route(
     noise_key: Optional[Array],
     batch_prioritized: bool = False,
     rank_major: bool = True,
+    mask: Optional[Array] = None,
 ) -> RoutingResult:
     """Noisy top-k routing with capacity.
 
@@ -71,6 +72,8 @@ def noisy_top_k_route(
         None (evaluation) routes on the clean logits.
       batch_prioritized: claim slots by descending top-1 gate (not causal).
       rank_major: slot order across choices (see `routing.assign_slots`).
+      mask: optional bool[G, S]; padded positions ask for no slot and are left out of every loss
+        (importance and load sum over real tokens only) and statistic.
 
     Returns:
       A RoutingResult with K choices, gates G(x) over the chosen experts, `probs` = G(x) (zero
@@ -92,18 +95,22 @@ def noisy_top_k_route(
 
     order = priority_order(gates_full, batch_prioritized)
     requested = jnp.ones(expert.shape, bool)
+    real = jnp.ones((G, S), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    if mask is not None:
+        requested = requested & mask[..., None]
     slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major)
     kept_gate = jnp.where(slot >= 0, gate, 0.0)
 
-    importance = jnp.sum(gates_full, axis=(0, 1))  # Σ_x G(x), [E]
-    load = jnp.sum(load_probability(clean_logits, noisy, noise_std, num_selected), axis=(0, 1))
-    losses = losses_lib.router_losses(clean_logits, jax.nn.softmax(clean_logits, -1), expert)
+    importance = jnp.einsum("gs,gse->e", real, gates_full)  # Σ_x G(x), [E]
+    load_p = load_probability(clean_logits, noisy, noise_std, num_selected)
+    load = jnp.einsum("gs,gse->e", real, load_p)
+    losses = losses_lib.router_losses(clean_logits, jax.nn.softmax(clean_logits, -1), expert, mask)
     losses.update(importance=cv_squared(importance), load=cv_squared(load))
     return build_result(
         expert, slot, kept_gate, gates_full, clean_logits,
         capacity=capacity, losses=losses,
         causal=not batch_prioritized and (num_selected == 1 or not rank_major or capacity is None),
-        requested=requested, overflow=overflow,
+        requested=requested, overflow=overflow, mask=mask,
     )  # fmt: skip
 
 
@@ -142,7 +149,7 @@ class NoisyTopK(Router):
                 f"{s.num_experts} (its load loss reads the (k+1)-th score); got {s.num_selected}."
             )
 
-    def route(self, layer, groups, token_ids, keys, train):
+    def route(self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None):
         s = self.settings
         # Both weights start at zero (Shazeer et al.): every expert equally likely.
         logits, scores = self.learned_logits(layer, groups, keys, zero_init=True)
@@ -157,4 +164,5 @@ class NoisyTopK(Router):
             noise_key=keys.get("noise"),
             batch_prioritized=s.batch_prioritized,
             rank_major=not s.causal_routing,
+            mask=mask,
         )

@@ -73,10 +73,16 @@ def _round_group(log_plan: Array, capacity: int) -> tuple[Array, Array]:
     return expert, slot
 
 
-def sbase_route(logits: Array, *, num_iters: int = 200, temperature: float = 0.02) -> RoutingResult:
+def sbase_route(
+    logits: Array, *, num_iters: int = 200, temperature: float = 0.02, mask=None
+) -> RoutingResult:
     """Balanced top-1 routing of logits[G, S, E]: every expert gets exactly S/E tokens per group.
 
     Returns a RoutingResult with K = 1, capacity S/E and no dropped token.
+
+    mask: optional bool[G, S], False at padded positions. Their logits enter the balance as zeros
+    (whatever the pads hold) and they are rounded after every real token, so they never take a
+    real token's slot; then they are given none.
     """
     G, S, E = logits.shape
     if S % E:
@@ -86,16 +92,25 @@ def sbase_route(logits: Array, *, num_iters: int = 200, temperature: float = 0.0
         )
     capacity = S // E
     probs = jax.nn.softmax(logits, axis=-1)
-    log_plan = sinkhorn_log_plan(jax.lax.stop_gradient(logits), num_iters, temperature)
+    balance_logits = jax.lax.stop_gradient(logits)
+    if mask is not None:
+        balance_logits = jnp.where(mask[..., None], balance_logits, 0.0)
+    log_plan = sinkhorn_log_plan(balance_logits, num_iters, temperature)
+    if mask is not None:
+        log_plan = jnp.where(mask[..., None], log_plan, -jnp.inf)
     expert, slot = jax.vmap(_round_group, in_axes=(0, None))(log_plan, capacity)
     expert, slot = expert[..., None], slot[..., None]  # [G, S, 1]
-    gate = jnp.take_along_axis(probs, expert, axis=-1)
     requested = jnp.ones(expert.shape, bool)
+    if mask is not None:
+        slot = jnp.where(mask[..., None], slot, -1)
+        requested = requested & mask[..., None]
+    expert = jnp.maximum(expert, 0)  # a pad left unplaced by the rounding: any valid index
+    gate = jnp.where(slot >= 0, jnp.take_along_axis(probs, expert, axis=-1), 0.0)
     return build_result(
         expert, slot, gate, probs, logits,
         capacity=capacity, causal=False,  # the balance couples all tokens of the group
-        losses=losses_lib.router_losses(logits, probs, expert),
-        requested=requested, overflow=jnp.zeros_like(requested),
+        losses=losses_lib.router_losses(logits, probs, expert, mask),
+        requested=requested, overflow=jnp.zeros_like(requested), mask=mask,
     )  # fmt: skip
 
 
@@ -134,13 +149,14 @@ class SBase(Router):
                 f"{self.num_experts} (every expert gets exactly S/E tokens)."
             )
 
-    def route(self, layer, groups, token_ids, keys, train):
+    def route(self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None):
         logits, _ = self.learned_logits(layer, groups, keys)
         if train:
             return sbase_route(
                 logits,
                 num_iters=self.option("sbase_iters"),
                 temperature=self.option("sbase_temperature"),
+                mask=mask,
             )
         return top_k_route(
             logits,
@@ -148,4 +164,5 @@ class SBase(Router):
             capacity=self.capacity(groups.shape[1], train),
             gate_norm=self.settings.gate_norm,
             rank_major=not self.settings.causal_routing,
+            mask=mask,
         )

@@ -44,6 +44,8 @@ def top_k_route(
     rank_major: bool = True,
     score_function: str = "softmax",
     routed_scaling_factor: float = 1.0,
+    selection_bias: Optional[Array] = None,
+    mask: Optional[Array] = None,
 ) -> RoutingResult:
     """Token-choice routing: each token picks its K highest-scoring experts, subject to capacity.
 
@@ -66,6 +68,11 @@ def top_k_route(
         and statistics read them normalised over the experts, s_e / Σ s, as a distribution.
       routed_scaling_factor: multiplies the gates after normalisation (DeepSeek-V3: 2.5), so
         that normalised gates do not shrink the routed experts' output against a shared expert.
+      selection_bias: optional float32[E] added to the logits (softmax) or the sigmoid scores for
+        choosing the top K only; the gates are the unbiased scores of the chosen experts (DeepSeek-V3's auxiliary-loss-free
+        balancing, see switchmoe/balancing.py).
+      mask: optional bool[G, S], False at padded positions: they ask for no slot (so they take
+        none from real tokens) and are left out of the losses and statistics.
 
     Returns:
       A RoutingResult with K choices per token.
@@ -84,7 +91,15 @@ def top_k_route(
     else:
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    top_p, expert = jax.lax.top_k(scores, num_selected)  # [G, S, K] each, descending.
+    if selection_bias is None:
+        top_p, expert = jax.lax.top_k(scores, num_selected)  # [G, S, K] each, descending.
+    else:
+        # DeepSeek-V3 adds the bias to its sigmoid scores. A softmax's top K are the logits' top
+        # K, and its probabilities scale as 1/E, so there the bias is added to the logits: one
+        # update speed then means the same at every E.
+        ranked = logits if score_function == "softmax" else scores
+        _, expert = jax.lax.top_k(ranked + selection_bias.astype(ranked.dtype), num_selected)
+        top_p = jnp.take_along_axis(scores, expert, axis=-1)
     expert = expert.astype(jnp.int32)
     normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     gate = normalized if gate_norm == "normalized" else top_p
@@ -97,6 +112,8 @@ def top_k_route(
         g2 = top_p[..., 1] / (top_p[..., 0] + top_p[..., 1])
         keep2 = gshard_keep_second(random_routing_key, g2, random_routing_threshold)
         requested = requested.at[..., 1].set(keep2)
+    if mask is not None:
+        requested = requested & mask[..., None]
 
     order = priority_order(probs, batch_prioritized)
     slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major)
@@ -105,8 +122,8 @@ def top_k_route(
     return build_result(
         expert, slot, gate, probs, logits,
         capacity=capacity, causal=causal,
-        losses=losses_lib.router_losses(logits, probs, expert),
-        requested=requested, overflow=overflow,
+        losses=losses_lib.router_losses(logits, probs, expert, mask),
+        requested=requested, overflow=overflow, mask=mask,
     )  # fmt: skip
 
 
@@ -172,7 +189,9 @@ class TopK(Router):
                 f"{prefix}num_selected >= 2; got {prefix}num_selected={s.num_selected}."
             )
 
-    def route(self, layer, groups, token_ids, keys, train):
+    supports_selection_bias = True
+
+    def route(self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None):
         s = self.settings
         logits, _ = self.learned_logits(layer, groups, keys)
         return top_k_route(
@@ -186,4 +205,6 @@ class TopK(Router):
             rank_major=not s.causal_routing,
             score_function=self.option("score_function"),
             routed_scaling_factor=self.option("routed_scaling_factor"),
+            selection_bias=selection_bias,
+            mask=mask,
         )

@@ -1,0 +1,105 @@
+"""Load counting over a whole step, and DeepSeek-V3's auxiliary-loss-free bias balancing.
+
+Shape legend: E experts.
+
+Two balancers need the loads of the whole global batch rather than of one routing group:
+
+- the global-batch balance loss (losses.global_balance_loss, Qiu et al. 2025), whose f_i counts
+  every token of every device, process and accumulation microbatch;
+- auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3): a bias b_i per
+  expert is added to the scores for choosing the top K only (never to the gates), and after each
+  optimizer step moves by  b_i ← b_i + γ · sign(mean_j c_j − c_i),  c_i being the number of
+  choices of expert i over the step's global batch: an overloaded expert's bias falls, an
+  underloaded one's rises, and no gradient is involved.
+
+Every MoE layer sows its loads into the collection `COUNTS` ("counts" [E]: choices per expert,
+and "tokens": the real tokens routed), which is empty unless the caller makes it mutable. Under
+jit the arrays are global, so one call counts every device and process; a step in microbatches
+sums the microbatches' counts (`add_counts`). A layer reads the step's totals from the collection
+`TOTALS` when the caller provides them (the global-batch loss under accumulation).
+
+The bias lives in the parameters as `selection_bias` (so it is placed, checkpointed and restored
+with them), receives no gradient (the layer stops it), and the optimizer leaves it alone
+(`optimizer_labels` gives it to optax.set_to_zero: no update, no weight decay, no state); the
+train step then applies `update_biases`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+BIAS = "selection_bias"  # the parameter of an MoE layer with bias balancing
+COUNTS = "balance"  # the collection of loads the layers sow
+TOTALS = "balance_totals"  # the collection of a step's totals a layer may read
+
+TRAINED, RULE = "trained", "rule"  # optimizer partitions (optax.multi_transform labels)
+
+
+def is_bias(path: tuple) -> bool:
+    return bool(path) and path[-1] == BIAS
+
+
+def optimizer_labels(params: Any) -> Any:
+    """A tree like `params`: RULE for every selection bias (set by the rule, not the optimizer),
+    TRAINED for everything else."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: RULE if is_bias(path) else TRAINED for path in flat})
+
+
+def has_biases(params: Any) -> bool:
+    return any(is_bias(path) for path in traverse_util.flatten_dict(params))
+
+
+def add_counts(a: Any, b: Any) -> Any:
+    """Sums two `COUNTS` trees (two microbatches' loads)."""
+    return jax.tree.map(jnp.add, a, b)
+
+
+def totals_for_microbatches(counts: Any, num_microbatches: int) -> Any:
+    """The `TOTALS` a layer reads, from the `COUNTS` summed over a step's microbatches:
+    the counts as they are, and the real tokens per microbatch on average (the denominator that
+    makes the mean of the microbatches' losses the global-batch loss)."""
+    flat = traverse_util.flatten_dict(counts)
+    return traverse_util.unflatten_dict(
+        {
+            path: value / num_microbatches if path[-1] == "tokens" else value
+            for path, value in flat.items()
+        }
+    )
+
+
+def bias_update(bias: Array, counts: Array, speed: float) -> Array:
+    """b + γ·sign(mean(c) − c): the auxiliary-loss-free rule for one layer (float32[E])."""
+    return bias + speed * jnp.sign(jnp.mean(counts) - counts)
+
+
+def update_biases(params: Any, counts: Any, speed: float) -> Any:
+    """`params` with every MoE layer's selection bias moved by the rule, from that layer's loads
+    in `counts` (a `COUNTS` tree of the step: same module paths as the parameters)."""
+    flat = traverse_util.flatten_dict(params)
+    loads = traverse_util.flatten_dict(counts)
+    out = {}
+    for path, value in flat.items():
+        if is_bias(path):
+            value = bias_update(value, loads[path[:-1] + ("counts",)], speed)
+        out[path] = value
+    return traverse_util.unflatten_dict(out)
+
+
+def stacked_biases(params: Any) -> Array | None:
+    """The selection biases [num_moe_layers, E] in the order of the layers' names (block_2
+    before block_10), for the metrics; None when no layer has one."""
+    flat = {p: v for p, v in traverse_util.flatten_dict(params).items() if is_bias(p)}
+    if not flat:
+        return None
+    natural = lambda path: [
+        [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part))] for part in path
+    ]
+    return jnp.stack([flat[p] for p in sorted(flat, key=natural)])
