@@ -20,26 +20,30 @@ jitter and 0.1 init) at 600 steps of the studies' setup: 1.453 nats, 2.097 bits/
 from switchmoe.config import default_config, for_accelerators, set_size, switch_routing
 
 
+BASE_VARIANTS = {f"base{e}": e for e in (8, 16, 32, 64, 128)}  # Switch-Base's expert counts
+VARIANTS = (*BASE_VARIANTS, "large128")
+
+
 def get_config(variant=None):
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(
+            f"configs/switch.py: unknown variant {variant!r}; allowed: {', '.join(VARIANTS)} "
+            "(or none, for the CPU size)."
+        )
     config = switch_routing(default_config())
     config.model.moe.init_scale = 0.1
     config.num_train_steps = 2000
-    if variant and variant.startswith("base"):
+    if variant in BASE_VARIANTS:
         set_size(
             config,
             d_model=768,
             d_ff=3072,
             num_layers=12,
             num_heads=12,
-            num_experts=int(variant[len("base") :]),
+            num_experts=BASE_VARIANTS[variant],
         )
         for_accelerators(config)
     elif variant == "large128":
         set_size(config, d_model=1024, d_ff=4096, num_layers=24, num_heads=16, num_experts=128)
         for_accelerators(config)
-    elif variant:
-        raise ValueError(
-            f"unknown variant {variant!r}; allowed: base8, base16, base32, base64, "
-            "base128, large128."
-        )
     return config

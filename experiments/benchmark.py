@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from switchmoe import cli
 from switchmoe import dispatch
 from switchmoe.experts import StackedExperts
 from switchmoe.moe_layer import MoeLayer
@@ -598,4 +599,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -27,6 +27,7 @@ import os
 import numpy as np
 from absl import app, flags
 
+from switchmoe import cli
 from switchmoe import analysis
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
@@ -214,4 +215,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

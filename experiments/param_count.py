@@ -4,9 +4,10 @@ python -m experiments.param_count --config=configs/switch.py:base128
 python -m experiments.param_count --config=configs/switch_t5.py:base128   (encoder–decoder)
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from switchmoe import cli
 from switchmoe.models import count_params
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

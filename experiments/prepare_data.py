@@ -8,9 +8,10 @@ scores: any LM must get below it. experiments.sweep runs this once before starti
 parallel, so that they do not all build the same dataset at the same time.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from switchmoe import cli
 from switchmoe.data.pipeline import corpus_statistics, resolve_data_dir
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,6 +18,7 @@ import re
 import numpy as np
 from absl import app, flags, logging
 
+from switchmoe import cli
 from switchmoe import analysis, sweeps
 from switchmoe.analysis import seeds as seeds_lib
 from switchmoe.config import is_noncausal_ablation, resolve
@@ -476,4 +477,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,6 +19,7 @@ import time
 import jax
 from absl import app, flags, logging
 
+from switchmoe import cli
 from switchmoe import analysis, sharding
 from switchmoe.analysis import seeds
 from switchmoe.config import resolve
@@ -94,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

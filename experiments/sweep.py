@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from absl import app, flags
 
+from switchmoe import cli
 from switchmoe import sweeps
 from switchmoe.analysis import seeds
 
@@ -91,4 +92,4 @@ def main(argv):
 
 if __name__ == "__main__":
     # --config.* flags are passed through to the trials; absl must not reject them here.
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, known_only=True)

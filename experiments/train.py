@@ -7,9 +7,10 @@ Writes under the workdir: config.json, metrics.jsonl, TensorBoard events, checkp
 """
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from switchmoe import cli
 from switchmoe import checkpoints, distributed
 from switchmoe.run_summary import summary
 from switchmoe.train import train_and_evaluate
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -2,9 +2,12 @@
 
 Layout of a run's workdir:
   config.json              the resolved config (written once, at the first start)
+  config_history.jsonl     settings a later start changed (allowed on resume), with its step
   metrics.jsonl            one JSON object per logged step
   events.out.tfevents.*    TensorBoard
-  checkpoints/<step>/      Orbax items: params, opt_state, meta (JSON: step, data position)
+  checkpoints/<step>/      Orbax items: params, opt_state, meta (JSON: step, data position,
+                           the checksums of every array; see switchmoe/integrity.py)
+  checkpoints/damaged/     steps found damaged on resume, set aside
 
 Restores always go into an abstract target (shapes, dtypes and shardings built from the config):
 restoring without one fails across device counts and turns optimizer NamedTuples into dicts.
@@ -20,8 +23,13 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from switchmoe import integrity
+
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged"  # under checkpoints/: steps found damaged, set aside
+ITEMS = ("params", "opt_state", "meta")
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"  # settings changed on resume, one line per start
 
 
 def abstract_like(tree: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
@@ -34,16 +42,20 @@ def abstract_like(tree: Any, sharding: Optional[jax.sharding.Sharding] = None) -
     return jax.tree.map(leaf, tree)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written: the directory, the step and the latest intact one."""
+
+
 class Checkpointer:
     """Async Orbax checkpoints of (params, opt_state, meta) under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int = 2):
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=True
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "opt_state", "meta")
+            self.directory, options=self._options, item_names=ITEMS
         )
 
     def latest_step(self) -> Optional[int]:
@@ -53,38 +65,165 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
-        """Starts an async save; returns once the arrays are copied off the device buffers."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
+        """Starts an async save; returns once the arrays are copied off the device buffers.
+
+        The metadata item carries every array's checksums (integrity.checksums), verified by
+        every restore."""
+        meta = {
+            **meta,
+            "checksums": {
+                "params": integrity.checksums(params),
+                "opt_state": integrity.checksums(opt_state),
+            },
+        }
+        self.check_writable(step)
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001  (whatever Orbax or the file system raises)
+            raise self._write_error(step, e) from e
+
+    def check_writable(self, step: int) -> None:
+        """Raises CheckpointWriteError when the previous async save failed or the directory can
+        no longer be written (removed, read-only, full), before the step's save starts."""
+        try:
+            self.manager.check_for_errors()
+            if not os.path.isdir(self.directory):
+                raise FileNotFoundError(f"{self.directory} no longer exists")
+            probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step: int, cause: BaseException) -> "CheckpointWriteError":
+        try:
+            intact = latest_saved_step(os.path.dirname(self.directory))
+        except OSError:
+            intact = None
+        return CheckpointWriteError(
+            f"cannot write checkpoint {step} under {self.directory} ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0][:200] if str(cause) else ''}); the latest intact "
+            f"checkpoint: {intact if intact is not None else 'none'}. Training stopped."
         )
+
+    def _restore_item(self, step: int, item: str, args) -> Any:
+        try:
+            return getattr(
+                self.manager.restore(step, args=ocp.args.Composite(**{item: args})), item
+            )
+        except Exception as e:  # noqa: BLE001  (TensorStore, JSON, missing files: all damage)
+            problem = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise integrity.DamagedCheckpoint(
+                step, item, f"cannot be read ({type(e).__name__}: {problem})"
+            ) from e
+
+    def restore_meta(self, step: int) -> dict:
+        meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        if not isinstance(meta, dict) or "step" not in meta:
+            raise integrity.DamagedCheckpoint(step, "meta", "no step recorded")
+        return meta
 
     def restore(self, step: int, params_target: Any, opt_state_target: Any):
-        """(params, opt_state, meta) of `step`, placed as the abstract targets say."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params_target),
-                opt_state=ocp.args.StandardRestore(opt_state_target),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored.params, restored.opt_state, restored.meta
+        """(params, opt_state, meta) of `step`, placed as the abstract targets say, verified
+        against the saved checksums, the targets' shapes and finiteness.
 
-    def restore_params(self, step: int, params_target: Any) -> Any:
-        """Only the parameters (a notebook needs no optimizer state)."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(params_target))
+        Raises integrity.DamagedCheckpoint (the step, the item, what is wrong)."""
+        meta = self.restore_meta(step)
+        sums = meta.get("checksums") or {}
+        params = self.restore_params(step, params_target, meta)
+        opt_state = self._restore_item(
+            step, "opt_state", ocp.args.StandardRestore(opt_state_target)
         )
-        return restored.params
+        integrity.verify(step, "opt_state", opt_state, sums.get("opt_state"), opt_state_target)
+        return params, opt_state, meta
+
+    def restore_params(self, step: int, params_target: Any, meta: Optional[dict] = None) -> Any:
+        """Only the parameters (a notebook needs no optimizer state), verified like `restore`."""
+        meta = self.restore_meta(step) if meta is None else meta
+        params = self._restore_item(step, "params", ocp.args.StandardRestore(params_target))
+        sums = meta.get("checksums") or {}
+        integrity.verify(step, "params", params, sums.get("params"), params_target)
+        return params
+
+    def restore_latest(self, params_target: Any, opt_state_target: Any, log=print):
+        """(step, params, opt_state, meta) of the newest intact checkpoint, or None without one.
+
+        A damaged newer step is reported through `log` and moved aside to
+        `checkpoints/damaged/<step>` (kept for inspection, no longer a step the run resumes
+        from or saves over); raises DamagedCheckpoint when no step is intact."""
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                params, opt_state, meta = self.restore(step, params_target, opt_state_target)
+            except integrity.DamagedCheckpoint as e:
+                damaged.append(e)
+                log(f"{e}; trying an earlier checkpoint.")
+                continue
+            if damaged:
+                self._set_aside([e.step for e in damaged])
+                log(f"Falling back to checkpoint {step}, the newest intact one.")
+            return step, params, opt_state, meta
+        if damaged:
+            raise integrity.DamagedCheckpoint(
+                damaged[-1].step, damaged[-1].item,
+                f"no intact checkpoint under {self.directory} (steps "
+                f"{', '.join(str(e.step) for e in damaged)} are all damaged; the newest: "
+                f"{damaged[0]})",
+            )  # fmt: skip
+        return None
+
+    def intact_steps(self, params_target: Any) -> list[int]:
+        """The steps whose parameters restore intact (slow: reads every checkpoint)."""
+        intact = []
+        for step in self.all_steps():
+            try:
+                self.restore_params(step, params_target)
+                intact.append(step)
+            except integrity.DamagedCheckpoint:
+                pass
+        return sorted(intact)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged steps to checkpoints/damaged/ (the lead process only) and reopens the
+        manager so that it no longer lists them."""
+        if jax.process_index() == 0:
+            aside = os.path.join(self.directory, DAMAGED_DIR)
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, str(step))
+                suffix = 1
+                while os.path.exists(target):
+                    target, suffix = os.path.join(aside, f"{step}.{suffix}"), suffix + 1
+                os.replace(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices("switchmoe: damaged checkpoints set aside")
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=ITEMS
+        )
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the async save in flight; raises CheckpointWriteError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(self.manager.latest_step() or 0, e) from e
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001  (already reported above)
+                pass
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -95,15 +234,65 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
 
 
-def read_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
-    """The run's config.json, with fields added to switchmoe since it was written defaulted."""
+def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+    """config.json is written once, by a run's first start, and never rewritten: it is what the
+    checkpoints were trained with from step 0. A later start with other settings (those allowed
+    on resume) appends {"step", "changes": {key: [old, new]}} to config_history.jsonl."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        write_config(workdir, config)
+        return
+    with open(path) as f:
+        first = json.load(f)
+    new = json.loads(config.to_json_best_effort())
+    history = [json.loads(line) for line in _lines(os.path.join(workdir, HISTORY_FILE))]
+    current = dict(_flat(first))
+    for entry in history:
+        current.update({k: v[1] for k, v in entry["changes"].items()})
+    changes = {k: [current.get(k), v] for k, v in _flat(new) if current.get(k) != v}
+    if changes:
+        with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
+            f.write(json.dumps({"step": int(step), "changes": changes}, sort_keys=True) + "\n")
+
+
+def _lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line for line in f if line.strip()]
+
+
+def _flat(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def read_config(
+    workdir: str, *, as_first_written: bool = False
+) -> Optional[ml_collections.ConfigDict]:
+    """The run's config: config.json with the changes later starts recorded in
+    config_history.jsonl applied in order (what the latest start trained with), or config.json
+    alone with `as_first_written`. Fields added to switchmoe since it was written are defaulted."""
     from switchmoe.config import with_defaults  # noqa: PLC0415  (config imports the data stack)
 
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return with_defaults(ml_collections.ConfigDict(json.load(f)))
+        config = ml_collections.ConfigDict(json.load(f))
+    if not as_first_written:
+        for line in _lines(os.path.join(workdir, HISTORY_FILE)):
+            for key, (_, value) in json.loads(line)["changes"].items():
+                *parents, leaf = key.split(".")
+                node = config
+                for part in parents:
+                    node = node[part]
+                with config.unlocked():
+                    node[leaf] = value
+    return with_defaults(config)
 
 
 def has_checkpoint(workdir: str) -> bool:

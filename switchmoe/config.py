@@ -210,6 +210,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         with config.unlocked():
             config.model.vocab_size = make_tokenizer(config.data).vocab_size
     if config.model.moe.num_experts:
+        _one_of("model.moe.router", config.model.moe.router, routers.NAMES)
         with config.unlocked():
             routers.make_router(config.model.moe).prepare(config)
     return config

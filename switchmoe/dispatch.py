@@ -132,6 +132,7 @@ class GatherDispatch:
     @staticmethod
     def dispatch(x: Array, plan: DispatchPlan) -> Array:
         """x[G, S, D] -> [G, E, C, D] by gathering rows; empty slots are zero."""
+        x = jnp.asarray(x)  # NumPy input: indexing it with traced indices would fail
         table = GatherDispatch.slot_table(plan)
         g = jnp.arange(x.shape[0])[:, None, None]
         rows = x[g, jnp.maximum(table, 0)]  # [G, E, C, D]
@@ -140,6 +141,7 @@ class GatherDispatch:
     @staticmethod
     def combine(y: Array, plan: DispatchPlan) -> Array:
         """[G, E, C, D] -> y[G, S, D]: each token gathers its K outputs and sums them by gate."""
+        y = jnp.asarray(y)
         g = jnp.arange(y.shape[0])[:, None, None]
         out = y[g, plan.expert, jnp.maximum(plan.slot, 0)]  # [G, S, K, D]
         gate = plan.gate.astype(y.dtype)  # 0 for dropped choices

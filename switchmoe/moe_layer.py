@@ -208,6 +208,7 @@ class MoeLayer(nn.Module):
           y[B, L, D] in `dtype`, and aux = {"loss", "losses", "weighted_losses", "stats"} (see
           the module docstring).
         """
+        x = jnp.asarray(x)  # NumPy or JAX input, eager or traced
         B, L, D = x.shape
         E, F = self.num_experts, self.d_ff
         groups = self._groups(x)

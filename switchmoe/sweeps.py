@@ -80,8 +80,9 @@ def is_finished(trial_dir: str) -> bool:
     metrics_path = os.path.join(trial_dir, METRICS_FILE)
     if not (os.path.exists(config_path) and os.path.exists(metrics_path)):
         return False
-    with open(config_path) as f:
-        final = json.load(f)["num_train_steps"]
+    from switchmoe import checkpoints  # noqa: PLC0415  (the config's history applied)
+
+    final = checkpoints.read_config(trial_dir).num_train_steps
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return any(r["step"] == final and "eval/loss" in r for r in records)

@@ -30,7 +30,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from switchmoe import balancing, checkpoints, optim, sharding
+from switchmoe import balancing, checkpoints, integrity, optim, sharding
 from switchmoe import metrics as metrics_lib
 from switchmoe.config import resolve, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
@@ -86,29 +86,6 @@ def expert_norms(tree: Any) -> jax.Array | None:
     return jnp.sqrt(jnp.stack([layers[k] for k in sorted(layers, key=natural)]))
 
 
-@jax.jit
-def _finite_leaves(tree):
-    return [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-
-
-def non_finite_leaf(tree) -> str | None:
-    """The path of the first floating-point leaf of `tree` holding a NaN or an infinity, or None.
-
-    One reduction per leaf on the devices and one small transfer: cheap enough for every save.
-    """
-    finite = jax.device_get(_finite_leaves(tree))
-    paths = [
-        jax.tree_util.keystr(path)
-        for path, x in jax.tree_util.tree_leaves_with_path(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    return next((p for p, ok in zip(paths, finite) if not ok), None)
-
-
 def moe_metrics(aux: dict[str, Any], prefix: str) -> dict:
     """Named MoE metrics of one step from the model's aux output (see model.sum_aux)."""
     if not aux["stats"]:
@@ -152,9 +129,7 @@ class Trainer:
             bool(moe.num_experts) and moe.get("global_balance_weight", 0.0) > 0
             and config.get("grad_accum_steps", 1) > 1
         )  # fmt: skip
-        self.optimizer = optim.make_optimizer(
-            config.optimizer, config.num_train_steps, rule_set=self.bias_speed > 0
-        )
+        self.optimizer = self.optimizer_for(config)
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), *dummy_inputs(config)))[
@@ -180,6 +155,12 @@ class Trainer:
             in_shardings=(self.param_sharding, self.batch_sharding),
             out_shardings=self.replicated,
         )
+
+    @staticmethod
+    def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+        moe = config.model.moe
+        rule_set = bool(moe.num_experts) and moe.get("bias_update_speed", 0.0) > 0
+        return optim.make_optimizer(config.optimizer, config.num_train_steps, rule_set=rule_set)
 
     def init(self) -> tuple[Any, Any]:
         """Fresh (params, opt_state), placed on the mesh."""
@@ -353,37 +334,81 @@ class Trainer:
         return result
 
 
+def _setting_differences(previous, config) -> dict[str, tuple]:
+    """{dotted key: (old, new)} of the model and optimizer settings that differ."""
+    flat = lambda c: {
+        k: v
+        for k, v in _flatten(c.to_dict()).items()
+        if k.startswith(("model.", "optimizer.")) and not k.startswith("model.moe.hash_table")
+    }
+    old, new = flat(previous), flat(config)
+    return {
+        k: (old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _stored_shapes(config):
+    model = build_model(config)
+    params = abstract_params(model, config)
+    optimizer = Trainer.optimizer_for(config)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+    return shapes(params), jax.tree.structure(opt_state), shapes(opt_state)
+
+
 def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses a workdir whose checkpoint belongs to a different model or optimizer.
 
-    Compares the parameter shapes the two configs produce (and the optimizer), so settings that
-    do not change what is stored (capacity factors, loss weights, steps) may change on resume.
+    Compares what the checkpoint stores (parameter shapes, the optimizer state's structure and
+    shapes) under the two configs, so settings that do not change what is stored (capacity
+    factors, loss weights, learning rate, steps) may change on resume. A refusal names first the
+    settings that alone change what is stored, then the other differences apart.
     """
     previous = checkpoints.read_config(workdir)
     if previous is None or not checkpoints.has_checkpoint(workdir):
         return
     try:
-        old_params = abstract_params(build_model(previous), previous)
+        old = _stored_shapes(previous)
     except Exception as e:  # a config.json written by an incompatible switchmoe version
         raise ValueError(f"workdir {workdir} holds a config.json this version cannot read: {e}")
-    new_params = abstract_params(build_model(config), config)
-    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
-    differences = [
-        f"{section}.{key}: {previous[section].get(key)!r} -> {config[section].get(key)!r}"
-        for section in ("model", "optimizer")
-        for key in sorted(set(config[section].keys()) | set(previous[section].keys()))
-        if key != "moe" and previous[section].get(key) != config[section].get(key)
-    ]
-    differences += [
-        f"model.moe.{key}: {previous.model.moe.get(key)!r} -> {config.model.moe.get(key)!r}"
-        for key in sorted(config.model.moe.keys())
-        if previous.model.moe.get(key) != config.model.moe.get(key)
-    ]
-    if shapes(old_params) != shapes(new_params) or previous.optimizer.name != config.optimizer.name:
-        raise ValueError(
-            f"workdir {workdir} holds a checkpoint of an incompatible model; use a new workdir "
-            "or the same model settings. Differences: " + "; ".join(differences)
-        )
+    if _stored_shapes(config) == old:
+        return
+    differences = _setting_differences(previous, config)
+    breaking, harmless = [], []
+    for key, (was, now) in differences.items():
+        alone = ml_collections.ConfigDict(previous.to_dict())
+        node = alone
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        try:
+            with alone.unlocked():
+                node[leaf] = now
+            changes = _stored_shapes(alone) != old
+        except Exception:  # noqa: BLE001  (a setting that cannot change alone counts as one)
+            changes = True
+        (breaking if changes else harmless).append(f"{key}: {was!r} -> {now!r}")
+    message = (
+        f"workdir {workdir} holds a checkpoint of another model; use a new workdir or the same "
+        "model settings. What the checkpoint stores changes with: "
+        + ("; ".join(breaking) or "the combination of the settings below")
+        + "."
+    )
+    if harmless:
+        message += " (Also differing, allowed on resume: " + "; ".join(harmless) + ".)"
+    raise ValueError(message)
 
 
 def train_and_evaluate(
@@ -427,7 +452,9 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     if not lead:
         log = lambda line: None
     os.makedirs(workdir, exist_ok=True)
-    if lead:
+    if lead and not checkpoints.has_checkpoint(workdir):
+        # Nothing trained yet: config.json (re)states what this start trains. Once a checkpoint
+        # exists it stays as written; changes on resume go to config_history.jsonl.
         checkpoints.write_config(workdir, config)
 
     mesh = sharding.make_mesh(config.mesh)
@@ -439,12 +466,16 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             pipeline.packed(config.data.train_split)
         multihost_utils.sync_global_devices("switchmoe: data prepared")
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        params, opt_state, meta = ckpt.restore(start, *trainer.abstract_state())
+    # The newest intact checkpoint: a damaged newer one is reported and set aside.
+    restored = ckpt.restore_latest(*trainer.abstract_state(), log=log)
+    start = 0
+    if restored:
+        start, params, opt_state, meta = restored
         if meta["data_step"] != start:
             raise ValueError(f"checkpoint {start} records data position {meta['data_step']}.")
         log(f"Resumed from {ckpt.directory}/{start}.")
+        if lead:
+            checkpoints.record_config(workdir, config, start)
     else:
         params, opt_state = trainer.init()
     writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else None
@@ -494,7 +525,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             if done % config.checkpoint_every == 0 or is_last:
                 # Never save what a non-finite step produced. The loss is computed before the
                 # update, so the parameters and optimizer state themselves are checked.
-                bad = non_finite_leaf({"params": params, "opt_state": opt_state})
+                bad = integrity.first_non_finite({"params": params, "opt_state": opt_state})
                 if bad:
                     raise FloatingPointError(
                         f"non-finite values in {bad} after step {done}; not saved. Latest "
@@ -502,14 +533,31 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                     )
                 ckpt.save(done, params, opt_state, {"step": done, "data_step": done})
             if record and writer:
-                writer.write(done, record)
+                try:
+                    writer.write(done, record)
+                except OSError as e:
+                    raise checkpoints.CheckpointWriteError(
+                        f"cannot write the metrics of step {done} to {workdir} ({e}); the latest "
+                        f"intact checkpoint: {checkpoints.latest_saved_step(workdir)}. Training "
+                        "stopped."
+                    ) from e
                 last.update(record)
             if stop_at is not None and done >= stop_at:
                 break
+    except BaseException:
+        try:
+            ckpt.close()  # waits for async saves: what was saved stays intact
+        except checkpoints.CheckpointWriteError:
+            pass  # the error already raised says more
+        raise
+    else:
+        ckpt.close()
     finally:
-        ckpt.close()  # waits for async saves: what was saved stays intact
         if writer:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:
+                pass  # a workdir that vanished: reported above
     if not last and lead:  # nothing left to train: report what the finished run logged
         for record in metrics_lib.read_metrics(workdir):
             last.update(record)

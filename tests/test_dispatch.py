@@ -281,3 +281,17 @@ def test_layer_dropless_implementations_agree_and_bad_names_raise():
 )
 def test_auto_block_size_is_the_mean_load_as_a_power_of_two_within_16_128(M, E_, expected):
     assert dispatch.auto_block_size(M, E_) == expected
+
+
+@pytest.mark.parametrize("backend", ["einsum", "gather", "dropless"])
+def test_every_backend_takes_numpy_inputs_eagerly_and_traced(backend):
+    x = np.random.default_rng(0).normal(size=(2, 8, 6)).astype(np.float32)
+    layer = MoeLayer(num_experts=4, d_ff=8, backend=backend, num_selected=2)
+    shapes = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))  # NumPy input, traced
+    params = layer.init(jax.random.key(0), x)
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, params)
+    eager, _ = layer.apply(params, x)
+    traced, _ = jax.jit(lambda p: layer.apply(p, x))(params)  # NumPy array captured in jit
+    reference, _ = layer.apply(params, jnp.asarray(x))
+    np.testing.assert_allclose(eager, reference, rtol=1e-6)
+    np.testing.assert_allclose(traced, reference, rtol=1e-5, atol=1e-6)

@@ -214,6 +214,13 @@ def test_the_bias_after_a_step_is_exactly_the_rule(data_dir):
     )
 
 
+@pytest.fixture(scope="module")
+def whole_batch_step(data_dir):
+    """The reference: one device, the whole batch at once, no rematerialisation."""
+    _, _, _, params, out = trainer_step(tiny_config(data_dir, **BALANCED))
+    return params, out
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -223,8 +230,10 @@ def test_the_bias_after_a_step_is_exactly_the_rule(data_dir):
     ],
     ids=["2x4_mesh_4_microbatches", "with_remat", "one_device_remat_dots"],
 )
-def test_global_loss_and_bias_equal_the_whole_batch_on_one_device(data_dir, overrides):
-    _, _, _, params, out = trainer_step(tiny_config(data_dir, **BALANCED))
+def test_global_loss_and_bias_equal_the_whole_batch_on_one_device(
+    data_dir, whole_batch_step, overrides
+):
+    params, out = whole_batch_step
     _, _, _, params_m, out_m = trainer_step(tiny_config(data_dir, **BALANCED, **overrides))
     assert out["train/global_balance"] > 1.0  # imbalanced at init: the loss has work to do
     assert out_m["train/global_balance"] == pytest.approx(out["train/global_balance"], rel=1e-5)
@@ -238,9 +247,10 @@ def test_global_loss_and_bias_equal_the_whole_batch_on_one_device(data_dir, over
 
 
 def test_a_run_with_bias_balancing_resumes_bitwise(data_dir, tmp_path):
-    config = tiny_config(data_dir, **{**BALANCED, "batch_size": 8, "grad_accum_steps": 2})
-    # Metrics (the biases among them) identical with and without the interruption at step 10.
-    straight, interrupted = train_straight_and_interrupted(config, tmp_path)
+    short = {"num_train_steps": 12, "checkpoint_every": 6, "eval_every": 6, "log_every": 3}
+    config = tiny_config(data_dir, **{**BALANCED, "batch_size": 8, "grad_accum_steps": 2, **short})
+    # Metrics (the biases among them) identical with and without the interruption at step 6.
+    straight, interrupted = train_straight_and_interrupted(config, tmp_path, stop_at=6)
     (_, a), (_, b) = restore_run(straight), restore_run(interrupted)
     biases = [v for p, v in jax.tree_util.tree_leaves_with_path(a) if balancing.BIAS in str(p)]
     assert biases and any(np.any(np.asarray(v) != 0) for v in biases)
