@@ -97,9 +97,9 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         n = math.prod(leaf.shape)
         total += n
-        if any(getattr(k, "key", None) in ("w_in", "w_out", "w_gate") for k in path) and any(
-            getattr(k, "key", None) == "moe" for k in path
-        ):
+        keys = [getattr(k, "key", None) for k in path]
+        # Routed experts only: a shared expert (DeepSeekMoE's, "shared") is active for every token.
+        if keys[-1] in ("w_in", "w_out", "w_gate") and "moe" in keys and "shared" not in keys:
             expert += n
     E = k = 0
     if config.model.moe.num_experts:  # the layer's own counts (fine-grained experts: m·E, m·k)

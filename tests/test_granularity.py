@@ -74,3 +74,17 @@ def test_bad_granularity_is_refused_with_the_allowed_values():
         validate_config(resolve(config(0)))
     with pytest.raises(ValueError, match="applies to token-choice routers"):
         validate_config(resolve(config(2, k=1, **{"model.moe.router": "hash"})))
+
+
+def test_fine_grained_experts_combine_with_a_shared_expert():
+    shared = {"model.moe.shared_d_ff": 32}
+    with_shared, without = count_params(config(4, **shared)), count_params(config(4))
+    # The shared FFN (two D×32 matrices per MoE layer) is added whatever m is; active for all.
+    extra = (LAYERS // 2) * 2 * D * 32
+    assert with_shared["total"] - without["total"] == extra
+    assert with_shared["active_per_token"] - without["active_per_token"] == extra
+    layer = MoeLayer.from_config(config(4, **shared).model)
+    x = jax.random.normal(jax.random.key(0), (2, 16, D))
+    params = layer.init(jax.random.key(1), x)
+    y, _ = layer.apply(params, x)
+    assert "shared" in params["params"] and jnp.all(jnp.isfinite(y))
