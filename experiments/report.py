@@ -286,7 +286,8 @@ def seed_figures(table, curves) -> dict:
     experts = lambda setting: int(re.search(r"num_experts=(\d+)", setting).group(1))
     by_experts = [r for r in table if re.search(r"num_experts=\d+", r["setting"])]
     figures = {}
-    if by_experts:
+    # Against the expert count only when the sweep varies it (a granularity sweep does not).
+    if len({experts(r["setting"]) for r in by_experts}) > 1:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         quiet = any(r["quiet_step_ms_mean"] is not None for r in by_experts)
         step_key = "quiet_step_ms" if quiet else "step_time_ms"
@@ -421,15 +422,16 @@ def main(argv):
     sections = [f"# Sweep report: {sweep_dir}", "", markdown(rows, COLUMNS)]
     figures = {"eval_curves.png": analysis.plot_eval_curves(trials)}
 
-    varied, every = set(), None
+    varied, every, expert_counts = set(), None, set()
     if os.path.exists(os.path.join(sweep_dir, sweeps.SWEEP_FILE)):
         for trial in sweeps.read_sweep_file(sweep_dir)["trials"]:
             varied |= set(trial["overrides"])
+            expert_counts.add(trial["overrides"].get("model.moe.num_experts"))
             every = set(trial["overrides"]) if every is None else every & set(trial["overrides"])
     capacity_study = _CAPACITY_EVAL.value == "on" or (
         _CAPACITY_EVAL.value == "auto" and "model.moe.train_capacity_factor" in (every or set())
     )
-    if "model.moe.num_experts" in varied:
+    if "model.moe.num_experts" in varied and len(expert_counts) > 1:
         figures["loss_vs_experts.png"] = analysis.plot_loss_vs_experts(trials)
         figures["step_time_vs_experts.png"] = analysis.plot_final_vs(
             trials, "model.moe.num_experts", y=step_time_ms
