@@ -226,9 +226,8 @@ def whole_batch_step(data_dir):
     [
         {"mesh.data": 2, "mesh.expert": 4, "grad_accum_steps": 4},
         {"mesh.data": 2, "mesh.expert": 4, "grad_accum_steps": 4, "model.remat": "full"},
-        {"grad_accum_steps": 2, "model.remat": "dots"},
     ],
-    ids=["2x4_mesh_4_microbatches", "with_remat", "one_device_remat_dots"],
+    ids=["2x4_mesh_4_microbatches", "with_remat"],
 )
 def test_global_loss_and_bias_equal_the_whole_batch_on_one_device(
     data_dir, whole_batch_step, overrides
