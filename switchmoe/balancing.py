@@ -99,7 +99,10 @@ def stacked_biases(params: Any) -> Array | None:
     flat = {p: v for p, v in traverse_util.flatten_dict(params).items() if is_bias(p)}
     if not flat:
         return None
-    natural = lambda path: [
-        [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part))] for part in path
-    ]
-    return jnp.stack([flat[p] for p in sorted(flat, key=natural)])
+    return jnp.stack([flat[p] for p in sorted(flat, key=layer_order)])
+
+
+def layer_order(path: tuple) -> list:
+    """Sort key of a module path with numbers compared as numbers (block_2 before block_10):
+    the order in which per-layer metrics are stacked."""
+    return [[int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part))] for part in path]

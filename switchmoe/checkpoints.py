@@ -246,10 +246,10 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) ->
         first = json.load(f)
     new = json.loads(config.to_json_best_effort())
     history = [json.loads(line) for line in _lines(os.path.join(workdir, HISTORY_FILE))]
-    current = dict(_flat(first))
+    current = dict(flat_items(first))
     for entry in history:
         current.update({k: v[1] for k, v in entry["changes"].items()})
-    changes = {k: [current.get(k), v] for k, v in _flat(new) if current.get(k) != v}
+    changes = {k: [current.get(k), v] for k, v in flat_items(new) if current.get(k) != v}
     if changes:
         with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
             f.write(json.dumps({"step": int(step), "changes": changes}, sort_keys=True) + "\n")
@@ -262,10 +262,11 @@ def _lines(path: str) -> list[str]:
         return [line for line in f if line.strip()]
 
 
-def _flat(tree: dict, prefix: str = ""):
+def flat_items(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested dict."""
     for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
+            yield from flat_items(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 

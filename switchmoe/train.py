@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -80,10 +79,7 @@ def expert_norms(tree: Any) -> jax.Array | None:
             layers[layer] = layers.get(layer, 0.0) + squares
     if not layers:
         return None
-    natural = lambda key: [
-        [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part))] for part in key
-    ]
-    return jnp.sqrt(jnp.stack([layers[k] for k in sorted(layers, key=natural)]))
+    return jnp.sqrt(jnp.stack([layers[k] for k in sorted(layers, key=balancing.layer_order)]))
 
 
 def moe_metrics(aux: dict[str, Any], prefix: str) -> dict:
@@ -338,7 +334,7 @@ def _setting_differences(previous, config) -> dict[str, tuple]:
     """{dotted key: (old, new)} of the model and optimizer settings that differ."""
     flat = lambda c: {
         k: v
-        for k, v in _flatten(c.to_dict()).items()
+        for k, v in checkpoints.flat_items(c.to_dict())
         if k.startswith(("model.", "optimizer.")) and not k.startswith("model.moe.hash_table")
     }
     old, new = flat(previous), flat(config)
@@ -347,16 +343,6 @@ def _setting_differences(previous, config) -> dict[str, tuple]:
         for k in sorted(old.keys() | new.keys())
         if old.get(k) != new.get(k)
     }
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _stored_shapes(config):
