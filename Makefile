@@ -17,8 +17,11 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# Two workers, one test file each at a time (a file's fixtures are built once): the suite is
+# mostly single-threaded XLA compilation, so the 2 cores of the CI machine halve its time.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Build the embedded corpus, train configs/demo.py on CPU, evaluate and print a summary.
 # Run it again to resume (or to just print the summary of a finished run).

@@ -13,16 +13,26 @@ Variants:
           decoder, for accelerators.
   b32     ST-MoE-32B dimensions (d_model 5120, d_ff 20480, 64 heads, 64 experts, 27 blocks).
 
+Accelerator presets follow the variant after a comma (switchmoe/presets.py): tpu_v4_32,
+tpu_v5p_32, tpu_v5p_64 (TPU chips), gpu_8xh100, gpu_32xh100. Each sets the mesh (experts over
+gcd(E, devices) devices, data-parallel over the rest), 256 x 512-token batches, bfloat16, remat
+from d_model 1024 up, the dispatch backend for the platform, and C4 streamed through grain:
+  python -m experiments.fit --config=configs/st_moe.py:large,tpu_v5p_64 --devices=64
+  python -m experiments.train --config=configs/st_moe.py:large,gpu_8xh100 --workdir=... \
+      --config.data.spm_model_path=... --config.data.data_dir=...
+Per-device memory of every preset: EXPERIMENTS.md, "Will it fit?".
+
 Measured: its own 2,000-step run not yet. Top-2 with z-loss 1e-3 (MoE every other block, relu
 experts, rank-major order: a non-causal ablation) at 600 steps of the studies' setup: 1.433 nats,
 router z 0.48 against 10.4 without the z-loss (EXPERIMENTS.md, "Routing comparison", row
 "ST-MoE top-2 + z-loss 1e-3 †").
 """
 
+from switchmoe import presets
 from switchmoe.config import default_config, for_accelerators, set_size, st_moe_routing
 
 
-def get_config(variant=None):
+def sized_config(variant=None):
     config = st_moe_routing(default_config())
     config.model.num_layers = 8  # two MoE blocks at one in four
     config.model.d_ff = 384  # GEGLU has 3 matrices: 384 keeps the FFN near relu's 512 in size
@@ -36,3 +46,9 @@ def get_config(variant=None):
     elif variant:
         raise ValueError(f"unknown variant {variant!r}; allowed: large, b32.")
     return config
+
+
+def get_config(variant=None):
+    """The variant, laid out on an accelerator preset when one follows a comma
+    ('base128,tpu_v5p_64'; switchmoe/presets.py lists them)."""
+    return presets.build(sized_config, variant, "configs/st_moe.py")

@@ -20,6 +20,15 @@ The paper-sized variants use `for_accelerators` (bf16, Adafactor, 512-token inpu
 sequences per batch, a SentencePiece vocabulary: give --config.data.spm_model_path and a TFDS
 dataset). Their parameter counts need neither; EXPERIMENTS.md lists them.
 
+Accelerator presets follow the variant after a comma (switchmoe/presets.py): tpu_v4_32,
+tpu_v5p_32, tpu_v5p_64 (TPU chips), gpu_8xh100, gpu_32xh100. Each sets the mesh (experts over
+gcd(E, devices) devices, data-parallel over the rest), 256 x 512-token batches, bfloat16, remat
+from d_model 1024 up, the dispatch backend for the platform, and C4 streamed through grain:
+  python -m experiments.fit --config=configs/switch_t5.py:base128,tpu_v5p_64 --devices=64
+  python -m experiments.train --config=configs/switch_t5.py:base128,gpu_8xh100 --workdir=... \
+      --config.data.spm_model_path=... --config.data.data_dir=...
+Per-device memory of every preset: EXPERIMENTS.md, "Will it fit?".
+
 Measured on this machine: a 100-step run of the CPU variant (`--config.num_train_steps=100`) took
 1m55s while another training job shared the 2 cores (≈0.85 s/step, so its 1,500 steps take
 roughly 15–20 min), falling from 6.8 to 4.2 bits per target token in training and 3.88 at eval
@@ -28,6 +37,7 @@ decoder routes each example's 29 target tokens as one group, so each expert has 
 (ceil(29·1.25/8)) and any imbalance drops; a per-stack group size is the fix (not built yet).
 """
 
+from switchmoe import presets
 from switchmoe.config import (
     default_config,
     for_accelerators,
@@ -48,7 +58,7 @@ VARIANTS = (
 )
 
 
-def get_config(variant=None):
+def sized_config(variant=None):
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; allowed: {VARIANTS}.")
     config = switch_routing(default_config())
@@ -79,3 +89,9 @@ def get_config(variant=None):
     if variant.endswith("_dense"):
         config.model.moe.num_experts = 0
     return for_accelerators(config)
+
+
+def get_config(variant=None):
+    """The variant, laid out on an accelerator preset when one follows a comma
+    ('base128,tpu_v5p_64'; switchmoe/presets.py lists them)."""
+    return presets.build(sized_config, variant, "configs/switch_t5.py")

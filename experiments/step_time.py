@@ -45,7 +45,9 @@ def time_trial(config, steps: int, warmup: int) -> dict:
     trainer = Trainer(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
     pipeline = make_pipeline(config)
     params, opt_state = trainer.init()
-    batches = [trainer.put_batch(pipeline.batch(s)) for s in range(warmup + steps)]
+    stream = pipeline.train_batches()
+    batches = [trainer.put_batch(next(stream)) for _ in range(warmup + steps)]
+    stream.close()
     times = []
     for step, batch in enumerate(batches):
         start = time.perf_counter()

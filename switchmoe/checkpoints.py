@@ -6,7 +6,9 @@ Layout of a run's workdir:
   metrics.jsonl            one JSON object per logged step
   events.out.tfevents.*    TensorBoard
   checkpoints/<step>/      Orbax items: params, opt_state, meta (JSON: step, data position,
-                           the checksums of every array; see switchmoe/integrity.py)
+                           the checksums of every array; see switchmoe/integrity.py) and data
+                           (the data iterator's state, one JSON file per process, written by
+                           grain's Orbax handler)
   checkpoints/damaged/     steps found damaged on resume, set aside
 
 Restores always go into an abstract target (shapes, dtypes and shardings built from the config):
@@ -21,13 +23,14 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import grain
 import orbax.checkpoint as ocp
 
 from switchmoe import integrity
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged"  # under checkpoints/: steps found damaged, set aside
-ITEMS = ("params", "opt_state", "meta")
+ITEMS = ("params", "opt_state", "meta", "data")
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"  # settings changed on resume, one line per start
 
@@ -64,11 +67,14 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+    def save(
+        self, step: int, params: Any, opt_state: Any, meta: dict, data_state: dict | None = None
+    ) -> None:
         """Starts an async save; returns once the arrays are copied off the device buffers.
 
         The metadata item carries every array's checksums (integrity.checksums), verified by
-        every restore."""
+        every restore. `data_state`: this process's data iterator state (`get_state()` of the
+        pipeline's `train_batches`), taken now, before the iterator moves on."""
         meta = {
             **meta,
             "checksums": {
@@ -84,6 +90,11 @@ class Checkpointer:
                     params=ocp.args.StandardSave(params),
                     opt_state=ocp.args.StandardSave(opt_state),
                     meta=ocp.args.JsonSave(meta),
+                    **(
+                        {"data": grain.checkpoint.CheckpointSave(_IteratorState(data_state))}
+                        if data_state is not None
+                        else {}
+                    ),
                 ),
             )
         except Exception as e:  # noqa: BLE001  (whatever Orbax or the file system raises)
@@ -143,7 +154,21 @@ class Checkpointer:
             step, "opt_state", ocp.args.StandardRestore(opt_state_target)
         )
         integrity.verify(step, "opt_state", opt_state, sums.get("opt_state"), opt_state_target)
+        data_state = self.restore_data_state(step)
+        if data_state is not None:
+            meta = {**meta, "data_state": data_state}
         return params, opt_state, meta
+
+    def restore_data_state(self, step: int) -> Optional[dict]:
+        """This process's data iterator state saved with `step`, or None (none was saved:
+        checkpoints written before the item existed)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            return None
+        received = _IteratorState(None)
+        self._restore_item(step, "data", grain.checkpoint.CheckpointRestore(received))
+        if not isinstance(received.state, dict):
+            raise integrity.DamagedCheckpoint(step, "data", "no iterator state recorded")
+        return received.state
 
     def restore_params(self, step: int, params_target: Any, meta: Optional[dict] = None) -> Any:
         """Only the parameters (a notebook needs no optimizer state), verified like `restore`."""
@@ -224,6 +249,24 @@ class Checkpointer:
                 self.manager.close()
             except Exception:  # noqa: BLE001  (already reported above)
                 pass
+
+
+class _IteratorState(grain.DatasetIterator):
+    """A state already taken, in the shape grain's Orbax handler saves and restores: the
+    handler calls get_state() on save and set_state() on restore."""
+
+    def __init__(self, state: Optional[dict]):
+        super().__init__()
+        self.state = state
+
+    def __next__(self):
+        raise StopIteration
+
+    def get_state(self) -> dict:
+        return self.state
+
+    def set_state(self, state: dict) -> None:
+        self.state = state
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

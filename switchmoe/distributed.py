@@ -3,7 +3,9 @@
   python -m experiments.train ... --coordinator_address=10.0.0.1:1234 --num_processes=2 \
       --process_id=0          # on the first host; --process_id=1 on the second
 
-or set SWITCHMOE_COORDINATOR_ADDRESS, SWITCHMOE_NUM_PROCESSES, SWITCHMOE_PROCESS_ID. On CPU the
+or set SWITCHMOE_COORDINATOR_ADDRESS, SWITCHMOE_NUM_PROCESSES, SWITCHMOE_PROCESS_ID. The address
+`auto` leaves all three to `jax.distributed.initialize()`, which finds them itself on Cloud TPU
+slices, under SLURM and under Open MPI (the same command on every host). On CPU the
 cross-process collectives use gloo. Each process then feeds its own rows of every batch
 (LMDataPipeline.batch(step, process_index, process_count)); Orbax writes one checkpoint together.
 """
@@ -29,6 +31,9 @@ def initialize(
     coordinator_address = coordinator_address or env("SWITCHMOE_COORDINATOR_ADDRESS")
     if not coordinator_address:
         return False
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+        return jax.process_count() > 1
     num_processes = (
         num_processes if num_processes is not None else int(env("SWITCHMOE_NUM_PROCESSES", "0"))
     )

@@ -112,3 +112,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["expert"]
+
+
+def optimizer_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh):
+    """Shardings of an abstract optimizer state: a leaf that mirrors a parameter (the same
+    parameter path at its end, the same shape: Adam's moments, momentum) is placed like that
+    parameter; one with an axis reduced away (Adafactor's factored statistics) keeps the other axes' placement;
+    everything else (step counts) is replicated.
+
+    Matching by path rather than through `optax.tree_utils.tree_map_params` keeps optimizers
+    whose labels read the parameter tree (`optax.multi_transform` in balancing.py) working.
+    """
+
+    def names(path):
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+    placed = {}
+    for (path, leaf), spec in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings)
+    ):
+        placed[names(path)] = (tuple(leaf.shape), spec)
+    depths = sorted({len(p) for p in placed}, reverse=True)
+    replicated_sharding = replicated(mesh)
+
+    def place(path, leaf):
+        keys, shape = names(path), tuple(leaf.shape)
+        for depth in depths:
+            match = placed.get(keys[-depth:]) if depth <= len(keys) else None
+            if match is None:
+                continue
+            param_shape, spec = match
+            if param_shape == shape:
+                return spec
+            # A statistic with one axis reduced away (Adafactor's row and column factors of an
+            # expert matrix [E, d, F] are [E, d] and [E, F]) keeps the other axes' placement.
+            axes = tuple(spec.spec) + (None,) * (len(param_shape) - len(spec.spec))
+            for i in range(len(param_shape)):
+                if param_shape[:i] + param_shape[i + 1 :] == shape:
+                    return NamedSharding(mesh, P(*(axes[:i] + axes[i + 1 :])))
+        return replicated_sharding
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)

@@ -5,9 +5,10 @@ is traced or written), builds the data pipeline and the model, restores the late
 `workdir` if there is one, then loops: a pure `train_step` jitted once, metrics to metrics.jsonl
 and TensorBoard, periodic evaluation, async Orbax checkpoints.
 
-Reproducibility: the batch of step t is a pure function of (data.seed, t) and the dropout/routing
-key of step t is fold_in(key(seed), t), so a run resumed from a checkpoint at step t computes
-exactly what the uninterrupted run computed.
+Reproducibility: the batch of step t is a pure function of (data.seed, t) (data.pipeline='packed')
+or is where the checkpoint's saved data iterator state resumes the stream ('stream'), and the
+dropout/routing key of step t is fold_in(key(seed), t), so a run resumed from a checkpoint at step
+t computes exactly what the uninterrupted run computed.
 
 Shape legend: B batch (global), L sequence length, V vocabulary. The model and its batches
 depend on `model.arch`: next-token prediction for the decoder-only LM, span corruption for the
@@ -135,10 +136,13 @@ class Trainer:
             boxed, mesh, sharding.logical_rules(config.mesh)
         )
         abstract = checkpoints.abstract_like(nn.meta.unbox(boxed), None)
-        with jax.set_mesh(mesh):
-            # Optimizer-state placement follows the parameters' (the partitioner propagates it).
-            init_opt = jax.jit(self.optimizer.init, in_shardings=(self.param_sharding,))
-            self.opt_sharding = init_opt.lower(abstract).compile().output_shardings
+        # Optimizer state that mirrors the parameters (Adam's moments) is placed like them:
+        # experts' moments split over `expert`. Asking the partitioner instead (the output
+        # shardings of a jitted init) replicates every moment, since zeros_like does not
+        # depend on its input's values: E x the expert moments on every device.
+        self.opt_sharding = sharding.optimizer_state_shardings(
+            jax.eval_shape(self.optimizer.init, abstract), abstract, self.param_sharding, mesh
+        )
         self._abstract_params = abstract
         self.train_step = jax.jit(
             self._train_step,
@@ -449,7 +453,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     if jax.process_count() > 1:
         # Process 0 prepares the TFDS data once; the others wait, then read what it wrote.
         if lead:
-            pipeline.packed(config.data.train_split)
+            pipeline.prepare()
         multihost_utils.sync_global_devices("switchmoe: data prepared")
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     # The newest intact checkpoint: a damaged newer one is reported and set aside.
@@ -464,6 +468,10 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             checkpoints.record_config(workdir, config, start)
     else:
         params, opt_state = trainer.init()
+    batches = pipeline.train_batches(
+        start, meta.get("data_state") if restored else None,
+        jax.process_index(), jax.process_count(),
+    )  # fmt: skip
     writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else None
     total = config.num_train_steps
     progress = metrics_lib.Progress(total, config.batch_size * config.data.seq_len, start)
@@ -471,7 +479,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     last: dict[str, Any] = {}
     try:
         for step in range(start, total):
-            rows = pipeline.batch(step, jax.process_index(), jax.process_count())
+            rows = next(batches)
             params, opt_state, step_metrics = trainer.run_train_step(
                 params, opt_state, trainer.put_batch(rows), step
             )
@@ -517,7 +525,10 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                         f"non-finite values in {bad} after step {done}; not saved. Latest "
                         f"checkpoint: {ckpt.latest_step()}."
                     )
-                ckpt.save(done, params, opt_state, {"step": done, "data_step": done})
+                ckpt.save(
+                    done, params, opt_state, {"step": done, "data_step": done},
+                    data_state=batches.get_state(),
+                )  # fmt: skip
             if record and writer:
                 try:
                     writer.write(done, record)
@@ -531,12 +542,14 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             if stop_at is not None and done >= stop_at:
                 break
     except BaseException:
+        batches.close()
         try:
             ckpt.close()  # waits for async saves: what was saved stays intact
         except checkpoints.CheckpointWriteError:
             pass  # the error already raised says more
         raise
     else:
+        batches.close()
         ckpt.close()
     finally:
         if writer:

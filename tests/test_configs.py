@@ -68,3 +68,34 @@ def test_every_study_trial_validates(study):
         if config.data.tokenizer == "sentencepiece":
             config.model.vocab_size = config.data.spm_vocab_size  # no tokenizer training here
         validate_config(resolve(config))
+
+
+@pytest.mark.parametrize("preset", ["tpu_v4_32", "tpu_v5p_64", "gpu_8xh100", "gpu_32xh100"])
+@pytest.mark.parametrize(
+    "name,variant",
+    [("switch_t5", "base128"), ("switch_t5", "st_moe_l"), ("switch", "base8"),
+     ("st_moe", "large"), ("gshard", "e128"), ("dense", "base")],
+)  # fmt: skip
+def test_accelerator_presets_lay_the_paper_configs_on_their_devices(name, variant, preset):
+    from switchmoe.presets import PRESETS  # noqa: PLC0415
+
+    config = resolve(load(name, f"{variant},{preset}"))
+    devices = PRESETS[preset].devices
+    mesh = config.mesh
+    assert mesh.data * mesh.expert * mesh.model == devices
+    E = config.model.moe.num_experts
+    assert mesh.expert == (min(E, devices) if E else 1)  # E and devices are powers of two here
+    assert config.batch_size % devices == 0 and config.model.dtype == "bfloat16"
+    assert config.data.pipeline == "stream" and config.data.dataset.startswith("c4/en")
+    gpu = preset.startswith("gpu")
+    assert config.model.moe.backend == ("gather" if gpu else "einsum")
+    assert config.model.moe.dropless_implementation == ("blocked" if gpu else "ragged_dot")
+    assert config.model.remat == ("dots" if config.model.d_model >= 1024 else "none")
+    # Everything but the vocabulary file validates for the preset's device count.
+    config.data.tokenizer, config.data.spm_vocab_size = "byte", None
+    validate_config(config, devices)
+
+
+def test_an_unknown_preset_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown accelerator preset 'tpu9'; allowed: tpu_v4_32"):
+        load("switch", "base8,tpu9")

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -98,3 +99,13 @@ def test_two_processes_match_one(tmp_path):
     losses = lambda w: [r["train/loss"] for r in metrics.read_metrics(w)]
     assert len(losses(workdir)) == 4
     np.testing.assert_allclose(losses(workdir), losses(single), rtol=1e-5)
+
+
+def test_auto_leaves_the_cluster_to_jax_distributed(monkeypatch):
+    from switchmoe import distributed  # noqa: PLC0415
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setenv("SWITCHMOE_COORDINATOR_ADDRESS", "auto")
+    assert distributed.initialize() is False  # one process here: jax found no other host
+    assert calls == [((), {})]

@@ -54,6 +54,8 @@ DATA_DIR_ENV = "SWITCHMOE_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/switchmoe/tfds"
 
 Batch = dict[str, np.ndarray]
+# The `data.pipeline` values: in-memory packing, or grain streaming (switchmoe.data.streaming).
+PIPELINES = ("packed", "stream")
 # Fewest pieces a trained SentencePiece model may have: 256 bytes + pad, EOS, unknown, newline.
 MIN_SPM_VOCAB = 261
 
@@ -98,6 +100,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_files = 0
     # Seed of the training-example order; independent of model initialisation seeds.
     config.seed = 0
+    # How batches are made. 'packed': the split is tokenized and packed in memory once, and
+    # training batch t is a pure function of (seed, t) with a window-level shuffle per epoch
+    # (the embedded corpus, the studies; lm1b at ~8 GB is about the limit). 'stream': grain
+    # reads, tokenizes and packs documents while training, holding nothing proportional to
+    # the split; the iterator's position is saved with each checkpoint (c4; see
+    # switchmoe/data/streaming.py).
+    config.pipeline = "packed"
+    # 'stream' only: worker processes that tokenize and pack (0: in the training process), and
+    # batches each worker prepares ahead.
+    config.num_workers = 0
+    config.prefetch = 2
     return config
 
 
@@ -185,10 +198,16 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.mean_noise_span_length={c.mean_noise_span_length!r}; allowed: >= 1")
     if not c.text_key:
         raise ValueError(f"data.text_key={c.text_key!r}; allowed: a feature name such as 'text'")
+    if c.get("pipeline", "packed") not in PIPELINES:
+        raise ValueError(f"data.pipeline={c.pipeline!r}; allowed: {PIPELINES}")
+    if not isinstance(c.get("num_workers", 0), int) or c.get("num_workers", 0) < 0:
+        raise ValueError(f"data.num_workers={c.num_workers!r}; allowed: an integer >= 0")
+    if not isinstance(c.get("prefetch", 2), int) or c.get("prefetch", 2) < 1:
+        raise ValueError(f"data.prefetch={c.prefetch!r}; allowed: an integer >= 1")
     _check_dataset(c.dataset)
 
 
-def _prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `data.dataset`, prepared (built or downloaded) in array_record."""
     data_dir = resolve_data_dir(data_config)
     if data_config.dataset == STDLIB_DATASET:
@@ -223,7 +242,7 @@ def load_texts(data_config: ml_collections.ConfigDict, split: str) -> list[bytes
     For a TFDS dataset other than stdlib_source, `data.max_files > 0` keeps the first
     `max_files` documents (for stdlib_source the limit already chose the files).
     """
-    builder = _prepared_builder(data_config)
+    builder = prepared_builder(data_config)
     text_key = data_config.text_key
     if text_key not in builder.info.features:
         raise ValueError(
@@ -442,7 +461,27 @@ class LMDataPipeline:
         """N, the number of training windows (one epoch is N examples)."""
         return len(self.packed(self.config.train_split))
 
+    def prepare(self) -> None:
+        """Builds or downloads the data and packs the training split (once per object)."""
+        self.packed(self.config.train_split)
+
     # -- Training ------------------------------------------------------------------------
+
+    def train_batches(
+        self,
+        start_step: int = 0,
+        state: dict | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> "StepStream":
+        """This process's batches from `start_step` on, with the iterator interface of
+        `streaming.StreamingPipeline` (a state {'step': t} that checkpoints keep)."""
+        if state is not None and state.get("step", start_step) != start_step:
+            raise ValueError(
+                f"the data iterator state is at step {state['step']}, the checkpoint at step "
+                f"{start_step}"
+            )
+        return StepStream(self, start_step, process_index, process_count)
 
     def _permutation(self, epoch: int, n: int) -> np.ndarray:
         if epoch not in self._permutations:
@@ -543,6 +582,28 @@ class LMDataPipeline:
         """
         del keys
         return _make_batch(windows, lengths)
+
+
+class StepStream:
+    """`LMDataPipeline.batch(t)` for t = start, start + 1, ... as an iterator with a state."""
+
+    def __init__(self, pipeline: LMDataPipeline, start: int, process_index: int, count: int):
+        self._pipeline, self._step = pipeline, int(start)
+        self._process = (process_index, count)
+
+    def __iter__(self) -> "StepStream":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self._pipeline.batch(self._step, *self._process)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self._step}
+
+    def close(self) -> None:
+        pass
 
 
 def _make_batch(windows: np.ndarray, lengths: np.ndarray) -> Batch:

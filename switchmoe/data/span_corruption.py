@@ -218,10 +218,17 @@ class SpanCorruptionPipeline(_pipeline.LMDataPipeline):
         return batch
 
 
-def make_pipeline(config, batch_size: int | None = None) -> _pipeline.LMDataPipeline:
+def make_pipeline(config, batch_size: int | None = None):
     """The data pipeline of a whole switchmoe config: next-token prediction for the decoder-only
-    model, span corruption for the encoder–decoder."""
+    model, span corruption for the encoder–decoder; packed in memory, or streamed
+    (`streaming.StreamingPipeline`) with data.pipeline='stream'."""
     batch_size = config.batch_size if batch_size is None else batch_size
     if config.model.get("arch", "decoder") == "encoder_decoder":
-        return SpanCorruptionPipeline(config.data, batch_size)
-    return _pipeline.LMDataPipeline(config.data, batch_size)
+        objective = SpanCorruptionPipeline(config.data, batch_size)
+    else:
+        objective = _pipeline.LMDataPipeline(config.data, batch_size)
+    if config.data.get("pipeline", "packed") == "stream":
+        from switchmoe.data.streaming import StreamingPipeline  # noqa: PLC0415  (grain)
+
+        return StreamingPipeline(objective)
+    return objective

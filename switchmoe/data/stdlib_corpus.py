@@ -188,6 +188,10 @@ class StdlibSource(tfds.core.GeneratorBasedBuilder):
             if kwargs.get("config") is not None:
                 raise ValueError("pass either max_files or config, not both")
             kwargs["config"] = self.config_for(max_files)
+        elif isinstance(kwargs.get("config"), StdlibSourceConfig):
+            # An unpickled builder (a grain worker's copy) brings an equal copy of a registered
+            # config, which TFDS would refuse as a second config of the same name.
+            kwargs["config"] = self.config_for(kwargs["config"].max_files)
         super().__init__(file_format=file_format, **kwargs)
 
     @classmethod
