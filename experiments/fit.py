@@ -8,7 +8,7 @@ accelerators (the config's mesh fills them; nothing is allocated: parameters, op
 and batch are abstract). Parameter and optimizer-state bytes per device are exact; temporaries,
 FLOPs and all-to-all bytes are the CPU compiler's estimates (see switchmoe/fit.py for what
 carries over to TPU and GPU). `--device_memory_gib` adds a yes/no against that budget;
-`--out` writes the numbers as JSON.
+`--out` writes the numbers as JSON; `--nocompile` skips the compile (exact numbers only).
 """
 
 import json
@@ -24,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:vari
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices standing in for accelerators.")
 _MEMORY = flags.DEFINE_float("device_memory_gib", None, "Memory per device to check against.")
 _OUT = flags.DEFINE_string("out", None, "Write the report here as JSON.")
+_COMPILE = flags.DEFINE_bool(
+    "compile", True, "Compile for the estimates; --nocompile: the exact numbers only (seconds)."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -39,7 +42,7 @@ def main(argv):
     from switchmoe import fit  # noqa: PLC0415
 
     start = time.perf_counter()
-    report = fit.fit_report(_CONFIG.value)
+    report = fit.fit_report(_CONFIG.value, compile=_COMPILE.value)
     report["compile_seconds"] = time.perf_counter() - start
     print(fit.describe(report, _MEMORY.value))
     if _OUT.value:

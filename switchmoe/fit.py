@@ -71,7 +71,7 @@ def bytes_per_device(tree) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+        total += math.prod(shape) * itemsize(leaf.dtype)
     return total
 
 
@@ -114,7 +114,14 @@ def saved_for_backward(trainer, config, params, batch) -> int:
     unplaced = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     with jax.set_mesh(trainer.mesh):
         kept = jax.eval_shape(residuals, unplaced(params), unplaced(batch))
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(kept))
+    return sum(math.prod(x.shape) * itemsize(x.dtype) for x in jax.tree.leaves(kept))
+
+
+def itemsize(dtype) -> int:
+    """Bytes per element; a PRNG key (an extended dtype NumPy does not know) is 2 x uint32."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return 8
+    return np.dtype(dtype).itemsize
 
 
 def fit_report(
@@ -187,7 +194,6 @@ def total_bytes(report: dict) -> int:
 def describe(report: dict, device_memory_gib: float | None = None) -> str:
     """The report as the lines `experiments/fit.py` prints."""
     gib = lambda b: f"{b / 2**30:.2f} GiB"
-    e = report["estimates"]
     lines = [
         f"{report['devices']} devices, mesh {report['mesh']}, batch {report['batch_size']} x "
         f"{report['seq_len']}, {report['dtype']}, remat {report['remat']}",
@@ -198,6 +204,11 @@ def describe(report: dict, device_memory_gib: float | None = None) -> str:
         f"  {gib(report['saved_for_backward_bytes'])}; about "
         f"{gib(report['saved_for_backward_bytes'] / max(1, report['batch_shards']))} per device "
         f"over {report['batch_shards']} batch shards",
+    ]
+    if "estimates" not in report:
+        return "\n".join(lines)
+    e = report["estimates"]
+    lines += [
         "per device, estimates of the CPU compiler (fusion differs on TPU/GPU):",
         f"  temporaries      {gib(e['temp_bytes'])}",
         f"  total            {gib(total_bytes(report))}",
@@ -212,7 +223,7 @@ def describe(report: dict, device_memory_gib: float | None = None) -> str:
             if op != "all-to-all" and c["ops"]
         ),
     ]
-    if device_memory_gib:
+    if device_memory_gib and "estimates" in report:
         fits = total_bytes(report) <= device_memory_gib * 2**30
         lines.append(
             f"fits in {device_memory_gib:g} GiB per device: {'yes' if fits else 'NO'} "

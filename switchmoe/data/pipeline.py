@@ -232,7 +232,16 @@ def prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.Datase
         return builder
     # A no-op when the data is already there; otherwise downloads and prepares the public dataset
     # (network; c4 needs Apache Beam and hours).
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except ModuleNotFoundError as e:
+        if e.name != "apache_beam":
+            raise
+        raise ValueError(
+            f"data.dataset={data_config.dataset!r} is not prepared under {data_dir}, and TFDS "
+            "prepares it with Apache Beam (a Dataflow-sized job for c4): pip install -e '.[beam]', "
+            "or point data.data_dir at a prepared ArrayRecord copy (README, 'Real datasets')"
+        ) from e
     return builder
 
 
