@@ -22,6 +22,7 @@ from switchmoe.moe_layer import SETTINGS as MOE_SETTINGS
 from switchmoe.model import REMAT_POLICIES
 from switchmoe.moe_layer import MoeLayer, check_granularity
 from switchmoe.moe_settings import _one_of, _positive  # the one copy of each check
+from switchmoe import finetune
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data.tokenizers import make_tokenizer
 
@@ -132,6 +133,10 @@ def default_config() -> ml_collections.ConfigDict:
     opt.b2 = 0.98
     # Clip gradients to this global norm (0 = off).
     opt.grad_clip_norm = 1.0
+    # Parameters kept at their starting values (fine-tuning, switchmoe/finetune.py): 'none',
+    # 'moe' (routers and experts), 'non_moe', 'router', 'experts', or 're:<regex>' over
+    # '/'-joined parameter paths. Frozen parameters get no update and no optimizer state.
+    opt.freeze = "none"
 
     mesh = config.mesh = ml_collections.ConfigDict()
     # Device mesh (data, expert, model); one axis may be -1 to take the remaining devices. With
@@ -147,6 +152,15 @@ def default_config() -> ml_collections.ConfigDict:
     # Logical parameter axis -> mesh axes (switchmoe/sharding.py documents the names).
     mesh.rules = sharding.DEFAULT_RULES
 
+    # Start from another run's parameters: '<workdir>' (its newest intact checkpoint) or
+    # '<workdir>:<step>'; new optimizer state and data order. A dense run into an MoE config
+    # upcycles: each dense FFN is copied into every expert of the MoE layer in its place
+    # (switchmoe/finetune.py). Only the first start uses it; a resume continues from its own.
+    config.init_from = config_dict.placeholder(str)
+    # Upcycling: noise added to each expert's copy (std relative to the matrix's), and the
+    # fraction of each expert's hidden units re-drawn (Drop-Upcycling; 0.5 in its paper).
+    config.upcycle_noise = 0.0
+    config.upcycle_reinit_fraction = 0.0
     # Global batch size (sequences per step, all devices together).
     config.batch_size = 32
     # Microbatches per optimizer step: the batch is split into this many parts of
@@ -257,6 +271,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 f"ids (data.tokenizer={config.data.tokenizer!r}); allowed: >= {minimum_vocab}, "
                 "or None for the tokenizer's own."
             )
+    finetune.check_freeze(opt.get("freeze", "none"))
+    if not config.get("upcycle_noise", 0.0) >= 0:
+        raise ValueError(f"upcycle_noise must be >= 0; got {config.upcycle_noise!r}.")
+    if not 0 <= config.get("upcycle_reinit_fraction", 0.0) < 1:
+        raise ValueError(
+            f"upcycle_reinit_fraction must be in [0, 1); got {config.upcycle_reinit_fraction!r}."
+        )
     if not (isinstance(config.seed, int) and config.seed >= 0):
         raise ValueError(f"seed must be an integer >= 0; got {config.seed!r}.")
     if moe.num_experts < 0:

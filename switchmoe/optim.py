@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
@@ -32,23 +33,40 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
 
 
 def make_optimizer(
-    opt: ml_collections.ConfigDict, num_train_steps: int, *, rule_set: bool = False
+    opt: ml_collections.ConfigDict,
+    num_train_steps: int,
+    *,
+    rule_set: bool = False,
+    freeze: str = "none",
 ) -> optax.GradientTransformation:
     """AdamW or Adafactor with the schedule, after global-norm gradient clipping.
 
     rule_set: the parameters hold values set by a rule after each step rather than trained
     (balancing.optimizer_labels: the selection biases of auxiliary-loss-free balancing); the
     optimizer gives them a zero update, no weight decay and no state.
+    freeze: `optimizer.freeze` (finetune.py): those parameters get a zero update and no state
+    either, and are left out of the clipped gradient norm.
     """
     tx = _optimizer(opt, num_train_steps)
-    if rule_set:
-        from switchmoe import balancing  # noqa: PLC0415
+    if not rule_set and freeze == "none":
+        return tx
+    from switchmoe import balancing, finetune  # noqa: PLC0415
 
-        return optax.multi_transform(
-            {balancing.TRAINED: tx, balancing.RULE: optax.set_to_zero()},
-            balancing.optimizer_labels,
-        )
-    return tx
+    def labels(params):
+        flat = traverse_util.flatten_dict(params)
+        return traverse_util.unflatten_dict(
+            {
+                path: balancing.RULE if balancing.is_bias(path)
+                else finetune.FROZEN if finetune.is_frozen(path, freeze)
+                else balancing.TRAINED
+                for path in flat
+            }
+        )  # fmt: skip
+
+    zero = optax.set_to_zero()
+    return optax.multi_transform(
+        {balancing.TRAINED: tx, balancing.RULE: zero, finetune.FROZEN: zero}, labels
+    )
 
 
 def _optimizer(

@@ -30,6 +30,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from switchmoe import finetune
 from switchmoe import balancing, checkpoints, integrity, optim, sharding
 from switchmoe import metrics as metrics_lib
 from switchmoe.config import resolve, validate_config
@@ -160,7 +161,12 @@ class Trainer:
     def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
         moe = config.model.moe
         rule_set = bool(moe.num_experts) and moe.get("bias_update_speed", 0.0) > 0
-        return optim.make_optimizer(config.optimizer, config.num_train_steps, rule_set=rule_set)
+        return optim.make_optimizer(
+            config.optimizer,
+            config.num_train_steps,
+            rule_set=rule_set,
+            freeze=config.optimizer.get("freeze", "none"),
+        )
 
     def init(self) -> tuple[Any, Any]:
         """Fresh (params, opt_state), placed on the mesh."""
@@ -173,6 +179,11 @@ class Trainer:
         # batch shards, and the parameters do not depend on how tokens are exchanged.
         init = jax.jit(init_fn, out_shardings=(self.param_sharding, self.opt_sharding))
         return init(jax.random.key(self.config.seed))
+
+    def start_from(self, params) -> tuple[Any, Any]:
+        """(params, a fresh optimizer state for them), placed on the mesh: a fine-tuning start."""
+        init = jax.jit(self.optimizer.init, out_shardings=self.opt_sharding)
+        return params, init(params)
 
     def abstract_state(self) -> tuple[Any, Any]:
         """Restore targets: shapes, dtypes and this mesh's shardings."""
@@ -428,6 +439,8 @@ def train_and_evaluate(
     config = resolve(config)
     validate_config(config, num_devices=jax.device_count())
     check_workdir_compatible(config, workdir)
+    if not checkpoints.has_checkpoint(workdir):
+        finetune.check_init_from(config)  # a resumed run continues from its own checkpoint
     lead = jax.process_index() == 0  # one process writes config, metrics and progress
     lock = WorkdirLock(workdir)
     if lead:
@@ -468,6 +481,9 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             checkpoints.record_config(workdir, config, start)
     else:
         params, opt_state = trainer.init()
+        if config.get("init_from"):
+            params, opt_state = trainer.start_from(finetune.initial_params(config, params))
+            log(f"Initialised from {config.init_from} (new optimizer state, data from step 0).")
     batches = pipeline.train_batches(
         start, meta.get("data_state") if restored else None,
         jax.process_index(), jax.process_count(),

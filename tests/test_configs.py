@@ -19,7 +19,7 @@ def load(name, variant=None):
     return module.get_config(variant) if variant else module.get_config()
 
 
-@pytest.mark.parametrize("name", ["demo", "switch", "gshard", "st_moe", "dense"])
+@pytest.mark.parametrize("name", ["demo", "switch", "gshard", "st_moe", "dense", "finetune"])
 def test_cpu_configs_validate(name):
     validate_config(resolve(load(name)))
 

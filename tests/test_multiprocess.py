@@ -37,9 +37,10 @@ def flag_value(value):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("pipeline", ["packed", "stream"])
+def test_two_processes_match_one(tmp_path, pipeline):
     data_dir = str(tmp_path / "tfds")
-    config = tiny_config(data_dir, **OVERRIDES)
+    config = tiny_config(data_dir, **OVERRIDES, **{"data.pipeline": pipeline})
     corpus_statistics(config.data)  # build the corpus before the processes start
     single = str(tmp_path / "single")
     train_and_evaluate(config, single, log=lambda line: None)
@@ -63,6 +64,7 @@ def test_two_processes_match_one(tmp_path):
         "model.moe.gate_norm": "raw",
         "model.moe.expert_d_ff": 64,
         "model.moe.group_size": 32,
+        "data.pipeline": pipeline,
     }
     port = free_port()
     workdir = str(tmp_path / "two")
@@ -99,6 +101,12 @@ def test_two_processes_match_one(tmp_path):
     losses = lambda w: [r["train/loss"] for r in metrics.read_metrics(w)]
     assert len(losses(workdir)) == 4
     np.testing.assert_allclose(losses(workdir), losses(single), rtol=1e-5)
+    # Each process saved its own data iterator state beside the shared checkpoint.
+    saved = sorted(os.listdir(os.path.join(workdir, "checkpoints", "4", "data")))
+    assert [f for f in saved if f.endswith(".json")] == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
 
 def test_auto_leaves_the_cluster_to_jax_distributed(monkeypatch):

@@ -217,6 +217,8 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
         ({"model.moe.global_balance_weight": -1.0}, r"global_balance_weight must be >= 0"),
         ({"data.pipeline": "tfdata"}, r"data.pipeline='tfdata'; allowed: \('packed', 'stream'\)"),
         ({"data.num_workers": -1}, r"data.num_workers=-1; allowed: an integer >= 0"),
+        ({"optimizer.freeze": "moes"}, r"optimizer.freeze='moes'; allowed: \('none', 'moe', "),
+        ({"upcycle_reinit_fraction": 1.0}, r"upcycle_reinit_fraction must be in \[0, 1\)"),
         (
             {"model.moe.router": "hash", "model.moe.bias_update_speed": 1e-3},
             r"bias_update_speed \(auxiliary-loss-free balancing\) applies to the routers",

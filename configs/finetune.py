@@ -1,0 +1,50 @@
+"""Fine-tuning a trained MoE run with ST-MoE's recipe (Zoph et al. 2022, §4 and Switch §4.3).
+
+  make demo    # the run to start from: runs/demo
+  python -m experiments.train --config=configs/finetune.py --workdir=runs/demo_ft
+  python -m experiments.train --config=configs/finetune.py:all --workdir=runs/demo_ft_all
+
+The demo's model, started from runs/demo (`--config.init_from=WORKDIR[:STEP]` for another), on a
+small task where an MoE overfits: 5% of the training split (34 files, 0.8 MB of source). ST-MoE's
+and Switch's findings, as settings:
+  - freezing the MoE layers (routers and experts) fine-tunes almost as well as updating
+    everything, and is cheaper: optimizer.freeze='moe' (the variant `all` updates everything);
+  - sparse models want more dropout inside the experts than elsewhere: expert dropout 0.4 with
+    0.1 on the dense layers (Switch Table 4's best);
+  - sparse models prefer smaller batches and higher learning rates than dense ones: batches of 16
+    (half the pre-training batch), a constant 1e-3 after 20 warm-up steps;
+  - the balance losses stay on (their weights are the pre-training ones).
+
+Reached: see EXPERIMENTS.md, "Fine-tuning and upcycling".
+"""
+
+import importlib.util
+import os
+
+
+def _demo_config():
+    """configs/demo.py's config (loaded by path: configs/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    spec = importlib.util.spec_from_file_location("switchmoe_demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(variant=None):
+    if variant not in (None, "all"):
+        raise ValueError(f"configs/finetune.py: unknown variant {variant!r}; allowed: all.")
+    config = _demo_config()
+    config.init_from = "runs/demo"
+    config.data.train_split = "train[:5%]"
+    config.optimizer.freeze = "none" if variant == "all" else "moe"
+    config.model.dropout_rate = 0.1
+    config.model.moe.expert_dropout = 0.4
+    config.batch_size = 16
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.schedule = "constant"
+    config.optimizer.warmup_steps = 20
+    config.num_train_steps = 300
+    config.eval_every = 100
+    config.checkpoint_every = 100
+    return config
