@@ -385,13 +385,19 @@ def balance_figure(trials):
     if not groups:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    # Past 10 settings the default cycle repeats its colours: tab20's 20, with every second
+    # curve dashed so that its paired light/dark shades still tell apart.
+    many = len(groups) > 10
+    colours = plt.get_cmap("tab20" if many else "tab10")
     for ax, (label, fn) in zip(axes, series.items()):
-        for setting, runs in groups.items():
+        for i, (setting, runs) in enumerate(groups.items()):
             curves = [fn(records) for records in runs]
             if not all(len(c[0]) for c in curves):
                 continue
             steps, mean, std = seeds_lib.mean_curve(curves)
-            (line,) = ax.plot(steps, mean, "-", lw=1.2, label=analysis.trial_label(setting))
+            style = "--" if many and i % 2 else "-"
+            (line,) = ax.plot(steps, mean, style, lw=1.2, color=colours(i % colours.N),
+                              label=analysis.trial_label(setting))  # fmt: skip
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         ax.set(xlabel="step", ylabel=label)
         ax.grid(alpha=0.3)
