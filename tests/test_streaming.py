@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 import synthetic_text
 from switchmoe import checkpoints
 from switchmoe.config import resolve
+from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data import span_corruption as sc
 from switchmoe.data import streaming
 from switchmoe.data.tokenizers import ByteTokenizer
@@ -258,3 +259,16 @@ def test_streaming_memory_stays_bounded_where_packing_does_not(tmp_path):
     assert out["packed"]["growth_mib"] > 100, out
     assert out["stream"]["growth_mib"] < 32
     assert out["stream"]["tokens_read"] == out["packed"]["tokens_read"]
+
+
+def test_a_balanced_hash_table_from_the_stream_balances_the_corpus(data_dir):
+    from switchmoe.routers.hash import table_for_config  # noqa: PLC0415
+
+    config = resolve(stream_config(data_dir, **{"model.moe.router": "hash",
+                                                "model.moe.hash_kind": "balanced"}))  # fmt: skip
+    table = table_for_config(config)  # from a sample of the stream (nothing packed)
+    config.data.pipeline = "packed"
+    windows = data_pipeline.LMDataPipeline(config.data, config.batch_size).packed("train").windows
+    counts = np.bincount(windows.ravel().astype(np.int64), minlength=len(table))[: len(table)]
+    share = np.bincount(table, weights=counts, minlength=4) / counts.sum()
+    np.testing.assert_allclose(share, 0.25, atol=0.02)

@@ -91,7 +91,19 @@ def table_for_config(config) -> np.ndarray:
         return random_hash_table(vocab, moe.num_experts, config.seed)
     from switchmoe.data.pipeline import LMDataPipeline  # noqa: PLC0415
 
-    windows = LMDataPipeline(config.data, config.batch_size).packed(config.data.train_split)
+    objective = LMDataPipeline(config.data, config.batch_size)
+    if config.data.get("pipeline", "packed") == "stream":
+        # A split too large to pack: the frequencies of its first 2^22 training tokens (the
+        # stream's documents are shuffled, so this is a sample of the whole split).
+        from switchmoe.data.streaming import StreamingPipeline  # noqa: PLC0415
+
+        stream = StreamingPipeline(objective).train_batches()
+        counts = np.zeros([vocab], np.int64)
+        for _ in range(-(-(2**22) // (config.batch_size * config.data.seq_len))):
+            counts += np.bincount(next(stream)["inputs"].ravel(), minlength=vocab)[:vocab]
+        stream.close()
+        return balanced_hash_table(counts, moe.num_experts)
+    windows = objective.packed(config.data.train_split)
     counts = np.bincount(np.asarray(windows.windows, np.int64).ravel(), minlength=vocab)
     return balanced_hash_table(counts[:vocab], moe.num_experts)
 
