@@ -61,4 +61,7 @@ def get_sweep():
         {"optimizer.freeze": "moe"},  # update the non-MoE parameters only
         {"optimizer.freeze": "non_moe"},  # update the MoE parameters only
         {"optimizer.freeze": "none", "model.moe.load_balancing_weight": 0.0},  # no balancing
+        # A tenth of the learning rate (the first runs all ended worse than they started).
+        {"optimizer.freeze": "none", "optimizer.learning_rate": 1e-4},
+        {"optimizer.freeze": "moe", "optimizer.learning_rate": 1e-4},
     ]

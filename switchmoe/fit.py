@@ -44,9 +44,9 @@ _COLLECTIVE = re.compile(
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 
 
-def batch_spec(config: ml_collections.ConfigDict, batch_sharding) -> dict[str, Any]:
-    """Abstract global batch of a config: what the pipeline's batches hold, as shapes."""
-    B, L = config.batch_size, config.data.seq_len
+def batch_spec(config: ml_collections.ConfigDict, batch_sharding, rows=None) -> dict[str, Any]:
+    """Abstract global batch of a config (or `rows` of it): the pipeline's batches, as shapes."""
+    B, L = rows or config.batch_size, config.data.seq_len
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
     if config.model.get("arch", "decoder") == "encoder_decoder":
         from switchmoe.data.span_corruption import example_lengths  # noqa: PLC0415
@@ -143,6 +143,7 @@ def fit_report(
     params, opt_state = trainer.abstract_state()
     batch = batch_spec(config, trainer.batch_sharding)
     n = mesh.devices.size
+    accum = config.get("grad_accum_steps", 1)
     report = {
         "devices": n,
         "platform": devices[0].platform,
@@ -154,7 +155,11 @@ def fit_report(
         "remat": config.model.get("remat", "none"),
         "param_bytes": bytes_per_device(params),
         "opt_state_bytes": bytes_per_device(opt_state),
-        "saved_for_backward_bytes": saved_for_backward(trainer, config, params, batch),
+        "grad_accum_steps": accum,
+        # One microbatch's: under accumulation the microbatches run one after another.
+        "saved_for_backward_bytes": saved_for_backward(
+            trainer, config, params, batch_spec(config, None, config.batch_size // accum)
+        ),
     }
     if not compile:
         return report
@@ -165,7 +170,10 @@ def fit_report(
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     collectives = collective_bytes(compiled.as_text())
-    count, exchanged = collectives["all-to-all"]["ops"], collectives["all-to-all"]["bytes"]
+    # XLA counts a loop body once: under accumulation the microbatch scan runs `accum` times,
+    # and with it every MoE layer's all-to-alls and nearly all the FLOPs (the optimizer update
+    # outside it is element-wise).
+    count, exchanged = collectives["all-to-all"]["ops"], collectives["all-to-all"]["bytes"] * accum
     layers = num_moe_layers(params)
     return {
         **report,
@@ -174,8 +182,8 @@ def fit_report(
             "argument_bytes": int(memory.argument_size_in_bytes),
             "output_bytes": int(memory.output_size_in_bytes),
             "alias_bytes": int(memory.alias_size_in_bytes),
-            "flops_per_device": float(cost.get("flops", float("nan"))),
-            "flops_per_step": float(cost.get("flops", float("nan"))) * n,
+            "flops_per_device": float(cost.get("flops", float("nan"))) * accum,
+            "flops_per_step": float(cost.get("flops", float("nan"))) * accum * n,
             "all_to_all_ops": count,
             "all_to_all_bytes": exchanged,
             "moe_layers": layers,
@@ -196,11 +204,13 @@ def describe(report: dict, device_memory_gib: float | None = None) -> str:
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     lines = [
         f"{report['devices']} devices, mesh {report['mesh']}, batch {report['batch_size']} x "
-        f"{report['seq_len']}, {report['dtype']}, remat {report['remat']}",
+        f"{report['seq_len']} in {report['grad_accum_steps']} microbatch(es), {report['dtype']}, "
+        f"remat {report['remat']}",
         "per device, exact (from the shardings):",
         f"  parameters       {gib(report['param_bytes'])}",
         f"  optimizer state  {gib(report['opt_state_bytes'])}",
-        "kept for the backward pass, exact (jax.vjp residuals, whole batch, parameters included):",
+        "kept for the backward pass, exact (jax.vjp residuals of one microbatch, parameters "
+        "included):",
         f"  {gib(report['saved_for_backward_bytes'])}; about "
         f"{gib(report['saved_for_backward_bytes'] / max(1, report['batch_shards']))} per device "
         f"over {report['batch_shards']} batch shards",

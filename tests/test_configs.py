@@ -90,7 +90,10 @@ def test_accelerator_presets_lay_the_paper_configs_on_their_devices(name, varian
     gpu = preset.startswith("gpu")
     assert config.model.moe.backend == ("gather" if gpu else "einsum")
     assert config.model.moe.dropless_implementation == ("blocked" if gpu else "ragged_dot")
-    assert config.model.remat == ("dots" if config.model.d_model >= 1024 else "none")
+    large = config.model.d_model >= 1024
+    assert config.model.remat == ("dots" if large else "none")
+    microbatch = config.batch_size // devices // config.grad_accum_steps
+    assert microbatch == min(config.batch_size // devices, 8 if large else 32)
     # Everything but the vocabulary file validates for the preset's device count.
     config.data.tokenizer, config.data.spm_vocab_size = "byte", None
     validate_config(config, devices)

@@ -147,3 +147,5 @@ def test_trial_labels_are_short_and_human():
     )
     assert trial_label("num_experts=8,gate_norm=normalized") == "8 experts, unit gate"
     assert trial_label("base") == "base" and trial_label("foo=1") == "foo=1"
+    assert trial_label("freeze=moe,learning_rate=0.0001") == "MoE frozen, lr 0.0001"
+    assert trial_label("freeze=re_.") == "nothing updated"
