@@ -161,11 +161,8 @@ def _upcycled(dense: np.ndarray, experts: int, axis: int, units_seed, values_rng
         units_rng = np.random.default_rng(units_seed)
         for e in range(experts):
             units = units_rng.choice(hidden, size=count, replace=False)
-            index = [e, slice(None), slice(None)]
-            index[axis + 1] = units
-            shape = list(dense.shape)
-            shape[axis] = count
-            out[tuple(index)] = values_rng.normal(mean, std, shape)
+            expert = np.moveaxis(out[e], axis, 0)  # a view: [F, d] whichever matrix
+            expert[units] = values_rng.normal(mean, std, (count, expert.shape[1]))
     return out.astype(dense.dtype)
 
 
