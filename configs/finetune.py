@@ -20,23 +20,15 @@ small task where an MoE overfits: half of the validation split (files the demo n
 Reached: see EXPERIMENTS.md, "Fine-tuning and upcycling".
 """
 
-import importlib.util
 import os
 
-
-def _demo_config():
-    """configs/demo.py's config (loaded by path: configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("switchmoe_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from switchmoe.sweeps import load_config_module
 
 
 def get_config(variant=None):
     if variant not in (None, "all"):
         raise ValueError(f"configs/finetune.py: unknown variant {variant!r}; allowed: all.")
-    config = _demo_config()
+    config = load_config_module(os.path.join(os.path.dirname(__file__), "demo.py")).get_config()
     config.init_from = "runs/demo"
     config.data.train_split = "validation[:50%]"
     config.data.eval_split = "validation[50%:]"

@@ -26,6 +26,7 @@ import statistics
 from absl import flags
 
 from switchmoe import cli, metrics
+from switchmoe.sweeps import load_config_module
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the results go.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the continued runs.")
@@ -47,24 +48,9 @@ ARMS = {
 
 
 def base_config():
-    import importlib.util  # noqa: PLC0415
-
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "studies.py")
-    spec = importlib.util.spec_from_file_location("switchmoe_studies", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("expert_count_top2")
+    config = load_config_module(path).get_config("expert_count_top2")
     config.model.moe.num_experts = 0
-    return config
-
-
-def set_all(config, overrides):
-    for key, value in overrides.items():
-        *path, leaf = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[leaf] = value
     return config
 
 
@@ -84,7 +70,8 @@ def main(argv):
     for name, (overrides, from_dense) in ARMS.items():
         runs = []
         for seed in _SEEDS.value:
-            config = set_all(base_config(), overrides)
+            config = base_config()
+            config.update_from_flattened_dict(overrides)
             config.seed = int(seed)
             config.data.seed = int(seed) + 1  # new data order after the dense model's
             config.num_train_steps = _EXTRA.value

@@ -20,8 +20,8 @@ sums the microbatches' counts (`add_counts`). A layer reads the step's totals fr
 
 The bias lives in the parameters as `selection_bias` (so it is placed, checkpointed and restored
 with them), receives no gradient (the layer stops it), and the optimizer leaves it alone
-(`optimizer_labels` gives it to optax.set_to_zero: no update, no weight decay, no state); the
-train step then applies `update_biases`.
+(`optim.parameter_labels` gives it to optax.set_to_zero: no update, no weight decay, no state);
+the train step then applies `update_biases`.
 """
 
 from __future__ import annotations
@@ -44,17 +44,6 @@ TRAINED, RULE = "trained", "rule"  # optimizer partitions (optax.multi_transform
 
 def is_bias(path: tuple) -> bool:
     return bool(path) and path[-1] == BIAS
-
-
-def optimizer_labels(params: Any) -> Any:
-    """A tree like `params`: RULE for every selection bias (set by the rule, not the optimizer),
-    TRAINED for everything else."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({path: RULE if is_bias(path) else TRAINED for path in flat})
-
-
-def has_biases(params: Any) -> bool:
-    return any(is_bias(path) for path in traverse_util.flatten_dict(params))
 
 
 def add_counts(a: Any, b: Any) -> Any:

@@ -42,7 +42,7 @@ def make_optimizer(
     """AdamW or Adafactor with the schedule, after global-norm gradient clipping.
 
     rule_set: the parameters hold values set by a rule after each step rather than trained
-    (balancing.optimizer_labels: the selection biases of auxiliary-loss-free balancing); the
+    (the selection biases of auxiliary-loss-free balancing; see `parameter_labels`); the
     optimizer gives them a zero update, no weight decay and no state.
     freeze: `optimizer.freeze` (finetune.py): those parameters get a zero update and no state
     either, and are left out of the clipped gradient norm.
@@ -52,21 +52,25 @@ def make_optimizer(
         return tx
     from switchmoe import balancing, finetune  # noqa: PLC0415
 
-    def labels(params):
-        flat = traverse_util.flatten_dict(params)
-        return traverse_util.unflatten_dict(
-            {
-                path: balancing.RULE if balancing.is_bias(path)
-                else finetune.FROZEN if finetune.is_frozen(path, freeze)
-                else balancing.TRAINED
-                for path in flat
-            }
-        )  # fmt: skip
-
     zero = optax.set_to_zero()
     return optax.multi_transform(
-        {balancing.TRAINED: tx, balancing.RULE: zero, finetune.FROZEN: zero}, labels
+        {balancing.TRAINED: tx, balancing.RULE: zero, finetune.FROZEN: zero},
+        lambda params: parameter_labels(params, freeze),
     )
+
+
+def parameter_labels(params, freeze: str = "none"):
+    """A tree like `params` naming each leaf's optimizer partition: RULE for a selection bias
+    (set by balancing.update_biases), FROZEN for what `optimizer.freeze` keeps, TRAINED else."""
+    from switchmoe import balancing, finetune  # noqa: PLC0415
+
+    def label(path):
+        if balancing.is_bias(path):
+            return balancing.RULE
+        return finetune.FROZEN if finetune.is_frozen(path, freeze) else balancing.TRAINED
+
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: label(path) for path in flat})
 
 
 def _optimizer(

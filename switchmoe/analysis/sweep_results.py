@@ -142,8 +142,12 @@ _LABELS = {
     "score_function": lambda v: f"{v} scores",
     "granularity": lambda v: f"granularity {v}",
     # optimizer.freeze; trial names turn 're:.' (every parameter) into 're_.'
-    "freeze": lambda v: {"none": "update all", "moe": "MoE frozen", "non_moe": "only MoE updated",
-                         "re_.": "nothing updated"}.get(v, f"frozen: {v}"),  # fmt: skip
+    "freeze": lambda v: {
+        "none": "update all",
+        "moe": "MoE frozen",
+        "non_moe": "only MoE updated",
+        "re_.": "nothing updated",
+    }.get(v, f"frozen: {v}"),  # fmt: skip
 }
 # Parts implied by another part of the same name ('top-2' implies its normalised gates and
 # half-width experts in these studies; a SentencePiece vocabulary size implies the tokenizer).

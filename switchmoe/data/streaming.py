@@ -127,7 +127,6 @@ class SlotRows(grain.IterDataset):
         self.cursors = {int(s): tuple(int(v) for v in c) for s, c in (cursors or {}).items()}
         self.batch = int(batch)
         self.keep_tail = keep_tail
-        self.dtype = np.uint16 if pad_id < 2**16 else np.int32  # narrowed again per window
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         """grain's hook for `mp_prefetch`: worker w of n keeps slots[w::n]."""
