@@ -10,8 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Reinstall only when the package metadata changes.
+# Reinstall only when the package metadata changes. The test extra needs PyTorch (the outside
+# reference of the Hugging Face tests); these machines hold a CPU build of torch 2.13.0 locally,
+# so that version goes first (any torch >= 2.2 works: `make install TORCH=torch`).
+TORCH ?= torch==2.13.0
 $(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet '$(TORCH)'
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

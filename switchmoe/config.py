@@ -152,10 +152,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Logical parameter axis -> mesh axes (switchmoe/sharding.py documents the names).
     mesh.rules = sharding.DEFAULT_RULES
 
-    # Start from another run's parameters: '<workdir>' (its newest intact checkpoint) or
-    # '<workdir>:<step>'; new optimizer state and data order. A dense run into an MoE config
-    # upcycles: each dense FFN is copied into every expert of the MoE layer in its place
-    # (switchmoe/finetune.py). Only the first start uses it; a resume continues from its own.
+    # Start from another run's parameters: '<workdir>' (its newest intact checkpoint),
+    # '<workdir>:<step>', or 'hf:<directory>' (a Hugging Face Switch checkpoint, whose model
+    # block `hf_switch.config_from_hf` gives); new optimizer state and data order. A dense run
+    # into an MoE config upcycles: each dense FFN is copied into every expert of the MoE layer
+    # in its place (switchmoe/finetune.py). Only the first start uses it; a resume continues
+    # from its own.
     config.init_from = config_dict.placeholder(str)
     # Upcycling: noise added to each expert's copy (std relative to the matrix's), and the
     # fraction of each expert's hidden units re-drawn (Drop-Upcycling; 0.5 in its paper).

@@ -1,7 +1,8 @@
 """Starting a run from another run's parameters: fine-tuning, freezing, sparse upcycling.
 
 `init_from='<workdir>[:step]'` (default: its newest intact checkpoint) gives a new run the
-other run's parameters in place of a fresh initialisation; the optimizer state, the data and
+other run's parameters in place of a fresh initialisation (`init_from='hf:<dir>'`: those of a
+Hugging Face Switch Transformers checkpoint, switchmoe/hf_switch.py); the optimizer state, the data and
 the step count start anew. It applies to the first start only: once the new run has a
 checkpoint, it resumes from its own.
 
@@ -28,6 +29,8 @@ no optimizer state (`optax.multi_transform` with `set_to_zero`).
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from typing import Any
 
@@ -39,6 +42,7 @@ from flax import traverse_util
 FREEZE_PATTERNS = ("none", "moe", "non_moe", "router", "experts")
 EXPERT_MATRICES = ("w_in", "w_gate", "w_out")
 FROZEN = "frozen"  # the optimizer partition of frozen parameters
+HF_PREFIX = "hf:"  # init_from='hf:<dir>': a Hugging Face Switch checkpoint (switchmoe/hf_switch.py)
 
 
 def check_freeze(freeze: Any) -> None:
@@ -91,9 +95,20 @@ def parse_init_from(value: str) -> tuple[str, int | None]:
     return value, None
 
 
-def _source(config: ml_collections.ConfigDict):
-    from switchmoe import runs  # noqa: PLC0415
+def _hf_directory(value: str) -> str | None:
+    """The directory of `init_from='hf:<dir>'` (a Hugging Face Switch checkpoint), else None."""
+    return value[len(HF_PREFIX) :] if value.startswith(HF_PREFIX) else None
 
+
+def _source(config: ml_collections.ConfigDict):
+    from switchmoe import hf_switch, runs  # noqa: PLC0415
+
+    directory = _hf_directory(config.init_from)
+    if directory is not None:
+        try:
+            return hf_switch.load(directory)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"init_from={config.init_from!r}: {e}") from None
     workdir, step = parse_init_from(config.init_from)
     try:
         return runs.restore_run(workdir, step)
@@ -178,13 +193,28 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     if not value:
         return
     if not isinstance(value, str):
-        raise ValueError(f"init_from={value!r}; allowed: '<workdir>' or '<workdir>:<step>'")
-    workdir, _ = parse_init_from(value)
-    source_config = checkpoints.read_config(workdir)
-    if source_config is None or not checkpoints.has_checkpoint(workdir):
         raise ValueError(
-            f"init_from={value!r}: {workdir} holds no run (a config.json and a checkpoint)"
+            f"init_from={value!r}; allowed: '<workdir>', '<workdir>:<step>' or 'hf:<directory>'"
         )
+    directory = _hf_directory(value)
+    if directory is not None:
+        from switchmoe import hf_switch  # noqa: PLC0415
+
+        path = os.path.join(directory, hf_switch.CONFIG_FILE)
+        if not os.path.exists(path):
+            raise ValueError(f"init_from={value!r}: {path} not found")
+        with open(path) as f:
+            try:
+                source_config = hf_switch.config_from_hf(json.load(f))
+            except ValueError as e:
+                raise ValueError(f"init_from={value!r}: {e}") from None
+    else:
+        workdir, _ = parse_init_from(value)
+        source_config = checkpoints.read_config(workdir)
+        if source_config is None or not checkpoints.has_checkpoint(workdir):
+            raise ValueError(
+                f"init_from={value!r}: {workdir} holds no run (a config.json and a checkpoint)"
+            )
     source_config = resolve(source_config)
     source = traverse_util.flatten_dict(abstract_params(build_model(source_config), source_config))
     target = traverse_util.flatten_dict(abstract_params(build_model(config), config))
