@@ -62,3 +62,23 @@ print(f"\nlogged final eval/loss at eval capacity factor {moe.eval_capacity_fact
 
 # %%
 fig = analysis.plot_capacity_sweep(rows)
+
+# %% [markdown]
+# ## Sample from the model
+#
+# Cached generation (`switchmoe/generation.py`): every attention layer keeps its keys and values
+# and every MoE layer what earlier positions asked of each expert, so a step routes a token
+# exactly as the full-length evaluation would. `temperature=0` is greedy; `top_k` and `top_p`
+# filter the draw. One compilation serves every prompt and setting of the same batch size.
+
+# %%
+import jax
+
+from switchmoe.generation import LMGenerator
+
+generator = LMGenerator(config)  # the cache holds data.seq_len tokens, prompt included
+prompts = ["def ", "import ", "class "]
+for prompt, text in zip(
+    prompts, generator.complete(params, prompts, jax.random.key(0), temperature=0.8, top_p=0.95)
+):
+    print(repr(prompt + text))

@@ -34,6 +34,8 @@ import ml_collections
 
 from switchmoe.model import (
     block_class,
+    decoding_step,
+    DecodePosition,
     RMSNorm,
     embedding,
     is_moe_block,
@@ -82,14 +84,16 @@ class RelativePositionBias(nn.Module):
     bidirectional: bool
 
     @nn.compact
-    def __call__(self, query_length: int, key_length: int) -> Array:
-        """-> float32 [1, H, Lq, Lk]."""
+    def __call__(self, query_length: int, key_length: int, query_offset: Array | int = 0) -> Array:
+        """-> float32 [1, H, Lq, Lk]; the queries sit at positions query_offset + 0 .. Lq - 1
+        (a decoding step: one query at its position, over the whole cache)."""
         table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("heads", None)),
             (self.num_heads, self.num_buckets),
         )
-        relative = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]
+        queries = jnp.arange(query_length) + query_offset
+        relative = jnp.arange(key_length)[None, :] - queries[:, None]
         buckets = relative_position_bucket(
             relative,
             bidirectional=self.bidirectional,
@@ -154,6 +158,7 @@ class EncoderDecoderLM(nn.Module):
         ]
         self.encoder_norm = RMSNorm(dtype=jnp.dtype(cfg.dtype))
         self.decoder_norm = RMSNorm(dtype=jnp.float32)
+        self.decode_position = DecodePosition()
         self.logits = logits_head(cfg)
 
     def encode(self, inputs: Array, input_mask: Array | None = None, deterministic: bool = True):
@@ -179,17 +184,25 @@ class EncoderDecoderLM(nn.Module):
         decoder_inputs: Array,
         deterministic: bool = True,
         decoder_mask: Array | None = None,
+        decode: bool = False,
     ):
         """-> (logits float32[B, Ld, V], aux of the decoder's MoE layers, as a list).
 
         decoder_mask: optional bool[B, Ld], False at target positions that are not scored
-        (padding); the decoder's MoE layers leave them out."""
+        (padding); the decoder's MoE layers leave them out.
+        decode: cached decoding (switchmoe/generation.py), "cache" mutable: the first call, on
+        decoder_inputs[B, T], creates the cache for T positions; each later call takes
+        decoder_inputs[B, 1] at the next position (model.DecodePosition)."""
         B, Le = encoded.shape[:2]
         if input_mask is None:
             input_mask = jnp.ones((B, Le), jnp.float32)
         L = decoder_inputs.shape[1]
         cross_mask = jnp.broadcast_to(input_mask[:, None, None, :] > 0, (B, 1, L, Le))
-        bias = self.decoder_position_bias(L, L)
+        index, T = self.decode_position(decoder_inputs) if decode else (None, L)
+        if index is None:
+            bias = self.decoder_position_bias(L, L)
+        else:  # a decoding step: its one query over the whole cache
+            bias = self.decoder_position_bias(1, T, query_offset=index)  # [1, H, 1, T]
         x, auxes = self.embed(decoder_inputs), []
         for block in self.decoder_blocks:
             x, aux = block(
@@ -202,6 +215,7 @@ class EncoderDecoderLM(nn.Module):
                 encoded=encoded,
                 encoded_mask=cross_mask,
                 token_mask=decoder_mask,
+                **decoding_step(decode),
             )
             auxes += [aux] if aux is not None else []
         x = self.decoder_norm(x)

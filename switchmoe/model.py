@@ -64,7 +64,14 @@ class RMSNorm(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head attention, softmax in float32: causal self-attention with rotary positions
     (the decoder-only LM), or, with `rotary=False`, attention over `kv` with an additive
-    position `bias` (T5's relative buckets; encoder–decoder self- and cross-attention)."""
+    position `bias` (T5's relative buckets; encoder–decoder self- and cross-attention).
+
+    With `decode=True` a causal self-attention reads and writes a key/value cache (collection
+    "cache": `cached_key` and `cached_value` [B, T, H, Dh], `index` the next position): the first call, on
+    the full [B, T] length, only creates it (switchmoe/generation.py initialises it as zeros
+    from its shapes); each later call takes one position per row, writes its key and value at
+    `index` and attends to positions 0..index, as the causal mask does in a full pass.
+    """
 
     num_heads: int
     head_dim: int
@@ -82,10 +89,12 @@ class SelfAttention(nn.Module):
         deterministic: bool,
         kv: Array | None = None,
         bias: Array | None = None,
+        decode: bool = False,
     ):
         """x[B, Lq, D] -> [B, Lq, D], attending to kv[B, Lk, D] (default x).
 
-        mask: optional bool[B, 1, Lq, Lk] of allowed attention; bias: float32[1|B, H, Lq, Lk].
+        mask: optional bool[B, 1, Lq, Lk] of allowed attention; bias: float32[1|B, H, Lq, Lk]
+        (one decoding step: [1|B, H, 1, T] over the whole cache).
         """
         D = x.shape[-1]
         kv = x if kv is None else kv
@@ -103,11 +112,25 @@ class SelfAttention(nn.Module):
         v = dense("value", ("embed", "heads", "kv"), heads)(kv)
         if self.rotary:
             q, k = rope(q, positions), rope(k, positions)
+        step = decode and self.causal and self.has_variable("cache", "cached_key")
+        if decode and self.causal:
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if step:
+            if x.shape[1] != 1:
+                raise ValueError(f"a decoding step takes one position per row; got {x.shape[1]}")
+            i = index.value
+            cached_k.value = k = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k, i, 1)
+            cached_v.value = v = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v, i, 1)
+            index.value = i + 1
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
         if bias is not None:
             scores = scores + bias
-        allowed = jnp.ones((1, 1, x.shape[1], kv.shape[1]), bool)
-        if self.causal:
+        allowed = jnp.ones((1, 1, x.shape[1], k.shape[1]), bool)
+        if step:  # the cached positions so far: row i of the causal mask
+            allowed = (jnp.arange(k.shape[1]) <= i)[None, None, None, :]
+        elif self.causal:
             allowed = jnp.tril(allowed)
         if mask is not None:
             allowed = allowed & mask
@@ -116,6 +139,25 @@ class SelfAttention(nn.Module):
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return dense("out", ("heads", "kv", "embed"), D, in_axes=(-2, -1))(out)
+
+
+class DecodePosition(nn.Module):
+    """Where a decoding step is: cache `tokens` int32[B, T] (the tokens fed so far, whose shape
+    fixes the cache length T) and `index` (the next position). The call that creates the cache
+    (tokens[B, T]) returns (None, T); a step (tokens[B, 1]) records its tokens and returns
+    (its position, T)."""
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> tuple[Array | None, int]:
+        step = self.has_variable("cache", "tokens")
+        fed = self.variable("cache", "tokens", jnp.zeros, tokens.shape, jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not step:
+            return None, tokens.shape[1]
+        i = index.value
+        fed.value = jax.lax.dynamic_update_slice_in_dim(fed.value, tokens.astype(jnp.int32), i, 1)
+        index.value = i + 1
+        return i, fed.value.shape[1]
 
 
 class Block(nn.Module):
@@ -151,12 +193,18 @@ class Block(nn.Module):
         encoded=None,
         encoded_mask=None,
         token_mask=None,
+        decode=False,
     ):
         """x[B, L, D] -> (x[B, L, D], MoE aux or None).
 
         bias: self-attention position bias [1, H, L, L]; encoded[B, Le, D] and
         encoded_mask bool[B, 1, L, Le]: the encoder output a cross-attention block reads;
-        token_mask: optional bool[B, L], False at padded positions (the MoE layer's `mask`).
+        token_mask: optional bool[B, L], False at padded positions (the MoE layer's `mask`);
+        decode: one step of cached decoding (switchmoe/generation.py): the self-attention and
+        the MoE layer read and update their "cache" variables. Cross-attention recomputes its
+        keys and values from `encoded` at every step (Le·D² per layer and step, small beside
+        decoding's other work at the sizes this runs; a cache would also have to be filled
+        before the first step).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -170,7 +218,7 @@ class Block(nn.Module):
             name=name,
         )
         h = RMSNorm(dtype=dtype, name="attention_norm")(x)
-        h = attention("attention")(h, positions, mask, deterministic, bias=bias)
+        h = attention("attention")(h, positions, mask, deterministic, bias=bias, decode=decode)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         if self.cross_attention:
             h = RMSNorm(dtype=dtype, name="cross_attention_norm")(x)
@@ -198,7 +246,7 @@ class Block(nn.Module):
                 expert_parallelism=self.expert_parallelism,
                 name="moe",
                 **overrides,
-            )(h, deterministic=deterministic, token_ids=token_ids, mask=token_mask)
+            )(h, deterministic=deterministic, token_ids=token_ids, mask=token_mask, decode=decode)
         else:
             h = DenseFFN(cfg.d_ff, cfg.activation, dtype, name="ffn")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -227,6 +275,13 @@ def block_class(cfg: ml_collections.ConfigDict) -> type[nn.Module]:
         return Block
     # Argument 4 (counting self) is `deterministic`, a Python bool that selects code paths.
     return nn.remat(Block, static_argnums=(4,), policy=REMAT_POLICIES[name])
+
+
+def decoding_step(decode: bool) -> dict:
+    """The `decode` keyword for a Block, only when decoding: nn.remat traces keyword arguments,
+    and training (the only place remat applies) then never sees it. Generation builds its model
+    without remat (switchmoe/generation.py)."""
+    return {"decode": True} if decode else {}
 
 
 def head_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -261,13 +316,28 @@ class DecoderLM(nn.Module):
     expert_parallelism: str | None = None
 
     @nn.compact
-    def __call__(self, tokens: Array, deterministic: bool = True, token_mask: Array | None = None):
+    def __call__(
+        self,
+        tokens: Array,
+        deterministic: bool = True,
+        token_mask: Array | None = None,
+        decode: bool = False,
+    ):
         """token_mask: optional bool[B, L], False at positions whose prediction is not scored
-        (the padded tail of a sequence); the MoE layers leave them out (MoeLayer's `mask`)."""
+        (the padded tail of a sequence); the MoE layers leave them out (MoeLayer's `mask`).
+
+        decode: cached decoding (switchmoe/generation.py), with the "cache" collection mutable.
+        The first call, on tokens[B, T], creates a cache for T positions; each later call takes
+        tokens[B, 1] at the next position and returns its logits [B, 1, V].
+        """
         cfg = self.config
         embed = embedding(cfg)
         x = embed(tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if decode:
+            index, _ = DecodePosition(name="decode_position")(tokens)
+            if index is not None:
+                positions = jnp.broadcast_to(index, tokens.shape)
         auxes = []
         for i in range(cfg.num_layers):
             moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every)
@@ -275,8 +345,9 @@ class DecoderLM(nn.Module):
                 cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}"
             )
             x, aux = block(
-                x, positions, None, deterministic, token_ids=tokens, token_mask=token_mask
-            )
+                x, positions, None, deterministic, token_ids=tokens, token_mask=token_mask,
+                **decoding_step(decode),
+            )  # fmt: skip
             if aux is not None:
                 auxes.append(aux)
         x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)

@@ -192,6 +192,7 @@ class MoeLayer(nn.Module):
         deterministic: bool = True,
         token_ids: Optional[Array] = None,
         mask: Optional[Array] = None,
+        decode: bool = False,
     ) -> tuple[Array, dict[str, Any]]:
         """Applies the layer.
 
@@ -203,6 +204,9 @@ class MoeLayer(nn.Module):
             bias updates (their output is the shared expert's, or 0).
           deterministic: evaluation mode: eval capacity factor, no jitter, no random routing, no
             expert dropout. When False and any of those is active, the "dropout" PRNG stream is used.
+          decode: cached decoding (see `_decoding_step`): the first call, on the full length T,
+            creates the cache; each later call routes x[B, 1, D], one new position per row, as a
+            full pass over T positions would have routed it.
 
         Returns:
           y[B, L, D] in `dtype`, and aux = {"loss", "losses", "weighted_losses", "stats"} (see
@@ -211,9 +215,12 @@ class MoeLayer(nn.Module):
         x = jnp.asarray(x)  # NumPy or JAX input, eager or traced
         B, L, D = x.shape
         E, F = self.num_experts, self.d_ff
-        groups = self._groups(x)
+        step = decode and self.has_variable("cache", "requests")
+        # A decoding step routes each row's one new token as a group of its own; the cache
+        # carries what the rest of its full-length group asked for.
+        groups = x if step else self._groups(x)
         G, S, _ = groups.shape
-        self.check_settings(tokens_per_group=S)
+        self.check_settings(tokens_per_group=None if step else S)
         router = self.make_router()
         if token_ids is not None:
             token_ids = token_ids.reshape(G, S)
@@ -240,6 +247,8 @@ class MoeLayer(nn.Module):
         routing = router.route(
             self, groups, token_ids, keys, train, mask=group_mask, selection_bias=bias
         )
+        if decode:
+            routing = self._decoding_step(router, routing, B, L, step)
         # The loads of this call, for the bias update and for the global-batch loss of a step in
         # several microbatches; a no-op unless the caller makes the collection mutable.
         counts = router.selection_counts(routing, group_mask)
@@ -312,6 +321,53 @@ class MoeLayer(nn.Module):
             "weighted_losses": weighted,
             "stats": routing.stats,
         }
+
+    def _decoding_step(self, router, routing, B: int, L: int, step: bool):
+        """The routing of one decoding step, made what a full pass would have decided.
+
+        Cache ("cache" collection): `requests` int32[B, T, K], the experts each position asked
+        for (-1: none), whose shape fixes T; `index`, the next position. In a full pass over T
+        positions a causal router places a (token, choice) in its expert's buffer iff fewer than
+        C choices of earlier tokens in its group asked for that expert (in-order priority,
+        token-major: routing.assign_slots), with C = the router's capacity for the group. A step
+        routes its token alone (every choice fits a 1-slot buffer) and then keeps a choice only
+        if the cached requests of its group leave it a slot. Groups are rows (group_size None)
+        or runs of group_size positions within a row. Dropless routing needs no counting.
+        """
+        K = routing.expert.shape[-1]
+        requests = self.variable("cache", "requests", jnp.zeros, (B, L, K), jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not step:  # the call that creates the cache routes the full length as usual
+            return routing
+        T = requests.value.shape[1]
+        S = T if self.group_size is None else self.group_size
+        if T % S:
+            raise ValueError(
+                f"cached decoding needs group_size={self.group_size} to divide the cache length "
+                f"{T} (each group a run of positions within one row)."
+            )
+        i = index.value
+        expert = routing.expert[:, 0]  # [B, K]
+        asked = routing.slot[:, 0] >= 0  # [B, K]
+        index.value = i + 1
+        requests.value = jax.lax.dynamic_update_slice_in_dim(
+            requests.value, jnp.where(asked, expert, -1)[:, None], i, axis=1
+        )
+        capacity = router.capacity(S, train=False)
+        if capacity is None:
+            return routing
+        position = jnp.arange(T)
+        earlier = (position < i) & (position // S == i // S)  # [T]: this group, before i
+        hits = (requests.value[:, :, :, None] == jnp.arange(self.num_experts)) & earlier[
+            None, :, None, None
+        ]  # [B, T, K, E]
+        counts = jnp.sum(hits, axis=(1, 2), dtype=jnp.int32)  # [B, E]
+        kept = asked & (jnp.take_along_axis(counts, expert, axis=1) < capacity)
+        plan = routing.plan.replace(
+            slot=jnp.where(kept, 0, -1)[:, None].astype(jnp.int32),
+            gate=jnp.where(kept[:, None], routing.gate, 0.0),
+        )
+        return routing.replace(plan=plan)
 
 
 # Routers for which a token's m·k choices mean m·k experts of width F/m (token choice).
