@@ -4,6 +4,7 @@ dense counterpart. One run, so that every ratio compares numbers taken on the sa
 
   python -m experiments.benchmark --preset=quick          # tiny sizes, seconds (CI smoke test)
   python -m experiments.benchmark --preset=full           # 4,096 tokens, D 512, F 2048, 1..128 E
+  python -m experiments.benchmark --preset=peer           # beside Hugging Face's PyTorch layers
   python -m experiments.benchmark --preset=full --dtype=bfloat16 --d_model=768 --d_ff=3072 \
       --tokens=32768                                      # Switch-Base-like sizes on a GPU
 
@@ -17,6 +18,14 @@ What is measured, for each case:
   - experts only: the same experts' forward+backward on the buffers the backend builds ([E, G·C, D]
     for einsum/gather, the padded blocks for blocked dropless, the sorted rows for ragged_dot);
     routing + dispatch + combine = layer − experts only, reported as a share of the layer;
+  - every timed program returns its loss with the gradients (`jax.value_and_grad`): with the
+    gradients alone XLA may drop work whose value nothing reads (with `jax.grad` of Σ y·c it
+    dropped the dense FFN's second forward matmul, 43.0 instead of 51.6 GFLOP);
+  - the compiled program's FLOPs (XLA's cost analysis) must equal the hand count of the
+    program (`hand_flops`, within FLOP_TOLERANCE for the elementwise work around the matmuls);
+    a case whose program does not is refused, not timed. Programs with loops or custom calls
+    (blocked dropless: scans; ragged_dot) are not checkable this way, because XLA counts a loop
+    body once; their FLOPs are recorded but not compared;
   - compile time apart (lower + compile), then `warmup` calls, then up to `repeats` timed calls
     (fewer when a case passes --max_seconds_per_case, never fewer than 3); the median is reported;
   - memory: the compiled executable's memory analysis (temp = activations and workspace);
@@ -80,6 +89,26 @@ PRESETS = {
         train_size="demo",
         train_models=["demo", "demo_dropless", "dense"],
     ),
+    # Beside Hugging Face's PyTorch layers (experiments/peer_cases.py): 8 sequences of 512
+    # tokens, D 512, F 2048 (Mixtral: top-2 SwiGLU of width 1024), float32. Needs torch and
+    # transformers (the test extra).
+    "peer": dict(
+        tokens=4096,
+        group_size=None,
+        d_model=512,
+        d_ff=2048,
+        num_selected=1,
+        experts=[],
+        capacity_factors=[1.25],
+        repeats=10,
+        warmup=2,
+        matmul_size=2048,
+        train_steps=0,
+        train_size="demo",
+        train_models=[],
+        peer_batch=8,
+        peer_length=512,
+    ),
 }
 
 _PRESET = flags.DEFINE_enum("preset", "quick", list(PRESETS), "Sizes and repeats to start from.")
@@ -131,13 +160,56 @@ def memory_analysis(compiled) -> Optional[dict]:
     return {k: int(v) for k, v in out.items() if v is not None}
 
 
+# How far a program's compiled FLOPs may sit from its hand count: the elementwise work around
+# the matmuls (activations, the loss, softmax), which the hand count leaves out. At the quick
+# preset's D 32 it is about 2%; a dropped matmul of a two-matrix FFN is 1/6 = 17%.
+FLOP_TOLERANCE = 0.05
+
+
+class FlopMismatch(ValueError):
+    """A timed program computes other FLOPs than its hand count says: timing it would report
+    the speed of a different program."""
+
+
+def compiled_flops(compiled) -> Optional[float]:
+    """XLA's FLOP count of a compiled program (None where the backend does not report it)."""
+    try:
+        cost = compiled.cost_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return None
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        cost = cost[0] if cost else None
+    return None if not cost or "flops" not in cost else float(cost["flops"])
+
+
+def check_flops(what: str, compiled: Optional[float], expected: Optional[float]) -> None:
+    """Raises FlopMismatch unless the compiled FLOPs are the hand count (within the tolerance)."""
+    if expected is None or compiled is None:
+        return
+    if abs(compiled - expected) > FLOP_TOLERANCE * expected:
+        raise FlopMismatch(
+            f"{what}: the compiled program does {compiled / 1e9:.4g} GFLOP, the hand count is "
+            f"{expected / 1e9:.4g} GFLOP ({100 * (compiled / expected - 1):+.1f}%); not timed"
+        )
+
+
 def measure(
-    fn: Callable, args: tuple, warmup: int, repeats: int, max_seconds: float, jitted=None
+    fn: Callable,
+    args: tuple,
+    warmup: int,
+    repeats: int,
+    max_seconds: float,
+    jitted=None,
+    expected_flops: Optional[float] = None,
+    what: str = "program",
 ) -> dict:
-    """Compile apart, warm up, then time up to `repeats` calls; medians in seconds."""
+    """Compile apart, check the FLOPs against `expected_flops` (None: record only), warm up,
+    then time up to `repeats` calls; medians in seconds."""
     t0 = time.perf_counter()
     compiled = (jitted or jax.jit(fn)).lower(*args).compile()
     compile_s = time.perf_counter() - t0
+    flops = compiled_flops(compiled)
+    check_flops(what, flops, expected_flops)
     for _ in range(warmup):
         _block(compiled(*args))
     times = []
@@ -153,6 +225,8 @@ def measure(
         "min_s": float(np.min(times)),
         "times_s": times,
         "memory": memory_analysis(compiled),
+        "compiled_flops": flops,
+        "expected_flops": expected_flops,
     }
 
 
@@ -160,7 +234,10 @@ def matmul_rate(n: int, dtype, warmup: int, repeats: int, max_seconds: float) ->
     """FLOP/s of one [n, n] x [n, n] matmul (2n³ FLOPs): the machine's practical peak."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    m = measure(lambda a, b: a @ b, (a, b), warmup, max(repeats, 5), max_seconds)
+    m = measure(
+        lambda a, b: a @ b, (a, b), warmup, max(repeats, 5), max_seconds,
+        expected_flops=2 * n**3, what=f"matmul {n}",
+    )  # fmt: skip
     m["size"] = n
     m["flops_per_s"] = 2 * n**3 / m["median_s"]
     return m
@@ -170,13 +247,23 @@ def matmul_rate(n: int, dtype, warmup: int, repeats: int, max_seconds: float) ->
 # The layer cases.
 
 
-def expert_flops(tokens: int, k: int, d: int, f: int, matrices: int = 2) -> int:
-    """Useful expert FLOPs of forward+backward: each of the T·k routed (token, expert) rows goes
-    through `matrices` [D, F]-sized matmuls (2 for relu/gelu: W_in, W_out; 3 when gated) at
-    2·D·F FLOPs each forward, and the backward costs twice the forward (the input gradient and the
-    weight gradient): 3 · 2 · T·k · D·F · matrices. Padding, dropped tokens' slots and dispatch
-    FLOPs are not useful work and are not counted, so backends compare on the same numerator."""
-    return 3 * 2 * tokens * k * d * f * matrices
+def capacity_layer_flops(backend: str, G: int, S: int, K: int, E: int, C: int, D: int, F: int):
+    """Hand count of an einsum/gather MoE layer's forward+backward (relu experts, top-K).
+
+    The experts on the whole [E, G·C, D] buffer (empty slots included), plus the router x·W_r
+    (2·D·E per token forward, twice that backward). The einsum backend adds its one-hot
+    matmuls: the dispatch x -> [E, C, D] (2·E·C·D per token forward, the same again backward
+    for dx: the mask has no gradient), the combine (2·E·C·D forward, twice that backward: to
+    the expert outputs and to the combine mask, whose gradient reaches the gates), and the
+    masks themselves, contracted over the K choices from [S, K, E] and [S, K, C] one-hots
+    (2·K·E·C per token for each mask, and once more backward to the gates). The gather
+    backend's index gathers do no FLOPs.
+    """
+    tokens = G * S
+    flops = ffn_flops(E * G * C, D, F) + 6 * tokens * D * E
+    if backend == "einsum":
+        flops += 10 * tokens * E * C * D + 3 * 2 * tokens * K * E * C
+    return flops
 
 
 def _backend_settings(name: str) -> tuple[str, Optional[str]]:
@@ -184,6 +271,17 @@ def _backend_settings(name: str) -> tuple[str, Optional[str]]:
     if name.startswith("dropless_"):
         return "dropless", name[len("dropless_") :]
     return name, None
+
+
+def ffn_flops(rows: int, d: int, f: int, matrices: int = 2) -> int:
+    """Hand count of an FFN's forward+backward over `rows` rows: each of its `matrices` [D, F]
+    matrices (2 for relu/gelu, 3 gated) costs 2·D·F per row forward, and twice that backward
+    (input and weight gradients): 3 · 2 · rows · D·F · matrices.
+
+    With rows = T·k routed (token, expert) pairs this is the layer's useful expert work, the
+    numerator of every GFLOP/s in the tables: padding, dropped tokens' slots and dispatch are
+    not useful work, so backends compare on the same numerator."""
+    return 3 * 2 * rows * d * f * matrices
 
 
 def dense_case(x, d_ff: int, dtype, run: Callable) -> dict:
@@ -198,7 +296,11 @@ def dense_case(x, d_ff: int, dtype, run: Callable) -> dict:
         y = jax.nn.relu(x @ w1) @ w2
         return jnp.sum(y.astype(jnp.float32) * c)
 
-    return run(jax.grad(loss, argnums=(0, 1, 2)), (x, w1, w2))
+    T, D = x.shape[1], x.shape[2]
+    return run(
+        jax.value_and_grad(loss, argnums=(0, 1, 2)), (x, w1, w2),
+        expected_flops=ffn_flops(T, D, d_ff), what=f"dense FFN d_ff={d_ff}",
+    )  # fmt: skip
 
 
 def layer_case(
@@ -232,27 +334,40 @@ def layer_case(
         y, aux = layer.apply({"params": params}, x, deterministic=False)
         return jnp.sum(y.astype(jnp.float32) * c) + aux["loss"]
 
-    record = {"layer": run(jax.grad(loss, argnums=(0, 1)), (params, x))}
-
     # The routing this input gets, to build the experts' own buffers.
     (_, aux), inter = layer.apply(
         {"params": params}, x, deterministic=False, mutable=["intermediates"]
     )
     routing = inter["intermediates"]["routing"][0]
+    G, S, K = routing.expert.shape
+    name = f"{backend_name} E={E} cf={factor}"
+    expected = None
+    if backend != "dropless":
+        expected = capacity_layer_flops(backend, G, S, K, E, routing.capacity, D, F)
+    record = {
+        "layer": run(
+            jax.value_and_grad(loss, argnums=(0, 1)),
+            (params, x),
+            expected_flops=expected,
+            what=f"layer {name}",
+        )  # fmt: skip
+    }
     record["dropped_fraction"] = float(aux["stats"]["dropped_fraction"])
-    G = routing.expert.shape[0]
     experts = StackedExperts(w_in=params["w_in"], w_out=params["w_out"], dtype=dtype)
     # The index arrays are arguments, not constants: XLA would otherwise fold them into the
     # program (and, for blocked, know at compile time which blocks are padding).
     exp_loss = lambda f: lambda w, a, *idx: jnp.sum(f(w, a, *idx).astype(jnp.float32))
-    grad = lambda f: jax.grad(exp_loss(f), argnums=(0, 1))
+    grad = lambda f: jax.value_and_grad(exp_loss(f), argnums=(0, 1))
     weights = {"w_in": params["w_in"], "w_out": params["w_out"]}
     if backend != "dropless":
         C = routing.capacity
         record["capacity"] = C
         buffer = jax.random.normal(jax.random.key(4), (E, G * C, D), dtype)
         f = lambda w, a: experts.replace(**w)(a)
-        record["experts_only"] = run(grad(f), (weights, buffer))
+        record["experts_only"] = run(
+            grad(f), (weights, buffer),
+            expected_flops=ffn_flops(E * G * C, D, F), what=f"experts only {name}",
+        )  # fmt: skip
     elif implementation == "blocked":
         layout = dispatch.block_layout(routing, E, s["block_size"])
         NB = layout.block_expert.shape[0]
@@ -389,7 +504,7 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
     """All measurements of settings `s` (a preset merged with the flags) as one JSON-able dict."""
     dtype = jnp.dtype(s["dtype"])
     reps = dict(warmup=s["warmup"], repeats=s["repeats"], max_seconds=s["max_seconds"])
-    run = lambda fn, args: measure(fn, args, **reps)
+    run = lambda fn, args, **check: measure(fn, args, **reps, **check)
     started = time.perf_counter()
     result = {"machine": machine_info(), "settings": dict(s), "cases": [], "train": []}
 
@@ -399,7 +514,7 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
 
     T, D, F, k = s["tokens"], s["d_model"], s["d_ff"], s["num_selected"]
     x = jax.random.normal(jax.random.key(0), (1, T, D), dtype)
-    useful = expert_flops(T, k, D, F)
+    useful = ffn_flops(T * k, D, F)
     dense = dense_case(x, k * F, dtype, run)
     dense.update(kind="dense", d_ff=k * F, flops=useful)
     result["dense"] = dense
@@ -420,7 +535,13 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
                     case["skipped"] = f"E={E} > --ragged_dot_max_experts={ragged_max}"
                     result["cases"].append(case)
                     continue
-                case.update(layer_case(name, E, factor, x, s, dtype, run))
+                try:
+                    case.update(layer_case(name, E, factor, x, s, dtype, run))
+                except FlopMismatch as e:
+                    case["refused"] = str(e)
+                    result["cases"].append(case)
+                    log(f"{name:>20} E={E:<4} refused: {e}")
+                    continue
                 layer_s = case["layer"]["median_s"]
                 experts_s = case["experts_only"]["median_s"]
                 case.update(
@@ -439,7 +560,12 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
                     f"({time.perf_counter() - started:.0f} s)"
                 )
 
-    if s["train"]:
+    if s.get("peer_batch"):
+        from experiments.peer_cases import run_peer_cases  # noqa: PLC0415  (needs torch)
+
+        result["peer"] = run_peer_cases(s, run, dense, log)
+
+    if s["train"] and s["train_models"]:
         configs = train_configs(s["train_size"], s["dtype"])
         for name in s["train_models"]:
             config = configs[name]
@@ -499,10 +625,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cases"]:
-        if "skipped" in c:
-            lines.append(
-                f"| {c['backend']} | {c['num_experts']} | - | skipped: {c['skipped']} |" + " |" * 10
-            )
+        if "skipped" in c or "refused" in c:
+            why = f"skipped: {c['skipped']}" if "skipped" in c else f"refused: {c['refused']}"
+            lines.append(f"| {c['backend']} | {c['num_experts']} | - | {why} |" + " |" * 10)
             continue
         slots = c.get("capacity") or (f"Bk {c['block_size']}" if "block_size" in c else "-")
         lines.append(
@@ -527,6 +652,10 @@ def markdown(result: dict) -> str:
             )
             + " |"
         )
+    if result.get("peer"):
+        from experiments.peer_cases import peer_markdown  # noqa: PLC0415
+
+        lines += peer_markdown(result["peer"])
     if result["train"]:
         dense_train = next((r for r in result["train"] if r["model"] == "dense"), None)
         lines += [

@@ -1,4 +1,5 @@
-"""The benchmark's quick preset writes well-formed results (a smoke test: no timing is asserted)."""
+"""The benchmark: its quick preset writes well-formed results (a smoke test: no timing is
+asserted), and it refuses to time a program whose compiled FLOPs are not its hand count."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +42,12 @@ def test_quick_preset_writes_json_and_markdown(tmp_path):
     expected = {(b, e) for b in settings["backends"] for e in settings["experts"]}
     assert {(c["backend"], c["num_experts"]) for c in cases} == expected
     for c in cases:
-        assert "skipped" not in c, c
+        assert "skipped" not in c and "refused" not in c, c
         for part in ("layer", "experts_only"):
             m = c[part]
             assert m["compile_s"] > 0 and m["median_s"] > 0
+            if c["backend"] in ("einsum", "gather"):  # checked programs: no loops inside
+                assert abs(m["compiled_flops"] / m["expected_flops"] - 1) < 0.05
             assert len(m["times_s"]) >= 3 and all(t > 0 for t in m["times_s"])
         assert c["ratio_to_dense"] > 0 and c["achieved_flops_per_s"] > 0
         assert 0 <= c["routing_dispatch_share"] < 1 and 0 <= c["dropped_fraction"] <= 1
@@ -69,3 +73,67 @@ def test_quick_preset_writes_json_and_markdown(tmp_path):
         assert any(
             line.startswith(f"| {c['backend']} | {c['num_experts']} |") for line in table_rows
         )
+
+
+def _ffn_program(value: bool, T=128, D=64, F=128):
+    from experiments import benchmark
+
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k1, (T, D))
+    w1, w2 = jax.random.normal(k2, (D, F)), jax.random.normal(k3, (F, D))
+    c = jax.random.normal(k4, (T, D))
+    loss = lambda x, w1, w2: jnp.sum((jax.nn.relu(x @ w1) @ w2) * c)
+    transform = jax.value_and_grad if value else jax.grad
+    return transform(loss, argnums=(0, 1, 2)), (x, w1, w2), benchmark.ffn_flops(T, D, F)
+
+
+def test_a_program_that_drops_a_matmul_is_refused_and_value_and_grad_is_not():
+    from experiments import benchmark
+
+    timing = dict(warmup=0, repeats=1, max_seconds=1.0)
+    # jax.grad of Σ y·c never reads y: XLA drops the second forward matmul (1/6 of the work).
+    fn, args, hand = _ffn_program(value=False)
+    with pytest.raises(benchmark.FlopMismatch, match=r"-16\.\d%"):
+        benchmark.measure(fn, args, **timing, expected_flops=hand, what="grad only")
+    fn, args, hand = _ffn_program(value=True)
+    m = benchmark.measure(fn, args, **timing, expected_flops=hand, what="value and grad")
+    assert abs(m["compiled_flops"] / hand - 1) < 0.02
+
+
+@pytest.mark.parametrize("backend", ["einsum", "gather"])
+def test_the_capacity_layer_hand_count_is_what_xla_compiles(backend):
+    import flax.linen as nn
+
+    from experiments import benchmark
+    from switchmoe.moe_layer import MoeLayer
+
+    x = jax.random.normal(jax.random.key(0), (2, 64, 32))
+    layer = MoeLayer(num_experts=4, d_ff=64, num_selected=2, backend=backend)
+    params = nn.meta.unbox(layer.init(jax.random.key(1), x)["params"])
+    loss = lambda p, x: (lambda y, aux: jnp.sum(y) + aux["loss"])(
+        *layer.apply({"params": p}, x, deterministic=False)
+    )
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    C = 40  # ceil(2 · 64 / 4 · 1.25)
+    hand = benchmark.capacity_layer_flops(backend, 2, 64, 2, 4, C, 32, 64)
+    assert abs(benchmark.compiled_flops(compiled) / hand - 1) < benchmark.FLOP_TOLERANCE
+
+
+def test_peer_cases_compute_what_hugging_face_computes_on_shared_weights():
+    pytest.importorskip("transformers")
+    from experiments import benchmark, peer_cases
+
+    s = dict(peer_batch=2, peer_length=16, d_model=16, d_ff=32, warmup=0, repeats=1,
+             max_seconds=1.0)  # fmt: skip
+    timing = dict(warmup=0, repeats=1, max_seconds=1.0)
+    measure = lambda fn, args, **check: benchmark.measure(fn, args, **timing, **check)
+    x = jax.random.normal(jax.random.key(0), (1, 32, 16))
+    dense = benchmark.dense_case(x, 32, jnp.float32, measure)
+    records = peer_cases.run_peer_cases(s, measure, dense, log=lambda line: None)
+    assert [r["case"] for r in records] == ["dense", "switch_e8", "switch_e64", "mixtral"]
+    for r in records[1:]:  # the forward outputs agreed before anything was timed
+        assert all(d <= peer_cases.TOLERANCE for d in r["max_abs_difference"].values())
+        assert r["ratio"] > 0 and r["peer_timing"]["median_s"] > 0
+    assert set(records[1]["max_abs_difference"]) == {"einsum", "gather"}
+    lines = peer_cases.peer_markdown(records)
+    assert any("SwitchTransformersSparseMLP" in line for line in lines)
