@@ -108,6 +108,7 @@ def expert_parallel_moe(
     parallelism: str, backend_name: str, x: Array, plan: DispatchPlan, experts: StackedExperts
 ) -> Array:
     """x[G, S, D] -> y[G, S, D] with experts split over `expert` ("jit" or "shard_map")."""
+    backend_name = dispatch_lib.resolve_backend(backend_name)
     if backend_name not in dispatch_lib.CAPACITY_BACKENDS:
         raise ValueError(
             f"expert parallelism needs a capacity backend {tuple(dispatch_lib.CAPACITY_BACKENDS)}; "

@@ -52,7 +52,9 @@ class MoeLayer(nn.Module):
         router's module in switchmoe/routers/ says what it is and what options it takes.
       router_options: the router's own settings (its `Router.options`); a config holds them flat
         in `model.moe`.
-      backend: "einsum", "gather" or "dropless". With a token-choice router, "dropless" routes
+      backend: "auto" (the default: the faster capacity backend for the platform, gather on
+        CPU and GPU, einsum on TPU; see switchmoe.dispatch.resolve_backend for the measurements),
+        "einsum", "gather" or "dropless". With a token-choice router, "dropless" routes
         without capacity (no token is ever dropped) and ignores the capacity factors.
       dropless_implementation: how backend="dropless" computes, same numbers either way:
         "ragged_dot" (grouped GEMM on GPU/TPU), "blocked" (padded blocks, fast on XLA:CPU), or
@@ -108,7 +110,7 @@ class MoeLayer(nn.Module):
     num_selected: int = 1
     router: str = routers_lib.DEFAULT
     router_options: Optional[Mapping[str, Any]] = None
-    backend: str = "einsum"
+    backend: str = "auto"
     dropless_implementation: Optional[str] = None
     block_size: Optional[int] = None
     train_capacity_factor: float = 1.25

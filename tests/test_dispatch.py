@@ -295,3 +295,18 @@ def test_every_backend_takes_numpy_inputs_eagerly_and_traced(backend):
     reference, _ = layer.apply(params, jnp.asarray(x))
     np.testing.assert_allclose(eager, reference, rtol=1e-6)
     np.testing.assert_allclose(traced, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_is_the_platform_rule_and_computes_what_the_backend_it_picks_computes():
+    assert [dispatch.resolve_backend("auto", p) for p in ("cpu", "gpu", "tpu")] == [
+        "gather", "gather", "einsum",
+    ]  # fmt: skip
+    assert all(dispatch.resolve_backend(b, "tpu") == b for b in ("einsum", "gather", "dropless"))
+    assert MoeLayer(num_experts=E, d_ff=F).backend == "auto"  # the default
+    x = jax.random.normal(jax.random.key(0), (2, S, D))
+    outputs = {}
+    for backend in ("auto", dispatch.resolve_backend("auto")):
+        layer = MoeLayer(num_experts=E, d_ff=F, backend=backend, train_capacity_factor=0.5)
+        params = layer.init(jax.random.key(1), x)["params"]
+        outputs[backend] = np.asarray(layer.apply({"params": params}, x)[0])
+    np.testing.assert_array_equal(*outputs.values())

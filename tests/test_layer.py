@@ -131,7 +131,10 @@ def test_layer_output_equals_loop_reference():
         (dict(num_selected=5), r"num_selected \(k\) must be in \[1, num_experts=4\]; got 5"),
         (dict(train_capacity_factor=0.0), "train_capacity_factor must be > 0; got 0.0"),
         (dict(eval_capacity_factor=-1.0), "eval_capacity_factor must be > 0"),
-        (dict(backend="megablocks"), r"backend must be one of \('einsum', 'gather', 'dropless'\)"),
+        (
+            dict(backend="megablocks"),
+            r"backend must be one of \('auto', 'einsum', 'gather', 'dropless'\)",
+        ),
         (
             dict(router="switch"),
             re.escape(f"router must be one of {routers.NAMES}"),

@@ -170,7 +170,10 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
             r"batch_size=12 must be divisible by the number of "
             r"batch shards mesh.data × mesh.expert = 8×1 = 8",
         ),
-        ({"model.moe.backend": "cuda"}, r"model.moe.backend must be one of \('einsum', 'gather', "),
+        (
+            {"model.moe.backend": "cuda"},
+            r"model.moe.backend must be one of \('auto', 'einsum', 'gather', ",
+        ),
         (
             {"model.moe.dropless_implementation": "triton"},
             r"model.moe.dropless_implementation must be None or one of \('ragged_dot', 'blocked'\)",
