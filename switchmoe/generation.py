@@ -309,7 +309,8 @@ class LMGenerator:
 class Seq2SeqGenerator:
     """Cached sampling from the decoder of the encoder–decoder of `config`: the encoder runs
     once, then T cached decoder steps from `start_id` (default the tokenizer's BOS, the decoder
-    start switchmoe trains with; 0 for a Hugging Face import).
+    start switchmoe trains with). `pad_id` and `eos_id` default to the tokenizer's; a Hugging
+    Face import uses T5's ids: start 0, pad 0, EOS 1.
 
     max_length: T, decoded tokens per row; default the training targets' length."""
 
@@ -318,6 +319,8 @@ class Seq2SeqGenerator:
         config: ml_collections.ConfigDict,
         max_length: Optional[int] = None,
         start_id: Optional[int] = None,
+        pad_id: Optional[int] = None,
+        eos_id: Optional[int] = None,
     ):
         from switchmoe.config import sequence_lengths  # noqa: PLC0415
 
@@ -332,6 +335,8 @@ class Seq2SeqGenerator:
         self.model = build_model(self.config)
         self.tokenizer = make_tokenizer(self.config.data)
         self.start_id = self.tokenizer.bos_id if start_id is None else start_id
+        self.pad_id = self.tokenizer.pad_id if pad_id is None else pad_id
+        self.eos_id = self.tokenizer.eos_id if eos_id is None else eos_id
         self.traces = 0
         self._generate = jax.jit(self._loop, static_argnames=("return_logits",))
 
@@ -340,7 +345,7 @@ class Seq2SeqGenerator:
         model, variables, T = self.model, {"params": params}, self.max_length
         encoded, _ = model.apply(variables, inputs, input_mask, method=model.encode)
         B = inputs.shape[0]
-        tokens = jnp.full((B, T), self.tokenizer.pad_id, jnp.int32).at[:, 0].set(self.start_id)
+        tokens = jnp.full((B, T), self.pad_id, jnp.int32).at[:, 0].set(self.start_id)
 
         def create():
             return model.apply(
@@ -357,7 +362,7 @@ class Seq2SeqGenerator:
 
         _, predicted, logits = decode_loop(
             apply_step, empty_cache(create), tokens, jnp.ones(B, jnp.int32), T, key, sampling,
-            pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id,
+            pad_id=self.pad_id, eos_id=self.eos_id,
             return_logits=return_logits,
         )  # fmt: skip
         return predicted, logits

@@ -199,3 +199,26 @@ def test_fine_tuning_starts_from_a_hugging_face_checkpoint(tmp_path):
     config.model.d_ff = 40
     with pytest.raises(ValueError, match=r"hf:.*ffn/w_in has shape \(32, 48\) there"):
         finetune.check_init_from(resolve(config))
+
+
+def test_cached_greedy_decoding_of_an_import_equals_transformers_generate(tmp_path):
+    from switchmoe.generation import Seq2SeqGenerator
+
+    # Capacity for every token (HF's cached generate routes one token at a time, so it never
+    # drops; the comparison holds where nothing drops).
+    model, path = tiny_hf(tmp_path)
+    config, params = hf_switch.load(path)
+    inputs, _, mask = tokens(4)
+    T = 6
+    generator = Seq2SeqGenerator(config, max_length=T, start_id=0, pad_id=0, eos_id=1)
+    ours = generator(params, inputs, mask.astype(np.float32))
+    with torch.no_grad():
+        theirs = model.generate(
+            input_ids=torch.tensor(inputs), attention_mask=torch.tensor(mask),
+            max_new_tokens=T, do_sample=False, num_beams=1, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1,
+        ).numpy()  # fmt: skip
+    assert (theirs[:, 0] == 0).all()  # decoder_start_token_id
+    n = theirs.shape[1] - 1
+    np.testing.assert_array_equal(ours[:, :n], theirs[:, 1:])
+    assert (ours[:, n:] == 0).all()  # HF stopped: every row had ended (padding after EOS)
