@@ -215,7 +215,7 @@ class EncoderDecoderLM(nn.Module):
                 encoded=encoded,
                 encoded_mask=cross_mask,
                 token_mask=decoder_mask,
-                **decoding_step(decode),
+                **decoding_step(decode, index),
             )
             auxes += [aux] if aux is not None else []
         x = self.decoder_norm(x)

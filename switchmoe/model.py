@@ -67,10 +67,11 @@ class SelfAttention(nn.Module):
     position `bias` (T5's relative buckets; encoder–decoder self- and cross-attention).
 
     With `decode=True` a causal self-attention reads and writes a key/value cache (collection
-    "cache": `cached_key` and `cached_value` [B, T, H, Dh], `index` the next position): the first call, on
-    the full [B, T] length, only creates it (switchmoe/generation.py initialises it as zeros
-    from its shapes); each later call takes one position per row, writes its key and value at
-    `index` and attends to positions 0..index, as the causal mask does in a full pass.
+    "cache": `cached_key` and `cached_value` [B, T, H, Dh]): the first call, on the full [B, T]
+    length (`step_index` None), only creates it (switchmoe/generation.py initialises it as
+    zeros from its shapes); each later call takes one position per row, writes its key and
+    value at `step_index` (the model's DecodePosition) and attends to positions 0..step_index,
+    as the causal mask does in a full pass.
     """
 
     num_heads: int
@@ -90,6 +91,7 @@ class SelfAttention(nn.Module):
         kv: Array | None = None,
         bias: Array | None = None,
         decode: bool = False,
+        step_index: Array | None = None,
     ):
         """x[B, Lq, D] -> [B, Lq, D], attending to kv[B, Lk, D] (default x).
 
@@ -112,18 +114,16 @@ class SelfAttention(nn.Module):
         v = dense("value", ("embed", "heads", "kv"), heads)(kv)
         if self.rotary:
             q, k = rope(q, positions), rope(k, positions)
-        step = decode and self.causal and self.has_variable("cache", "cached_key")
+        step = decode and self.causal and step_index is not None
         if decode and self.causal:
             cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
             cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         if step:
             if x.shape[1] != 1:
                 raise ValueError(f"a decoding step takes one position per row; got {x.shape[1]}")
-            i = index.value
+            i = step_index
             cached_k.value = k = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k, i, 1)
             cached_v.value = v = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v, i, 1)
-            index.value = i + 1
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
         if bias is not None:
             scores = scores + bias
@@ -142,10 +142,11 @@ class SelfAttention(nn.Module):
 
 
 class DecodePosition(nn.Module):
-    """Where a decoding step is: cache `tokens` int32[B, T] (the tokens fed so far, whose shape
-    fixes the cache length T) and `index` (the next position). The call that creates the cache
-    (tokens[B, T]) returns (None, T); a step (tokens[B, 1]) records its tokens and returns
-    (its position, T)."""
+    """Where a decoding step is, the one position counter of a model's cache: `tokens` int32[B, T]
+    (the tokens fed so far, whose shape fixes the cache length T) and `index` (the next
+    position). The call that creates the cache (tokens[B, T]) returns (None, T); a step
+    (tokens[B, 1]) records its tokens and returns (its position, T), which the model hands to
+    every block as `step_index`."""
 
     @nn.compact
     def __call__(self, tokens: Array) -> tuple[Array | None, int]:
@@ -194,14 +195,16 @@ class Block(nn.Module):
         encoded_mask=None,
         token_mask=None,
         decode=False,
+        step_index=None,
     ):
         """x[B, L, D] -> (x[B, L, D], MoE aux or None).
 
         bias: self-attention position bias [1, H, L, L]; encoded[B, Le, D] and
         encoded_mask bool[B, 1, L, Le]: the encoder output a cross-attention block reads;
         token_mask: optional bool[B, L], False at padded positions (the MoE layer's `mask`);
-        decode: one step of cached decoding (switchmoe/generation.py): the self-attention and
-        the MoE layer read and update their "cache" variables. Cross-attention recomputes its
+        decode: cached decoding (switchmoe/generation.py): the self-attention and the MoE layer
+        create their "cache" variables (step_index None) or, at position step_index, read and
+        update them. Cross-attention recomputes its
         keys and values from `encoded` at every step (Le·D² per layer and step, small beside
         decoding's other work at the sizes this runs; a cache would also have to be filled
         before the first step).
@@ -218,7 +221,9 @@ class Block(nn.Module):
             name=name,
         )
         h = RMSNorm(dtype=dtype, name="attention_norm")(x)
-        h = attention("attention")(h, positions, mask, deterministic, bias=bias, decode=decode)
+        h = attention("attention")(
+            h, positions, mask, deterministic, bias=bias, decode=decode, step_index=step_index
+        )
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         if self.cross_attention:
             h = RMSNorm(dtype=dtype, name="cross_attention_norm")(x)
@@ -246,7 +251,10 @@ class Block(nn.Module):
                 expert_parallelism=self.expert_parallelism,
                 name="moe",
                 **overrides,
-            )(h, deterministic=deterministic, token_ids=token_ids, mask=token_mask, decode=decode)
+            )(
+                h, deterministic=deterministic, token_ids=token_ids, mask=token_mask,
+                decode=decode, step_index=step_index,
+            )  # fmt: skip
         else:
             h = DenseFFN(cfg.d_ff, cfg.activation, dtype, name="ffn")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -277,11 +285,11 @@ def block_class(cfg: ml_collections.ConfigDict) -> type[nn.Module]:
     return nn.remat(Block, static_argnums=(4,), policy=REMAT_POLICIES[name])
 
 
-def decoding_step(decode: bool) -> dict:
-    """The `decode` keyword for a Block, only when decoding: nn.remat traces keyword arguments,
-    and training (the only place remat applies) then never sees it. Generation builds its model
-    without remat (switchmoe/generation.py)."""
-    return {"decode": True} if decode else {}
+def decoding_step(decode: bool, step_index: Array | None) -> dict:
+    """The decoding keywords for a Block, only when decoding: nn.remat traces keyword arguments,
+    and training (the only place remat applies) then never sees them. Generation builds its
+    model without remat (switchmoe/generation.py)."""
+    return {"decode": True, "step_index": step_index} if decode else {}
 
 
 def head_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -334,6 +342,7 @@ class DecoderLM(nn.Module):
         embed = embedding(cfg)
         x = embed(tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        index = None
         if decode:
             index, _ = DecodePosition(name="decode_position")(tokens)
             if index is not None:
@@ -346,7 +355,7 @@ class DecoderLM(nn.Module):
             )
             x, aux = block(
                 x, positions, None, deterministic, token_ids=tokens, token_mask=token_mask,
-                **decoding_step(decode),
+                **decoding_step(decode, index),
             )  # fmt: skip
             if aux is not None:
                 auxes.append(aux)

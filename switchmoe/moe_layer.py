@@ -195,6 +195,7 @@ class MoeLayer(nn.Module):
         token_ids: Optional[Array] = None,
         mask: Optional[Array] = None,
         decode: bool = False,
+        step_index: Optional[Array] = None,
     ) -> tuple[Array, dict[str, Any]]:
         """Applies the layer.
 
@@ -206,9 +207,9 @@ class MoeLayer(nn.Module):
             bias updates (their output is the shared expert's, or 0).
           deterministic: evaluation mode: eval capacity factor, no jitter, no random routing, no
             expert dropout. When False and any of those is active, the "dropout" PRNG stream is used.
-          decode: cached decoding (see `_decoding_step`): the first call, on the full length T,
-            creates the cache; each later call routes x[B, 1, D], one new position per row, as a
-            full pass over T positions would have routed it.
+          decode: cached decoding (see `_decoding_step`): the first call, on the full length T
+            (step_index None), creates the cache; each later call routes x[B, 1, D], the new
+            position step_index of every row, as a full pass over T positions would have.
 
         Returns:
           y[B, L, D] in `dtype`, and aux = {"loss", "losses", "weighted_losses", "stats"} (see
@@ -217,7 +218,7 @@ class MoeLayer(nn.Module):
         x = jnp.asarray(x)  # NumPy or JAX input, eager or traced
         B, L, D = x.shape
         E, F = self.num_experts, self.d_ff
-        step = decode and self.has_variable("cache", "requests")
+        step = decode and step_index is not None
         # A decoding step routes each row's one new token as a group of its own; the cache
         # carries what the rest of its full-length group asked for.
         groups = x if step else self._groups(x)
@@ -250,7 +251,7 @@ class MoeLayer(nn.Module):
             self, groups, token_ids, keys, train, mask=group_mask, selection_bias=bias
         )
         if decode:
-            routing = self._decoding_step(router, routing, B, L, step)
+            routing = self._decoding_step(router, routing, B, L, step_index)
         # The loads of this call, for the bias update and for the global-batch loss of a step in
         # several microbatches; a no-op unless the caller makes the collection mutable.
         counts = router.selection_counts(routing, group_mask)
@@ -324,11 +325,12 @@ class MoeLayer(nn.Module):
             "stats": routing.stats,
         }
 
-    def _decoding_step(self, router, routing, B: int, L: int, step: bool):
+    def _decoding_step(self, router, routing, B: int, L: int, step_index: Optional[Array]):
         """The routing of one decoding step, made what a full pass would have decided.
 
         Cache ("cache" collection): `requests` int32[B, T, K], the experts each position asked
-        for (-1: none), whose shape fixes T; `index`, the next position. In a full pass over T
+        for (-1: none), whose shape fixes T; the position comes from the model (`step_index`,
+        model.DecodePosition). In a full pass over T
         positions a causal router places a (token, choice) in its expert's buffer iff fewer than
         C choices of earlier tokens in its group asked for that expert (in-order priority,
         token-major: routing.assign_slots), with C = the router's capacity for the group. A step
@@ -338,8 +340,7 @@ class MoeLayer(nn.Module):
         """
         K = routing.expert.shape[-1]
         requests = self.variable("cache", "requests", jnp.zeros, (B, L, K), jnp.int32)
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        if not step:  # the call that creates the cache routes the full length as usual
+        if step_index is None:  # the call that creates the cache routes the full length as usual
             return routing
         T = requests.value.shape[1]
         S = T if self.group_size is None else self.group_size
@@ -348,10 +349,9 @@ class MoeLayer(nn.Module):
                 f"cached decoding needs group_size={self.group_size} to divide the cache length "
                 f"{T} (each group a run of positions within one row)."
             )
-        i = index.value
+        i = step_index
         expert = routing.expert[:, 0]  # [B, K]
         asked = routing.slot[:, 0] >= 0  # [B, K]
-        index.value = i + 1
         requests.value = jax.lax.dynamic_update_slice_in_dim(
             requests.value, jnp.where(asked, expert, -1)[:, None], i, axis=1
         )
