@@ -285,13 +285,10 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) ->
     if not os.path.exists(path):
         write_config(workdir, config)
         return
-    with open(path) as f:
-        first = json.load(f)
     new = json.loads(config.to_json_best_effort())
-    history = [json.loads(line) for line in _lines(os.path.join(workdir, HISTORY_FILE))]
-    current = dict(flat_items(first))
-    for entry in history:
-        current.update({k: v[1] for k, v in entry["changes"].items()})
+    # What the latest start trained with, fields added to switchmoe since then defaulted: a
+    # field that only gained its default is no change.
+    current = dict(flat_items(json.loads(read_config(workdir).to_json_best_effort())))
     changes = {k: [current.get(k), v] for k, v in flat_items(new) if current.get(k) != v}
     if changes:
         with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
@@ -326,17 +323,21 @@ def read_config(
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = with_defaults(ml_collections.ConfigDict(json.load(f)))
     if not as_first_written:
+        # Applied over the defaults: a change may name a field (or a block) that config.json,
+        # written by an older switchmoe, lacks.
         for line in _lines(os.path.join(workdir, HISTORY_FILE)):
             for key, (_, value) in json.loads(line)["changes"].items():
                 *parents, leaf = key.split(".")
                 node = config
-                for part in parents:
-                    node = node[part]
                 with config.unlocked():
+                    for part in parents:
+                        if part not in node:
+                            node[part] = ml_collections.ConfigDict()
+                        node = node[part]
                     node[leaf] = value
-    return with_defaults(config)
+    return config
 
 
 def has_checkpoint(workdir: str) -> bool:

@@ -282,6 +282,18 @@ def test_a_resume_with_other_settings_records_them_beside_the_original(data_dir,
     # The same settings again change nothing.
     train_and_evaluate(tiny_config(data_dir, **longer), workdir, log=quiet)
     assert len(open(os.path.join(workdir, "config_history.jsonl")).read().splitlines()) == 1
+    # A config.json written before a block existed (here `distill`): a resume records what
+    # changed, not the fields that only gained their defaults, and the history reads back.
+    path = os.path.join(workdir, "config.json")
+    older = json.load(open(path))
+    del older["distill"]
+    json.dump(older, open(path, "w"))
+    train_and_evaluate(
+        tiny_config(data_dir, **longer, **{"distill.temperature": 2.0}), workdir, log=quiet
+    )
+    lines = open(os.path.join(workdir, "config_history.jsonl")).read().splitlines()
+    assert json.loads(lines[-1])["changes"] == {"distill.temperature": [1.0, 2.0]}
+    assert checkpoints.read_config(workdir).distill.temperature == 2.0
 
 
 def test_rerunning_a_finished_run_returns_its_last_metrics(data_dir, tmp_path):
