@@ -163,6 +163,15 @@ def default_config() -> ml_collections.ConfigDict:
     # fraction of each expert's hidden units re-drawn (Drop-Upcycling; 0.5 in its paper).
     config.upcycle_noise = 0.0
     config.upcycle_reinit_fraction = 0.0
+    # Distillation (switchmoe/distillation.py): a teacher run '<workdir>[:step]' whose soft
+    # targets the student learns beside the labels, loss (1 − w)·CE + w·T²·H(teacher/T,
+    # student/T) with w = teacher_weight (Switch §5: 0.25) and T = temperature; the student
+    # starts from scratch or from the teacher's non-expert parameters ('non_expert').
+    distill = config.distill = ml_collections.ConfigDict()
+    distill.teacher = config_dict.placeholder(str)
+    distill.teacher_weight = 0.25
+    distill.temperature = 1.0
+    distill.student_init = "scratch"
     # Global batch size (sequences per step, all devices together).
     config.batch_size = 32
     # Microbatches per optimizer step: the batch is split into this many parts of

@@ -40,6 +40,11 @@ class StackedExperts:
 
     Attributes:
       w_in: [E, D, F]; w_out: [E, F, D]; w_gate: [E, D, F] for gated activations, else None.
+      w_in_scale, w_out_scale, w_gate_scale: per-output-channel scales of int8 weights
+        ([E, 1, F], [E, 1, D], [E, 1, F]; switchmoe/quantization.py), None for float weights. An
+        int8 matrix is dequantised on the fly: the matmul runs on its values cast to `dtype`
+        and the channel scales multiply the output, which equals multiplying by the
+        dequantised matrix (each output channel has one scale) without writing it out.
       activation: a key of ACTIVATIONS.
       dtype: compute dtype; weights are cast to it (float32 master weights, bf16 matmuls).
       dropout_rate: dropout on the hidden activations (ST-MoE fine-tunes with a higher expert
@@ -54,10 +59,30 @@ class StackedExperts:
     dtype: jnp.dtype = flax.struct.field(pytree_node=False, default=jnp.float32)
     dropout_rate: float = flax.struct.field(pytree_node=False, default=0.0)
     dropout_key: Optional[Array] = None
+    w_in_scale: Optional[Array] = None
+    w_out_scale: Optional[Array] = None
+    w_gate_scale: Optional[Array] = None
 
     @property
     def num_experts(self) -> int:
         return self.w_in.shape[0]
+
+    def _weights(self):
+        """(w_in, w_out, w_gate) cast to the compute dtype (int8 values as they are stored)."""
+        cast = lambda w: None if w is None else w.astype(self.dtype)
+        return cast(self.w_in), cast(self.w_out), cast(self.w_gate)
+
+    def _scaled(self, y: Array, scale: Optional[Array], expert_of: Optional[Array] = None) -> Array:
+        """A matmul output times its int8 matrix's channel scales (no-op for float weights).
+
+        y: [E, N, out] (expert_of None), or [R, ..., out] rows whose expert is expert_of[R]."""
+        if scale is None:
+            return y
+        scale = scale.astype(self.dtype)  # [E, 1, out]
+        if expert_of is None:
+            return y * scale
+        s = jnp.take(scale[:, 0], expert_of, axis=0, mode="clip")  # [R, out]
+        return y * s.reshape(s.shape[:1] + (1,) * (y.ndim - 2) + s.shape[1:])
 
     def _hidden(self, h_in: Array, h_gate: Optional[Array]) -> Array:
         act, gated = ACTIVATIONS[self.activation]
@@ -70,11 +95,13 @@ class StackedExperts:
     def __call__(self, x: Array) -> Array:
         """Runs expert e on x[e]: [E, N, D] -> [E, N, D]."""
         x = x.astype(self.dtype)
-        cast = lambda w: None if w is None else w.astype(self.dtype)
-        w_in, w_out, w_gate = cast(self.w_in), cast(self.w_out), cast(self.w_gate)
-        h_in = jnp.einsum("end,edf->enf", x, w_in)
-        h_gate = None if w_gate is None else jnp.einsum("end,edf->enf", x, w_gate)
-        return jnp.einsum("enf,efd->end", self._hidden(h_in, h_gate), w_out)
+        w_in, w_out, w_gate = self._weights()
+        h_in = self._scaled(jnp.einsum("end,edf->enf", x, w_in), self.w_in_scale)
+        h_gate = None
+        if w_gate is not None:
+            h_gate = self._scaled(jnp.einsum("end,edf->enf", x, w_gate), self.w_gate_scale)
+        y = jnp.einsum("enf,efd->end", self._hidden(h_in, h_gate), w_out)
+        return self._scaled(y, self.w_out_scale)
 
     def ragged(self, x: Array, group_sizes: Array) -> Array:
         """Runs experts on rows sorted by expert: x[M, D], group_sizes int32[E] -> [M, D].
@@ -84,11 +111,17 @@ class StackedExperts:
         costs about as much as running every expert on every row.
         """
         x = x.astype(self.dtype)
-        cast = lambda w: None if w is None else w.astype(self.dtype)
-        w_in, w_out, w_gate = cast(self.w_in), cast(self.w_out), cast(self.w_gate)
-        h_in = jax.lax.ragged_dot(x, w_in, group_sizes)
-        h_gate = None if w_gate is None else jax.lax.ragged_dot(x, w_gate, group_sizes)
-        return jax.lax.ragged_dot(self._hidden(h_in, h_gate), w_out, group_sizes)
+        w_in, w_out, w_gate = self._weights()
+        row_expert = None
+        if self.w_in_scale is not None:  # int8: each row's expert picks its channel scales
+            ends = jnp.cumsum(group_sizes)
+            row_expert = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")
+        mm = lambda a, w, scale: self._scaled(
+            jax.lax.ragged_dot(a, w, group_sizes), scale, row_expert
+        )
+        h_in = mm(x, w_in, self.w_in_scale)
+        h_gate = None if w_gate is None else mm(x, w_gate, self.w_gate_scale)
+        return mm(self._hidden(h_in, h_gate), w_out, self.w_out_scale)
 
     def blocked(self, x: Array, block_expert: Array, used_blocks: Optional[Array] = None) -> Array:
         """Runs expert block_expert[n] on block n: x[NB, Bk, D], block_expert int32[NB] -> [NB, Bk, D].
@@ -99,14 +132,15 @@ class StackedExperts:
         used) are padding: they are skipped and come out as zeros. See `block_matmul` for how.
         """
         x = x.astype(self.dtype)
-        cast = lambda w: None if w is None else w.astype(self.dtype)
-        w_in, w_out, w_gate = cast(self.w_in), cast(self.w_out), cast(self.w_gate)
+        w_in, w_out, w_gate = self._weights()
         if used_blocks is None:
             used_blocks = jnp.asarray(x.shape[0], jnp.int32)
-        mm = lambda a, w: block_matmul(a, w, block_expert, used_blocks)
-        h_in = mm(x, w_in)
-        h_gate = None if w_gate is None else mm(x, w_gate)
-        return mm(self._hidden(h_in, h_gate), w_out)
+        mm = lambda a, w, scale: self._scaled(
+            block_matmul(a, w, block_expert, used_blocks), scale, block_expert
+        )
+        h_in = mm(x, w_in, self.w_in_scale)
+        h_gate = None if w_gate is None else mm(x, w_gate, self.w_gate_scale)
+        return mm(self._hidden(h_in, h_gate), w_out, self.w_out_scale)
 
 
 # ----------------------------------------------------------------------------------------------

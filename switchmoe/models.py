@@ -99,7 +99,9 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
         total += n
         keys = [getattr(k, "key", None) for k in path]
         # Routed experts only: a shared expert (DeepSeekMoE's, "shared") is active for every token.
-        if keys[-1] in ("w_in", "w_out", "w_gate") and "moe" in keys and "shared" not in keys:
+        # (An int8 layer's channel scales `w_*_scale` count with their matrices.)
+        matrix = str(keys[-1]).removesuffix("_scale")
+        if matrix in ("w_in", "w_out", "w_gate") and "moe" in keys and "shared" not in keys:
             expert += n
     E = k = 0
     if config.model.moe.num_experts:  # the layer's own counts (fine-grained experts: m·E, m·k)

@@ -101,6 +101,11 @@ class MoeLayer(nn.Module):
       expert_parallelism: None (single device or plain data parallelism), "jit" (sharding
         constraints; the partitioner inserts the all-to-alls) or "shard_map" (explicit all-to-all);
         both split the experts over the mesh axis "expert" and must run under `jax.set_mesh`.
+      expert_quantization: "none" (float expert matrices) or "int8": each expert matrix is
+        stored as int8 values `w_*` with per-output-channel float32 scales `w_*_scale`
+        ([E, 1, F] or [E, 1, D]) and dequantised on the fly by every backend (StackedExperts).
+        For evaluation only (int8 values take no gradient): `switchmoe.quantization` makes
+        such a run from a trained one.
       dtype: compute dtype of the experts (bfloat16 on accelerators); the router is always float32.
       param_dtype: storage dtype of the parameters (float32).
     """
@@ -135,6 +140,7 @@ class MoeLayer(nn.Module):
     router_dtype: str = "float32"
     init_scale: float = 1.0
     activation: str = "relu"
+    expert_quantization: str = "none"
     expert_parallelism: Optional[str] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -271,9 +277,31 @@ class MoeLayer(nn.Module):
         expert_init = nn.initializers.variance_scaling(
             self.init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
         )
-        param = lambda name, axes, shape: self.param(
-            name, nn.with_logical_partitioning(expert_init, axes), shape, self.param_dtype
-        )
+        quantized = self.expert_quantization == "int8"
+        if quantized and train:
+            raise ValueError(
+                "model.moe.expert_quantization='int8' is for evaluation (int8 values take no "
+                "gradient): train in float and quantize the trained run (switchmoe.quantization)."
+            )
+        scales = {}
+
+        def param(name, axes, shape):
+            if not quantized:
+                init = nn.with_logical_partitioning(expert_init, axes)
+                return self.param(name, init, shape, self.param_dtype)
+            # Initialised only for their shapes: a quantized layer's values come from
+            # switchmoe.quantization.quantize_experts.
+            values = self.param(
+                name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, jnp.int8
+            )
+            scales[f"{name}_scale"] = self.param(
+                f"{name}_scale",
+                nn.with_logical_partitioning(nn.initializers.ones, (axes[0], None, axes[2])),
+                (shape[0], 1, shape[2]),
+                jnp.float32,
+            )
+            return values
+
         w_in = param("w_in", ("expert", "embed", "mlp"), (E, D, F))
         w_out = param("w_out", ("expert", "mlp", "embed"), (E, F, D))
         gated = experts_lib.ACTIVATIONS[self.activation][1]
@@ -287,6 +315,7 @@ class MoeLayer(nn.Module):
             dtype=self.dtype,
             dropout_rate=self.expert_dropout,
             dropout_key=keys.get("expert_dropout"),
+            **scales,
         )
         tokens = groups.astype(self.dtype)
         if self.expert_parallelism:

@@ -71,7 +71,18 @@ def check_settings(s, prefix: str = "", tokens_per_group: Optional[int] = None) 
             f">= 2; got {prefix}num_selected={s.num_selected}."
         )
     experts_lib.check_activation(s.activation)
+    _one_of(prefix + "expert_quantization", s.expert_quantization, EXPERT_QUANTIZATIONS)
+    if s.expert_quantization != "none" and getattr(s, "expert_parallelism", None):
+        raise ValueError(
+            f"{prefix}expert_quantization={s.expert_quantization!r} evaluates on one device or "
+            "data-parallel: set mesh.expert=1 (quantized experts are not split over devices)."
+        )
     s.make_router().check(prefix, tokens_per_group)
+
+
+# 'none': float expert matrices; 'int8': weight-only int8 with per-output-channel scales, for
+# evaluation (switchmoe/quantization.py).
+EXPERT_QUANTIZATIONS = ("none", "int8")
 
 
 def _one_of(name: str, value, allowed) -> None:

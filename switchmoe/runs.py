@@ -6,15 +6,21 @@
 
 Works on whatever devices the caller has: the parameters are restored onto the first local
 device, whatever mesh wrote them.
+
+`write_run(workdir, config, params, step)` is the other direction: a run made by a function
+rather than by training (merged experts, int8 experts) becomes a workdir that `restore_run`,
+the analysis helpers, `init_from` and `experiments.train` read like any other.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from switchmoe import checkpoints, integrity
@@ -24,6 +30,15 @@ from switchmoe.models import abstract_params, build_model
 
 def restore_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) of `workdir`'s checkpoint at `step` (default: the newest intact one).
+    `restore_run_at` also returns the step."""
+    config, params, _ = restore_run_at(workdir, step)
+    return config, params
+
+
+def restore_run_at(
+    workdir: str, step: Optional[int] = None
+) -> tuple[ml_collections.ConfigDict, Any, int]:
+    """(config, params, step) of `workdir`'s checkpoint at `step` (default: the newest intact one).
 
     Every restore is verified (saved checksums, the config's shapes, finiteness; see
     switchmoe/integrity.py): with `step=None` a damaged newer checkpoint is skipped with a
@@ -44,7 +59,7 @@ def restore_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collection
         target = checkpoints.abstract_like(abstract_params(build_model(config), config), device)
         if step is not None:
             try:
-                return config, ckpt.restore_params(step, target)
+                return config, ckpt.restore_params(step, target), step
             except integrity.DamagedCheckpoint as e:
                 intact = ckpt.intact_steps(target)
                 raise ValueError(f"{e}. Intact checkpoints: {intact or 'none'}.") from None
@@ -54,7 +69,52 @@ def restore_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collection
             except integrity.DamagedCheckpoint as e:
                 warnings.warn(f"{e}; using an earlier checkpoint.", stacklevel=2)
                 continue
-            return config, params
+            return config, params, candidate
         raise ValueError(f"no intact checkpoint under {ckpt.directory} (steps {sorted(steps)}).")
     finally:
         ckpt.close()
+
+
+DERIVED_FILE = "derived_from.json"  # how a written run was made (write_run's derived_from)
+
+
+def write_run(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    params: Any,
+    step: int,
+    derived_from: Optional[dict] = None,
+) -> str:
+    """Writes (config, params) as a run at `workdir` and returns `workdir`.
+
+    The workdir holds config.json, one checkpoint at `step` (the parameters, a fresh optimizer
+    state for them, no data iterator state: the batches resume from `step` by their index) and
+    `derived_from.json` recording `derived_from`. Training it further continues from `step`
+    with `experiments.train` when `num_train_steps` is raised, or starts a new run from it with
+    `init_from`. Refuses (ValueError) a workdir that already holds a config or a checkpoint:
+    nothing there is overwritten.
+    """
+    from switchmoe.config import resolve, validate_config  # noqa: PLC0415
+    from switchmoe.train import Trainer  # noqa: PLC0415  (train imports this module's users)
+
+    if checkpoints.read_config(workdir) is not None or checkpoints.has_checkpoint(workdir):
+        raise ValueError(f"{workdir} already holds a run; write_run needs a new directory.")
+    config = resolve(config)
+    validate_config(config)
+    target = abstract_params(build_model(config), config)
+    got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), target)
+    if got != want:
+        raise ValueError("params do not have the shapes and dtypes this config's model has.")
+    params = jax.tree.map(jnp.asarray, params)
+    opt_state = Trainer.optimizer_for(config).init(params)
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints.write_config(workdir, config)
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        ckpt.save(step, params, opt_state, {"step": step, "data_step": step})
+    finally:
+        ckpt.close()
+    with open(os.path.join(workdir, DERIVED_FILE), "w") as f:
+        json.dump(derived_from or {}, f, indent=1, default=str)
+    return workdir

@@ -30,7 +30,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from switchmoe import finetune
+from switchmoe import distillation, finetune
 from switchmoe import balancing, checkpoints, integrity, optim, sharding
 from switchmoe import metrics as metrics_lib
 from switchmoe.config import resolve, validate_config
@@ -113,9 +113,13 @@ class Trainer:
     Parameters and optimizer state are placed by the logical axis rules (experts split over
     `expert`, hidden widths over `model`, the rest replicated); the batch is split over
     (data, expert). With mesh.expert > 1 the MoE layers exchange tokens with all-to-alls.
+
+    `teacher`: (config, host params) of a distillation teacher (switchmoe/distillation.py),
+    placed on the mesh by its own axis rules and run in evaluation mode in every train and eval
+    step; the objective then mixes in its soft targets by `config.distill`.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, teacher=None):
         self.config, self.mesh = config, mesh
         parallel = config.mesh.expert_parallelism if mesh.shape["expert"] > 1 else None
         self.model = build_model(config, parallel)
@@ -145,17 +149,38 @@ class Trainer:
             jax.eval_shape(self.optimizer.init, abstract), abstract, self.param_sharding, mesh
         )
         self._abstract_params = abstract
+        self.teacher_model = self.teacher_params = None
+        teacher_in: tuple = ()
+        if teacher is not None:
+            self.teacher_model, self.teacher_params, teacher_sharding = self._place_teacher(
+                *teacher, parallel
+            )
+            teacher_in = (teacher_sharding,)
         self.train_step = jax.jit(
             self._train_step,
-            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None),
+            in_shardings=(self.param_sharding, self.opt_sharding, self.batch_sharding, None)
+            + teacher_in,
             out_shardings=(self.param_sharding, self.opt_sharding, self.replicated),
             donate_argnums=(0, 1),
         )
         self.eval_step = jax.jit(
             self._eval_step,
-            in_shardings=(self.param_sharding, self.batch_sharding),
+            in_shardings=(self.param_sharding, self.batch_sharding) + teacher_in,
             out_shardings=self.replicated,
         )
+
+    def _place_teacher(self, config, params, parallel):
+        """(model, params on the mesh, their shardings) of a distillation teacher."""
+        model = build_model(config, parallel)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
+        shardings = sharding.param_shardings(
+            boxed["params"], self.mesh, sharding.logical_rules(self.config.mesh)
+        )
+        # From host values, each device taking its part: also right with several processes.
+        place = lambda x, s: jax.make_array_from_callback(
+            np.shape(x), s, lambda index: np.asarray(x)[index]
+        )
+        return model, jax.tree.map(place, params, shardings), shardings
 
     @staticmethod
     def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -192,9 +217,37 @@ class Trainer:
         opt_state = jax.eval_shape(self.optimizer.init, self._abstract_params)
         return params, jax.tree.map(place, opt_state, self.opt_sharding)
 
+    def _teacher_args(self) -> tuple:
+        return () if self.teacher_model is None else (self.teacher_params,)
+
     def run_train_step(self, params, opt_state, batch, step: int):
         with jax.set_mesh(self.mesh):
-            return self.train_step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
+            return self.train_step(
+                params, opt_state, batch, jnp.asarray(step, jnp.int32), *self._teacher_args()
+            )
+
+    def _teacher_logits(self, teacher, rows):
+        """The teacher's logits on `rows`, in evaluation mode and without gradient."""
+        logits, _ = self.teacher_model.apply(
+            {"params": teacher},
+            *model_inputs(self.config, rows),
+            **model_masks(self.config, rows),
+            deterministic=True,
+        )
+        return jax.lax.stop_gradient(logits)
+
+    def _token_sums(self, logits, rows, teacher):
+        """{"objective", "hard"(, "soft", "teacher")}: the token loss summed over `rows`'
+        scored tokens, the hard-label cross-entropy sum, and with a teacher the distillation
+        terms (distillation.distillation_sums)."""
+        if teacher is None:
+            ce_sum, _ = cross_entropy(logits, rows)
+            return {"objective": ce_sum, "hard": ce_sum}
+        d = self.config.distill
+        return distillation.distillation_sums(
+            logits, self._teacher_logits(teacher, rows), rows["targets"], rows["weights"],
+            float(d.teacher_weight), float(d.temperature),
+        )  # fmt: skip
 
     def _apply(self, params, rows, key, totals=None):
         """The model on `rows` in training mode -> (logits, aux, the loads it sowed)."""
@@ -211,21 +264,24 @@ class Trainer:
         )
         return logits, aux, sown.get(balancing.COUNTS, {})
 
-    def _train_step(self, params, opt_state, batch, step):
+    def _train_step(self, params, opt_state, batch, step, teacher=None):
         key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+        count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         if self.config.get("grad_accum_steps", 1) > 1:
-            total, loss, aux, grads, counts = self._accumulated_gradients(params, batch, key)
+            total, sums, aux, grads, counts = self._accumulated_gradients(
+                params, batch, key, teacher
+            )
         else:
 
             def objective(params):
                 logits, aux, counts = self._apply(params, batch, key)
-                ce_sum, count = cross_entropy(logits, batch)
-                loss = ce_sum / jnp.maximum(count, 1.0)
-                return loss + aux["loss"], (loss, aux, counts)
+                sums = self._token_sums(logits, batch, teacher)
+                return sums["objective"] / count + aux["loss"], (sums, aux, counts)
 
-            (total, (loss, aux, counts)), grads = jax.value_and_grad(objective, has_aux=True)(
+            (total, (sums, aux, counts)), grads = jax.value_and_grad(objective, has_aux=True)(
                 params
             )
+        loss = sums["hard"] / count
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if self.bias_speed:
@@ -238,6 +294,10 @@ class Trainer:
             "train/learning_rate": self.schedule(step),
             **moe_metrics(aux, "train"),
         }
+        if "teacher" in sums:  # distillation: the teacher's loss and the soft term, per token
+            metrics["train/teacher_loss"] = sums["teacher"] / count
+            if "soft" in sums:
+                metrics["train/distill_loss"] = sums["soft"] / count
         grad_norms, update_norms = expert_norms(grads), expert_norms(updates)
         if grad_norms is not None:
             metrics["train/expert_grad_norm"] = grad_norms
@@ -247,7 +307,7 @@ class Trainer:
             metrics["train/selection_bias"] = biases
         return params, opt_state, metrics
 
-    def _accumulated_gradients(self, params, batch, key):
+    def _accumulated_gradients(self, params, batch, key, teacher=None):
         """The objective's value and gradient on `batch`, in grad_accum_steps microbatches.
 
         Microbatch i holds rows i, i + N, i + 2N, ... (N microbatches): reshaping [B, ...] to
@@ -262,7 +322,8 @@ class Trainer:
         is differentiated: a forward pass over the microbatches first (the price of exactness:
         one more forward per step, only with global_balance_weight > 0 and N > 1), whose totals
         every microbatch's loss then reads (losses.global_balance_loss). The loads the bias rule
-        reads are the microbatches' counts summed. Returns (objective, loss, aux, grads, loads).
+        reads are the microbatches' counts summed. Returns (objective, the token sums of
+        `_token_sums` over the whole batch, aux, grads, loads).
         """
         n = self.config.grad_accum_steps
         count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
@@ -284,24 +345,27 @@ class Trainer:
 
         def objective(params, rows, i):
             logits, aux, counts = self._apply(params, rows, jax.random.fold_in(key, i), totals)
-            ce_sum, _ = cross_entropy(logits, rows)
-            return ce_sum / count + aux["loss"] / n, (ce_sum, aux, counts)
+            sums = self._token_sums(logits, rows, teacher)
+            return sums["objective"] / count + aux["loss"] / n, (sums, aux, counts)
 
         def accumulate(carry, xs):
-            grads, ce = carry
-            (_, (ce_sum, aux, counts)), g = jax.value_and_grad(objective, has_aux=True)(params, *xs)
-            return (jax.tree.map(jnp.add, grads, g), ce + ce_sum), (aux, counts)
+            grads, total_sums = carry
+            (_, (sums, aux, counts)), g = jax.value_and_grad(objective, has_aux=True)(params, *xs)
+            total_sums = jax.tree.map(jnp.add, total_sums, sums)
+            return (jax.tree.map(jnp.add, grads, g), total_sums), (aux, counts)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, ce), (auxes, per_micro) = jax.lax.scan(
-            accumulate, (zeros, jnp.zeros((), jnp.float32)), xs
+        first = jax.tree.map(lambda x: x[0], micro)
+        sum_shapes = jax.eval_shape(
+            lambda: self._token_sums(self._apply(params, first, key, totals)[0], first, teacher)
         )
+        no_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes)
+        (grads, sums), (auxes, per_micro) = jax.lax.scan(accumulate, (zeros, no_sums), xs)
         aux = jax.tree.map(lambda v: jnp.mean(v, axis=0), auxes)
         loads = jax.tree.map(lambda v: jnp.sum(v, axis=0), per_micro)
-        loss = ce / count
-        return loss + aux["loss"], loss, aux, grads, loads
+        return sums["objective"] / count + aux["loss"], sums, aux, grads, loads
 
-    def _eval_step(self, params, batch):
+    def _eval_step(self, params, batch, teacher=None):
         logits, aux = self.model.apply(
             {"params": params},
             *model_inputs(self.config, batch),
@@ -309,7 +373,10 @@ class Trainer:
             deterministic=True,
         )
         ce_sum, count = cross_entropy(logits, batch)
-        return {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, "eval")}
+        out = {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, "eval")}
+        if teacher is not None:
+            out["teacher_ce_sum"] = cross_entropy(self._teacher_logits(teacher, batch), batch)[0]
+        return out
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a global batch -> global arrays split over (data, expert)."""
@@ -320,12 +387,15 @@ class Trainer:
     def evaluate(self, params, pipeline: LMDataPipeline) -> dict[str, Any]:
         """eval/loss over the fixed validation batches, plus averaged MoE statistics."""
         num = self.config.num_eval_batches or None
-        sums, stats, batches = 0.0, 0.0, 0
+        sums, stats, batches, teacher_sums = 0.0, 0.0, 0, 0.0
         count = num_bytes = 0.0
         token_bytes = pipeline.tokenizer.token_bytes()
         for batch in pipeline.eval_batches(num, jax.process_index(), jax.process_count()):
             with jax.set_mesh(self.mesh):
-                out = jax.device_get(self.eval_step(params, self.put_batch(batch)))
+                out = jax.device_get(
+                    self.eval_step(params, self.put_batch(batch), *self._teacher_args())
+                )
+            teacher_sums += float(out.pop("teacher_ce_sum", 0.0))
             sums += float(out.pop("ce_sum"))
             count += float(out.pop("count"))
             # This process's rows only; the text bytes are summed over processes below.
@@ -337,6 +407,8 @@ class Trainer:
         loss = sums / max(count, 1.0)
         result = {"eval/loss": loss, "eval/bits_per_token": loss / math.log(2)}
         result["eval/scored_bytes"] = num_bytes
+        if self.teacher_model is not None:
+            result["eval/teacher_loss"] = teacher_sums / max(count, 1.0)
         if self.config.model.get("arch", "decoder") == "decoder" and num_bytes > 0:
             # Span-corruption targets are sentinels and masked spans, not a text stream: a
             # per-byte loss means something for the decoder-only LM only.
@@ -438,6 +510,15 @@ def train_and_evaluate(
     """
     config = resolve(config)
     validate_config(config, num_devices=jax.device_count())
+    distillation.check_distill(config)
+    if config.model.moe.num_experts and config.model.moe.expert_quantization != "none":
+        done = checkpoints.latest_saved_step(workdir) if checkpoints.has_checkpoint(workdir) else 0
+        if (done or 0) < config.num_train_steps:
+            raise ValueError(
+                f"model.moe.expert_quantization={config.model.moe.expert_quantization!r} is "
+                "for evaluation (int8 values take no gradient): train with 'none' and quantize "
+                "the trained run (switchmoe.quantization.quantize_run)."
+            )
     check_workdir_compatible(config, workdir)
     if not checkpoints.has_checkpoint(workdir):
         finetune.check_init_from(config)  # a resumed run continues from its own checkpoint
@@ -461,7 +542,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
         checkpoints.write_config(workdir, config)
 
     mesh = sharding.make_mesh(config.mesh)
-    trainer = Trainer(config, mesh)
+    teacher = distillation.load_teacher(config) if distillation.settings(config) else None
+    trainer = Trainer(config, mesh, teacher=teacher)
     pipeline = make_pipeline(config)
     if jax.process_count() > 1:
         # Process 0 prepares the TFDS data once; the others wait, then read what it wrote.
@@ -484,6 +566,10 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
         if config.get("init_from"):
             params, opt_state = trainer.start_from(finetune.initial_params(config, params))
             log(f"Initialised from {config.init_from} (new optimizer state, data from step 0).")
+        elif teacher is not None and config.distill.student_init == "non_expert":
+            start_params, copied = distillation.non_expert_start(teacher[1], params)
+            params, opt_state = trainer.start_from(start_params)
+            log(f"Student starts from the teacher's {len(copied)} non-expert parameters.")
     batches = pipeline.train_batches(
         start, meta.get("data_state") if restored else None,
         jax.process_index(), jax.process_count(),

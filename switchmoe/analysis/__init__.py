@@ -14,7 +14,7 @@ needs pandas.
 Shape legend: M MoE layers, N sequences (eval windows), L sequence length, E experts,
 T kinds (len(KINDS)).
 
-Modules: evaluation (load_run, evaluate_at_capacities), source_kinds (token_kind),
+Modules: evaluation (load_run, evaluate_run, evaluate_at_capacities), source_kinds (token_kind),
 routing_capture (capture_routing), expert_tables (expert_kind_table and plots), sweep_results
 (load_sweep and plots). Everything is re-exported here.
 """
@@ -25,6 +25,7 @@ from switchmoe.analysis.evaluation import (
     load_run,
     single_device_config,
     evaluate_at_capacities,
+    evaluate_run,
     format_capacity_table,
     plot_capacity_sweep,
 )

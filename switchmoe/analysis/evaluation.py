@@ -40,6 +40,19 @@ def _single_device_trainer(config: ml_collections.ConfigDict) -> Trainer:
     return Trainer(config, mesh)
 
 
+def evaluate_run(
+    run: Run, num_batches: Optional[int] = None, step: Optional[int] = None
+) -> dict[str, Any]:
+    """The eval metrics of a run (dense or MoE, float or int8 experts) as its training would
+    report them: its own fixed validation batches (`num_batches`, default the config's
+    `num_eval_batches`; 0 = all) at its eval capacity factor, on one device."""
+    config, params = load_run(run, step)
+    config = single_device_config(config)
+    if num_batches is not None:
+        config.num_eval_batches = int(num_batches)
+    return _single_device_trainer(config).evaluate(params, make_pipeline(config))
+
+
 def evaluate_at_capacities(
     run: Run,
     factors: Sequence[float] = (0.5, 1.0, 1.25, 2.0),

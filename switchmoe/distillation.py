@@ -1,0 +1,168 @@
+"""Distillation: a student (usually dense) trained on hard labels and a trained teacher's soft
+targets (Switch Transformer §5: distilling an MoE into a dense model keeps part of the MoE's gain
+over a dense model trained alone).
+
+Shape legend: B batch, L sequence length, V vocabulary.
+
+Per scored token, with α = `distill.teacher_weight` and T = `distill.temperature`:
+
+    loss = (1 − α) · CE(y, softmax(s)) + α · T² · H(softmax(t / T), softmax(s / T))
+
+s and t are the student's and the teacher's logits, y the label, H(p, q) = −Σ_v p_v log q_v.
+At T = 1 this is the cross-entropy against the mixed target (1 − α)·onehot(y) + α·softmax(t),
+Switch's formulation (α = 0.25 worked best there). The T² keeps the soft term's gradient on the
+same scale as T varies (Hinton et al. 2015). With α = 0 the soft term is not computed at all:
+training equals plain training bit for bit (tested); the teacher's loss is still logged.
+
+The teacher is a run restored from `distill.teacher` ('<workdir>' or '<workdir>:<step>', its
+newest intact checkpoint by default), evaluated in each training step in evaluation mode (eval
+capacity factor, no dropout, no gradient) on the student's batch, and in each evaluation
+(`eval/teacher_loss`). It must read the same batches: the same `model.arch`, tokenizer and
+vocabulary. `distill.student_init='non_expert'` starts the student from the teacher's
+non-expert parameters (embeddings, attention, norms, dense blocks: every parameter outside the
+MoE layers whose path and shape the student shares; Switch's recipe), the rest fresh.
+
+    python -m experiments.train --config=configs/dense.py --workdir=runs/distilled \\
+        --config.distill.teacher=runs/demo --config.distill.student_init=non_expert
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+STUDENT_INITS = ("scratch", "non_expert")
+
+
+def soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float):
+    """float32[...]: T² · H(softmax(t/T), softmax(s/T)) per position (logits [..., V])."""
+    t = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return -(temperature**2) * jnp.sum(t * log_s, axis=-1)
+
+
+def distillation_sums(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    teacher_weight: float,
+    temperature: float,
+) -> dict[str, jax.Array]:
+    """Weighted sums over the scored tokens: {"objective": Σ w·loss (module docstring),
+    "hard": Σ w·CE(y, s), "soft": Σ w·T²·H(t/T, s/T), "teacher": Σ w·CE(y, t)}.
+
+    logits [B, L, V]; targets int[B, L]; weights float[B, L] (0 at unscored positions). With
+    teacher_weight 0 "objective" is "hard" itself and "soft" is not computed (absent)."""
+    w = weights.astype(jnp.float32)
+    hard = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(student_logits, targets) * w)
+    teacher_ce = optax.softmax_cross_entropy_with_integer_labels(teacher_logits, targets)
+    out = {"hard": hard, "teacher": jnp.sum(teacher_ce * w), "objective": hard}
+    if teacher_weight:
+        soft = jnp.sum(soft_cross_entropy(student_logits, teacher_logits, temperature) * w)
+        out["soft"] = soft
+        out["objective"] = (1.0 - teacher_weight) * hard + teacher_weight * soft
+    return out
+
+
+def settings(config: ml_collections.ConfigDict) -> Optional[ml_collections.ConfigDict]:
+    """The `distill` block when a teacher is set, else None."""
+    block = config.get("distill")
+    return block if block is not None and block.get("teacher") else None
+
+
+def check_distill(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the `distill.*` setting that cannot work, before anything is
+    compiled or written; reads the teacher's config.json (not its parameters)."""
+    from switchmoe import checkpoints, finetune  # noqa: PLC0415
+    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
+
+    block = config.get("distill")
+    if block is None:
+        return
+    init = block.get("student_init", "scratch")
+    if init not in STUDENT_INITS:
+        raise ValueError(f"distill.student_init must be one of {STUDENT_INITS}; got {init!r}.")
+    if not block.get("teacher"):
+        if init != "scratch":
+            raise ValueError(
+                f"distill.student_init={init!r} needs a teacher (distill.teacher='<workdir>')."
+            )
+        return
+    alpha, temperature = block.teacher_weight, block.temperature
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"distill.teacher_weight must be in [0, 1]; got {alpha!r}.")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"distill.temperature must be > 0; got {temperature!r}.")
+    if init == "non_expert" and config.get("init_from"):
+        raise ValueError(
+            "distill.student_init='non_expert' and init_from both set the student's start; "
+            "set one of them."
+        )
+    workdir, _ = finetune.parse_init_from(block.teacher)
+    teacher = checkpoints.read_config(workdir)
+    if teacher is None or not checkpoints.has_checkpoint(workdir):
+        raise ValueError(
+            f"distill.teacher={block.teacher!r}: no run (config and checkpoint) there."
+        )
+    teacher = resolve(with_defaults(teacher))
+    for key in ("model.arch", "model.vocab_size", "data.tokenizer", "data.seq_len"):
+        a, b = _get(teacher, key), _get(config, key)
+        if a != b:
+            raise ValueError(
+                f"distill.teacher={block.teacher!r} has {key}={a!r} and this run {b!r}: the "
+                "teacher must read the student's batches."
+            )
+    if teacher.model.moe.get("expert_quantization", "none") != "none" and (
+        config.mesh.expert > 1
+    ):  # fmt: skip
+        raise ValueError("an int8 teacher runs on mesh.expert=1.")
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return node
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
+    """(teacher config, teacher params on the host) of `distill.teacher`."""
+    from switchmoe import finetune, runs  # noqa: PLC0415
+    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
+
+    workdir, step = finetune.parse_init_from(config.distill.teacher)
+    teacher_config, params = runs.restore_run(workdir, step)
+    return resolve(with_defaults(teacher_config)), jax.device_get(params)
+
+
+def non_expert_start(teacher_params: Any, fresh: Any) -> tuple[Any, list[str]]:
+    """The student's start: `fresh` with every parameter outside the MoE layers that the teacher
+    has at the same path and shape replaced by the teacher's (placed like `fresh`'s leaf); also
+    the copied paths.
+
+    Raises ValueError when nothing is shared (a student of another width or depth)."""
+    source = traverse_util.flatten_dict(teacher_params)
+    target = traverse_util.flatten_dict(fresh)
+    copied = []
+    out = {}
+    for path, leaf in target.items():
+        theirs = source.get(path)
+        if "moe" not in path and theirs is not None and tuple(theirs.shape) == tuple(leaf.shape):
+            value = np.asarray(theirs, leaf.dtype)
+            out[path] = jax.device_put(value, leaf.sharding) if hasattr(leaf, "sharding") else value
+            copied.append("/".join(path))
+        else:
+            out[path] = leaf
+    if not copied:
+        raise ValueError(
+            "distill.student_init='non_expert': the student shares no parameter outside the MoE "
+            "layers with the teacher (the same model.d_model, num_layers and num_heads are needed)."
+        )
+    return traverse_util.unflatten_dict(out), copied
