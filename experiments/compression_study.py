@@ -137,15 +137,13 @@ def _make_run(kind: str, seed: int, moe_dir: str, dense_dir: str, root: str) -> 
     return workdir
 
 
-def _size(workdir: str) -> dict:
+def _size(config, params) -> dict:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
     from switchmoe import quantization  # noqa: PLC0415
     from switchmoe.models import count_params  # noqa: PLC0415
-    from switchmoe.runs import restore_run  # noqa: PLC0415
 
-    config, params = restore_run(workdir)
     leaves = jax.tree.leaves(jax.device_get(params))
     counts = count_params(config)
     out = {
@@ -166,6 +164,7 @@ def main(argv):
     del argv
     from switchmoe import sweeps  # noqa: PLC0415
     from switchmoe.analysis.evaluation import evaluate_run  # noqa: PLC0415
+    from switchmoe.runs import restore_run  # noqa: PLC0415
     from switchmoe.train import train_and_evaluate  # noqa: PLC0415
 
     sweep, root = os.path.abspath(_SWEEP.value), os.path.abspath(_WORKDIR.value)
@@ -184,11 +183,12 @@ def main(argv):
             workdir = _make_run(entry["kind"], seed, moe_dir, dense_dir, root)
             key = f"{entry['kind']},seed={seed}"
             if key not in cache:
-                result = evaluate_run(workdir)
+                run = restore_run(workdir)  # restored once, for the evaluation and the sizes
+                result = evaluate_run(run)
                 cache[key] = {"eval_loss": float(result["eval/loss"]),
                               "bits_per_byte": float(result["eval/bits_per_byte"]),
                               "dropped_fraction": float(result.get("eval/dropped_fraction", 0.0)),
-                              "workdir": workdir, **_size(workdir)}  # fmt: skip
+                              "workdir": workdir, **_size(*run)}  # fmt: skip
                 with open(cache_path, "w") as f:
                     json.dump(cache, f, indent=1)
             entry["seeds"][seed] = cache[key]

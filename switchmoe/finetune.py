@@ -64,6 +64,12 @@ def _in_moe(path: tuple) -> bool:
     return "moe" in path and "shared" not in path[path.index("moe") :]
 
 
+def is_expert_matrix(path: tuple) -> bool:
+    """Whether `path` is a routed expert matrix (w_in, w_gate, w_out of an MoE layer, not of its
+    shared expert)."""
+    return _in_moe(path) and path[-1] in EXPERT_MATRICES
+
+
 def is_frozen(path: tuple, freeze: str) -> bool:
     """Whether the parameter at `path` (a tuple of keys) is frozen by `optimizer.freeze`."""
     if freeze == "none":
@@ -76,7 +82,7 @@ def is_frozen(path: tuple, freeze: str) -> bool:
     if freeze == "non_moe":
         return not moe
     if freeze == "experts":
-        return moe and path[-1] in EXPERT_MATRICES
+        return is_expert_matrix(path)
     if freeze == "router":
         return moe and path[-1] not in EXPERT_MATRICES and path[-1] != "selection_bias"
     raise ValueError(f"optimizer.freeze={freeze!r}")

@@ -51,10 +51,10 @@ from flax import traverse_util
 from scipy.optimize import linear_sum_assignment
 
 from switchmoe import balancing
+from switchmoe.finetune import EXPERT_MATRICES
 
 SIMILARITIES = ("router", "usage")
 WEIGHTINGS = ("usage", "uniform")
-EXPERT_MATRICES = ("w_in", "w_gate", "w_out")
 
 
 @dataclasses.dataclass
@@ -243,10 +243,7 @@ def merge_experts(
         bias_key = layer + ("router_bias",)
         if bias_key in flat:
             old = flat[bias_key]
-            flat[bias_key] = np.array(
-                [old[members] @ (np.ones(len(members)) / len(members)) for members in groups],
-                old.dtype,
-            )
+            flat[bias_key] = np.array([old[members].mean() for members in groups], old.dtype)
         if selection is not None:
             flat[layer + (balancing.BIAS,)] = np.asarray(biases, selection.dtype)
         report["layers"][name] = {

@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-EXPERT_MATRICES = ("w_in", "w_out", "w_gate")
+from switchmoe.finetune import is_expert_matrix
+
 QMAX = 127
 
 
@@ -51,10 +52,6 @@ def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(q, np.float32) * np.asarray(scale, np.float32)
 
 
-def _is_expert_matrix(path: tuple) -> bool:
-    return path[-1] in EXPERT_MATRICES and "moe" in path and "shared" not in path
-
-
 def quantize_experts(
     config: ml_collections.ConfigDict, params: Any
 ) -> tuple[ml_collections.ConfigDict, Any]:
@@ -71,7 +68,7 @@ def quantize_experts(
     flat = traverse_util.flatten_dict(jax.device_get(params))
     out = {}
     for path, leaf in flat.items():
-        if _is_expert_matrix(path):
+        if is_expert_matrix(path):
             q, scale = quantize_int8(leaf)
             out[path] = q
             out[path[:-1] + (f"{path[-1]}_scale",)] = scale
@@ -90,7 +87,7 @@ def expert_bytes(params: Any) -> dict[str, int]:
     total = count = 0
     for path, leaf in traverse_util.flatten_dict(params).items():
         matrix = path[:-1] + (str(path[-1]).removesuffix("_scale"),)
-        if not _is_expert_matrix(matrix):
+        if not is_expert_matrix(matrix):
             continue
         total += np.asarray(leaf).nbytes
         if matrix == path:
