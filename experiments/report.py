@@ -368,9 +368,28 @@ def load_cv_series(records) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps), np.asarray(loads)
 
 
+def balancer_label(moe) -> str:
+    """What balances a run, from its `model.moe` config: 'Switch α 0.01', 'bias γ 0.001 +
+    sequence-wise 0.0001', 'none'. The study's trial names say this only through overrides of
+    defaults ('load_balancing_weight=0.0,...'), which is not what a reader of a plot wants."""
+    parts = []
+    for key, word in (
+        ("bias_update_speed", "bias γ"),
+        ("load_balancing_weight", "Switch α"),
+        ("sequence_balance_weight", "sequence-wise"),
+        ("global_balance_weight", "global-batch"),
+    ):
+        value = float(moe.get(key, 0.0) or 0.0)
+        if value:
+            parts.append(f"{word} {value:g}")
+    return " + ".join(parts) or "none"
+
+
 def balance_figure(trials):
     """Load CV, dead experts and dropped tokens over training, mean ± std over seeds per
-    setting: how fast and how well each balancer balances."""
+    setting: how fast and how well each balancer balances. One row of panels per expert count,
+    one colour per balancer (the same in every row), so that no panel holds more curves than
+    tab10 has colours."""
     import matplotlib.pyplot as plt
 
     series = {
@@ -378,32 +397,50 @@ def balance_figure(trials):
         "dead experts % (train)": lambda rs: _scaled(rs, "train/dead_expert_fraction"),
         "tokens dropped % (train)": lambda rs: _scaled(rs, "train/dropped_fraction"),
     }
-    groups: dict[str, list] = {}
+    # {expert count: {balancer: [records of each seed]}}
+    rows: dict[int, dict[str, list]] = {}
     for t in trials:
         if t["finished"] and any("train/expert_load" in r for r in t["records"]):
-            groups.setdefault(seeds_lib.setting_name(t["name"]), []).append(t["records"])
-    if not groups:
+            moe = t["config"].model.moe
+            by_balancer = rows.setdefault(int(moe.num_experts), {})
+            by_balancer.setdefault(balancer_label(moe), []).append(t["records"])
+    if not rows:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    # Past 10 settings the default cycle repeats its colours: tab20's 20, with every second
-    # curve dashed so that its paired light/dark shades still tell apart.
-    many = len(groups) > 10
-    colours = plt.get_cmap("tab20" if many else "tab10")
-    for ax, (label, fn) in zip(axes, series.items()):
-        for i, (setting, runs) in enumerate(groups.items()):
-            curves = [fn(records) for records in runs]
-            if not all(len(c[0]) for c in curves):
-                continue
-            steps, mean, std = seeds_lib.mean_curve(curves)
-            style = "--" if many and i % 2 else "-"
-            (line,) = ax.plot(steps, mean, style, lw=1.2, color=colours(i % colours.N),
-                              label=analysis.trial_label(setting))  # fmt: skip
-            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        ax.set(xlabel="step", ylabel=label)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle("mean ± std over seeds (bands)", fontsize=9)
+    # The control first, then the auxiliary losses, then the bias: the order of the study's table.
+    balancers = sorted(
+        {b for row in rows.values() for b in row},
+        key=lambda b: (b != "none", "bias" in b, b.count("+"), b),
+    )
+    colours = plt.get_cmap("tab10" if len(balancers) <= 10 else "tab20")
+    colour = {b: colours(i % colours.N) for i, b in enumerate(balancers)}
+    fig, axes = plt.subplots(
+        len(rows), 3, figsize=(15, 3.6 * len(rows)), squeeze=False, sharex=True
+    )
+    for axes_row, (experts, by_balancer) in zip(axes, sorted(rows.items())):
+        for ax, (label, fn) in zip(axes_row, series.items()):
+            for balancer, runs in by_balancer.items():
+                curves = [fn(records) for records in runs]
+                if not all(len(c[0]) for c in curves):
+                    continue
+                steps, mean, std = seeds_lib.mean_curve(curves)
+                c = colour[balancer]
+                ax.plot(steps, mean, lw=1.4, color=c, label=balancer)
+                ax.fill_between(steps, mean - std, mean + std, color=c, alpha=0.15, lw=0)
+            ax.set_ylabel(label)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+        axes_row[0].set_title(f"{experts} experts", loc="left", fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    seeds = max(len(runs) for row in rows.values() for runs in row.values())
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    order = [b for b in balancers if b in handles]
+    fig.legend([handles[b] for b in order], order, loc="upper left", fontsize=8,
+               bbox_to_anchor=(1.0, 0.95), title="balancer")  # fmt: skip
+    fig.suptitle(f"mean ± std over {seeds} seeds (bands)", fontsize=9)
     fig.tight_layout()
     return fig
 

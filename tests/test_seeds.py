@@ -149,3 +149,45 @@ def test_trial_labels_are_short_and_human():
     assert trial_label("base") == "base" and trial_label("foo=1") == "foo=1"
     assert trial_label("freeze=moe,learning_rate=0.0001") == "MoE frozen, lr 0.0001"
     assert trial_label("freeze=re_.") == "nothing updated"
+
+
+def test_balance_figure_has_a_row_per_expert_count_and_a_colour_per_balancer():
+    import ml_collections
+
+    from experiments import report
+
+    def trial(experts, seed, **moe):
+        cfg = ml_collections.ConfigDict(
+            {"model": {"moe": {"num_experts": experts, "load_balancing_weight": 0.01, **moe}}}
+        )
+        records = [
+            {
+                "step": s,
+                "train/expert_load": [0.5, 0.5],
+                "train/dead_expert_fraction": 0.0,
+                "train/dropped_fraction": 0.1 * seed,
+            }  # fmt: skip
+            for s in (10, 20)
+        ]
+        return {"name": f"e={experts},{moe},seed={seed}", "finished": True, "config": cfg,
+                "records": records}  # fmt: skip
+
+    none = {"load_balancing_weight": 0.0}
+    deepseek = {"load_balancing_weight": 0.0, "bias_update_speed": 1e-3,
+                "sequence_balance_weight": 1e-4}  # fmt: skip
+    assert report.balancer_label(ml_collections.ConfigDict(none)) == "none"
+    assert report.balancer_label(ml_collections.ConfigDict(deepseek)) == (
+        "bias γ 0.001 + sequence-wise 0.0001"
+    )
+    trials = [trial(e, s, **m) for e in (16, 64) for m in ({}, none, deepseek) for s in (0, 1)]
+    fig = report.balance_figure(trials[:-1])  # 64 experts' DeepSeek run has one seed only
+    axes = fig.axes
+    assert len(axes) == 6 and axes[0].get_title(loc="left") == "16 experts"
+    assert axes[3].get_title(loc="left") == "64 experts"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["none", "Switch α 0.01", "bias γ 0.001 + sequence-wise 0.0001"]
+    # The same balancer has the same colour in both rows, and different ones differ.
+    colours = [{ln.get_label(): ln.get_color() for ln in ax.lines} for ax in (axes[2], axes[5])]
+    assert colours[0] == colours[1] and len(set(colours[0].values())) == 3
+    # Dropped % of seeds 0 and 1 (0 and 10): mean 5 in every row with both seeds.
+    assert np.allclose(axes[2].lines[0].get_ydata(), 5.0)
