@@ -152,19 +152,37 @@ class StackedExperts:
 #   the same with the weights gathered beforehand                            25.5 ms
 #   lax.scan over blocks, slicing w[e] in place                              18.7 ms
 # XLA:CPU runs a batched dot as a loop of small GEMMs slower than its own loop over blocks, and
-# the gather costs NB·D·F memory. Weight gradient Σ_{n: e_n = e} x[n]ᵀ·dy[n], 39 blocks of 128
-# rows, D 512, F 2048, against 54 ms for the dense [D, R] x [R, F]:
-#   batched dot [NB, D, F] then a sorted segment sum into [E, D, F]         122 ms
-#   lax.scan adding each block's product into its expert's slice in place   80 ms
-#   the same skipping the padding blocks with a cond (30 of 39 used)        64-72 ms
-# So both directions run as scans that skip the blocks past `used_blocks` (up to E·(Bk−1) padding
-# rows). A custom VJP gives the backward its own scan (input gradient and the in-place weight
-# gradient together); autodiff of the forward scan would instead add a full [E, D, F] cotangent
-# at every step.
+# the gather costs NB·D·F memory. So every direction is a loop over blocks that slices w[e] (or
+# dw[e]) in place, and it is a while loop that stops at `used_blocks`: the padding blocks past it
+# (up to E·(Bk−1) rows) cost nothing, not even the branch a scan with a cond pays per block.
+#
+# The backward is two loops, one for dx and one for dw. One loop doing both per block, each
+# block's work under a cond, took 91–102 ms against 70–85 ms for the two (35 used blocks of 128
+# rows, D 512, F 2048, three runs in one process; the layer-level effect is in BENCHMARKS.md).
+# The weight gradient Σ_{n: e_n = e} x[n]ᵀ·dy[n] adds each block's [A, B] product into its expert's slice in
+# place; a batched dot [NB, A, B] followed by a segment sum took 122 ms against 80 ms for that.
+# Summing 2–8 blocks of one expert per GEMM (fewer read-modify-writes of dw[e]) was within the
+# run-to-run spread of one block per GEMM, so the loop stays simple.
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())))
+
+
+def _blocks_times_weights(x: Array, w: Array, block_expert: Array, used_blocks: Array, contract):
+    """out[n] = x[n] · w[block_expert[n]] (contracting x's axis 1 with w_e's axis contract) for
+    n < used_blocks, zeros past it: [NB, Bk, out]."""
+    NB, Bk, _ = x.shape
+    out_width = w.shape[2] if contract == 0 else w.shape[1]
+
+    def body(carry):
+        n, out = carry
+        w_e = jax.lax.dynamic_index_in_dim(w, block_expert[n], axis=0, keepdims=False)
+        y_n = _dot(x[n], w_e, (1, contract)).astype(out.dtype)
+        return n + 1, jax.lax.dynamic_update_index_in_dim(out, y_n, n, axis=0)
+
+    out = jnp.zeros((NB, Bk, out_width), x.dtype)
+    return jax.lax.while_loop(lambda c: c[0] < used_blocks, body, (jnp.int32(0), out))[1]
 
 
 @jax.custom_vjp
@@ -174,16 +192,7 @@ def block_matmul(x: Array, w: Array, block_expert: Array, used_blocks: Array) ->
     block_expert: int32[NB] in [0, E). used_blocks: int32 scalar; blocks n ≥ used_blocks are
     skipped and give zeros (their rows must be zeros, as padding rows are).
     """
-    NB, Bk, _ = x.shape
-    zeros = jnp.zeros((Bk, w.shape[2]), x.dtype)
-
-    def body(_, inputs):
-        n, x_n, e = inputs
-        w_e = jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)  # [A, B], no copy
-        y_n = jax.lax.cond(n < used_blocks, lambda: _dot(x_n, w_e, (1, 0)), lambda: zeros)
-        return None, y_n
-
-    return jax.lax.scan(body, None, (jnp.arange(NB), x, block_expert))[1]
+    return _blocks_times_weights(x, w, block_expert, used_blocks, contract=0)
 
 
 def _block_matmul_fwd(x, w, block_expert, used_blocks):
@@ -191,24 +200,20 @@ def _block_matmul_fwd(x, w, block_expert, used_blocks):
 
 
 def _block_matmul_bwd(residuals, dy):
-    """dx[n] = dy[n] @ w[e_n]ᵀ and dw[e] = Σ_{n: e_n = e} x[n]ᵀ @ dy[n], one scan over blocks."""
+    """dx[n] = dy[n] @ w[e_n]ᵀ, and dw[e] = Σ_{n: e_n = e} x[n]ᵀ @ dy[n] added in place."""
     x, w, block_expert, used_blocks = residuals
-    NB = x.shape[0]
-    zeros_dx = jnp.zeros(x.shape[1:], x.dtype)
+    dx = _blocks_times_weights(dy, w, block_expert, used_blocks, contract=1)
 
-    def body(dw, inputs):
-        n, x_n, dy_n, e = inputs
+    def body(carry):
+        n, dw = carry
+        e = block_expert[n]
+        dw_e = jax.lax.dynamic_index_in_dim(dw, e, axis=0, keepdims=False)
+        dw_e = dw_e + _dot(x[n], dy[n], (0, 0)).astype(dw.dtype)  # [A, B]
+        return n + 1, jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, axis=0)
 
-        def used(dw):
-            w_e = jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
-            dw_e = jax.lax.dynamic_index_in_dim(dw, e, axis=0, keepdims=False)
-            dw_e = dw_e + _dot(x_n, dy_n, (0, 0)).astype(dw.dtype)  # [A, B]
-            dw = jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, axis=0)  # in place
-            return dw, _dot(dy_n, w_e, (1, 1)).astype(x.dtype)  # [Bk, A]
-
-        return jax.lax.cond(n < used_blocks, used, lambda dw: (dw, zeros_dx), dw)
-
-    dw, dx = jax.lax.scan(body, jnp.zeros_like(w), (jnp.arange(NB), x, dy, block_expert))
+    dw = jax.lax.while_loop(lambda c: c[0] < used_blocks, body, (jnp.int32(0), jnp.zeros_like(w)))[
+        1
+    ]
     return dx, dw, None, None
 
 
