@@ -13,8 +13,9 @@ Writes <out>.json (machine, versions, settings, every measurement with all its r
 
 What is measured, for each case:
   - layer: MoeLayer forward+backward (gradients of Σ y·c + aux loss w.r.t. parameters and input),
-    with the training capacity factor; the dense baseline is relu(x·W1)·W2 with width k·F, i.e.
-    the same active expert parameters per token (the router's D·E are left out);
+    with the training capacity factor, each call followed by a call of the dense baseline ("× dense"
+    is the median of these paired ratios); the dense baseline is relu(x·W1)·W2 with width k·F,
+    i.e. the same active expert parameters per token (the router's D·E are left out);
   - experts only: the same experts' forward+backward on the buffers the backend builds ([E, G·C, D]
     for einsum/gather, the padded blocks for blocked dropless, the sorted rows for ragged_dot);
     routing + dispatch + combine = layer − experts only, reported as a share of the layer;
@@ -202,24 +203,38 @@ def measure(
     jitted=None,
     expected_flops: Optional[float] = None,
     what: str = "program",
+    baseline: Optional[Callable[[], Any]] = None,
 ) -> dict:
     """Compile apart, check the FLOPs against `expected_flops` (None: record only), warm up,
-    then time up to `repeats` calls; medians in seconds."""
+    then time up to `repeats` calls; medians in seconds.
+
+    With `baseline` (a call of another compiled program, e.g. the dense FFN's `"call"`), every
+    timed call is followed by a timed baseline call, and `ratio_to_baseline` is the median of
+    the per-pair ratios. This machine's speed drifts by 10-30% within minutes; a ratio of two
+    medians taken minutes apart carries that drift, a paired ratio does not. The record's
+    `"call"` runs this program once more (not JSON: callers pop it)."""
     t0 = time.perf_counter()
     compiled = (jitted or jax.jit(fn)).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     flops = compiled_flops(compiled)
     check_flops(what, flops, expected_flops)
+    call = lambda: _block(compiled(*args))
     for _ in range(warmup):
-        _block(compiled(*args))
-    times = []
+        call()
+        if baseline is not None:
+            baseline()
+    times, baseline_times = [], []
     while len(times) < repeats:
         t = time.perf_counter()
-        _block(compiled(*args))
+        call()
         times.append(time.perf_counter() - t)
-        if len(times) >= 3 and sum(times) > max_seconds:
+        if baseline is not None:
+            t = time.perf_counter()
+            baseline()
+            baseline_times.append(time.perf_counter() - t)
+        if len(times) >= 3 and sum(times) + sum(baseline_times) > max_seconds:
             break
-    return {
+    record = {
         "compile_s": compile_s,
         "median_s": float(np.median(times)),
         "min_s": float(np.min(times)),
@@ -227,7 +242,15 @@ def measure(
         "memory": memory_analysis(compiled),
         "compiled_flops": flops,
         "expected_flops": expected_flops,
+        "call": call,
     }
+    if baseline is not None:
+        record.update(
+            baseline_times_s=baseline_times,
+            baseline_median_s=float(np.median(baseline_times)),
+            ratio_to_baseline=float(np.median(np.divide(times, baseline_times))),
+        )
+    return record
 
 
 def matmul_rate(n: int, dtype, warmup: int, repeats: int, max_seconds: float) -> dict:
@@ -238,6 +261,7 @@ def matmul_rate(n: int, dtype, warmup: int, repeats: int, max_seconds: float) ->
         lambda a, b: a @ b, (a, b), warmup, max(repeats, 5), max_seconds,
         expected_flops=2 * n**3, what=f"matmul {n}",
     )  # fmt: skip
+    del m["call"]
     m["size"] = n
     m["flops_per_s"] = 2 * n**3 / m["median_s"]
     return m
@@ -311,8 +335,10 @@ def layer_case(
     s: dict,
     dtype,
     run: Callable,
+    dense_call: Optional[Callable[[], Any]] = None,
 ) -> dict:
-    """One MoE layer case: the full layer and its experts alone, forward+backward."""
+    """One MoE layer case: the full layer and its experts alone, forward+backward. With
+    `dense_call`, the layer's calls alternate with the dense FFN's (`measure`'s baseline)."""
     backend, implementation = _backend_settings(backend_name)
     D = x.shape[2]
     F, k = s["d_ff"], s["num_selected"]
@@ -350,6 +376,7 @@ def layer_case(
             (params, x),
             expected_flops=expected,
             what=f"layer {name}",
+            baseline=dense_call,
         )  # fmt: skip
     }
     record["dropped_fraction"] = float(aux["stats"]["dropped_fraction"])
@@ -384,6 +411,8 @@ def layer_case(
         group_sizes = jnp.asarray(sizes, jnp.int32)
         f = lambda w, a, group_sizes: experts.replace(**w).ragged(a, group_sizes)
         record["experts_only"] = run(grad(f), (weights, rows, group_sizes))
+    for part in ("layer", "experts_only"):
+        record[part].pop("call", None)
     return record
 
 
@@ -516,6 +545,7 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
     x = jax.random.normal(jax.random.key(0), (1, T, D), dtype)
     useful = ffn_flops(T * k, D, F)
     dense = dense_case(x, k * F, dtype, run)
+    dense_call = dense.pop("call")
     dense.update(kind="dense", d_ff=k * F, flops=useful)
     result["dense"] = dense
     dense_s = dense["median_s"]
@@ -536,7 +566,7 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
                     result["cases"].append(case)
                     continue
                 try:
-                    case.update(layer_case(name, E, factor, x, s, dtype, run))
+                    case.update(layer_case(name, E, factor, x, s, dtype, run, dense_call))
                 except FlopMismatch as e:
                     case["refused"] = str(e)
                     result["cases"].append(case)
@@ -546,7 +576,9 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
                 experts_s = case["experts_only"]["median_s"]
                 case.update(
                     time_per_token_s=layer_s / T,
-                    ratio_to_dense=layer_s / dense_s,
+                    # Paired with dense FFN calls in between (see `measure`), not against the
+                    # dense median taken at the start of the run.
+                    ratio_to_dense=case["layer"]["ratio_to_baseline"],
                     routing_dispatch_share=max(0.0, 1.0 - experts_s / layer_s),
                     useful_flops=useful,
                     achieved_flops_per_s=useful / layer_s,
@@ -555,7 +587,7 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
                 result["cases"].append(case)
                 log(
                     f"{name:>20} E={E:<4} cf={factor or '-':<5} layer {layer_s * 1e3:9.2f} ms  "
-                    f"×dense {layer_s / dense_s:6.2f}  routing+dispatch "
+                    f"×dense {case['ratio_to_dense']:6.2f}  routing+dispatch "
                     f"{100 * case['routing_dispatch_share']:5.1f}%  "
                     f"({time.perf_counter() - started:.0f} s)"
                 )
@@ -616,7 +648,8 @@ def markdown(result: dict) -> str:
         f"({100 * dense['flops'] / dense['median_s'] / peak:.0f}% of the matmul rate).",
         "",
         "Layer = MoeLayer forward+backward (router, dispatch, experts, combine, aux loss). "
-        "× dense = layer time / dense FFN time. Routing+dispatch = 1 − experts-only / layer. "
+        "× dense = median over the timed calls of (layer call / the dense FFN call timed right "
+        "after it). Routing+dispatch = 1 − experts-only / layer. "
         "Temp = compiled temp memory of the layer's forward+backward. GFLOP/s counts useful expert "
         "FLOPs only (6·T·k·D·F·2).",
         "",

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from switchmoe import finetune
 from switchmoe.moe_layer import MoeLayer
 from switchmoe.config import resolve, sequence_lengths
 from switchmoe.encoder_decoder import EncoderDecoderLM
@@ -97,11 +98,10 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         n = math.prod(leaf.shape)
         total += n
-        keys = [getattr(k, "key", None) for k in path]
+        keys = tuple(getattr(k, "key", None) for k in path)
         # Routed experts only: a shared expert (DeepSeekMoE's, "shared") is active for every token.
         # (An int8 layer's channel scales `w_*_scale` count with their matrices.)
-        matrix = str(keys[-1]).removesuffix("_scale")
-        if matrix in ("w_in", "w_out", "w_gate") and "moe" in keys and "shared" not in keys:
+        if finetune.is_expert_matrix(keys[:-1] + (str(keys[-1]).removesuffix("_scale"),)):
             expert += n
     E = k = 0
     if config.model.moe.num_experts:  # the layer's own counts (fine-grained experts: m·E, m·k)

@@ -61,9 +61,6 @@ def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.A
     return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
 
 
-EXPERT_WEIGHTS = ("w_in", "w_out", "w_gate")
-
-
 def expert_norms(tree: Any) -> jax.Array | None:
     """L2 norm of each expert's weights [num_moe_layers, E] (w_in, w_out and w_gate together).
 
@@ -74,8 +71,8 @@ def expert_norms(tree: Any) -> jax.Array | None:
     """
     layers: dict[tuple, jax.Array] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        keys = [getattr(k, "key", None) for k in path]
-        if "moe" in keys and keys[-1] in EXPERT_WEIGHTS and leaf.ndim == 3:
+        keys = tuple(getattr(k, "key", None) for k in path)
+        if finetune.is_expert_matrix(keys):
             layer = tuple(keys[: keys.index("moe")])
             squares = jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=(1, 2))
             layers[layer] = layers.get(layer, 0.0) + squares

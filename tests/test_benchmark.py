@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,10 @@ def test_quick_preset_writes_json_and_markdown(tmp_path):
                 assert abs(m["compiled_flops"] / m["expected_flops"] - 1) < 0.05
             assert len(m["times_s"]) >= 3 and all(t > 0 for t in m["times_s"])
         assert c["ratio_to_dense"] > 0 and c["achieved_flops_per_s"] > 0
+        # × dense pairs each layer call with the dense call timed right after it.
+        layer, paired = c["layer"]["times_s"], c["layer"]["baseline_times_s"]
+        assert len(paired) == len(layer)
+        assert c["ratio_to_dense"] == pytest.approx(np.median(np.divide(layer, paired)))
         assert 0 <= c["routing_dispatch_share"] < 1 and 0 <= c["dropped_fraction"] <= 1
         if c["backend"] in ("einsum", "gather"):
             assert c["capacity"] >= 1 and c["capacity_factor"] in settings["capacity_factors"]

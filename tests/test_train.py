@@ -73,7 +73,9 @@ def test_expert_norms_by_hand():
 
     ones = np.ones
     tree = {
-        "block_10": {"moe": {"w_in": 2 * ones((2, 3, 4)), "w_out": ones((2, 4, 3))}},
+        # A shared expert (DeepSeekMoE's) is no routed expert: its matrices are left out.
+        "block_10": {"moe": {"w_in": 2 * ones((2, 3, 4)), "w_out": ones((2, 4, 3)),
+                             "shared": {"w_in": ones((3, 4)), "w_out": ones((4, 3))}}},
         "block_2": {"moe": {"w_in": ones((2, 3, 4)), "w_out": ones((2, 4, 3)), "router_kernel": ones((3, 2))}},
         "block_3": {"ffn": {"w_in": ones((3, 4))}},
     }  # fmt: skip
