@@ -132,6 +132,20 @@ def _get(config, dotted: str):
     return node
 
 
+def abstract_teacher(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
+    """(teacher config, teacher parameter shapes) of `distill.teacher`, from its config.json
+    alone: what `fit` sizes (the teacher's parameters live on every step's devices)."""
+    from switchmoe import checkpoints, finetune, models  # noqa: PLC0415
+    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
+
+    workdir, _ = finetune.parse_init_from(config.distill.teacher)
+    teacher = checkpoints.read_config(workdir)
+    if teacher is None:
+        raise ValueError(f"distill.teacher={config.distill.teacher!r}: no config.json there.")
+    teacher = resolve(with_defaults(teacher))
+    return teacher, models.abstract_params(models.build_model(teacher), teacher)
+
+
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
     """(teacher config, teacher params on the host) of `distill.teacher`."""
     from switchmoe import finetune, runs  # noqa: PLC0415

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from switchmoe import sharding
+from switchmoe import distillation, sharding
 from switchmoe.config import resolve, validate_config
 
 # HLO element types -> bytes.
@@ -139,7 +139,10 @@ def fit_report(
         checked.data.tokenizer, checked.data.spm_vocab_size = "byte", None
     validate_config(checked, len(devices))
     mesh = sharding.make_mesh(config.mesh, devices=devices)
-    trainer = Trainer(config, mesh)
+    # A distillation teacher's parameters sit on the devices beside the student's, and its
+    # forward pass runs in every step.
+    teacher = distillation.abstract_teacher(config) if distillation.settings(config) else None
+    trainer = Trainer(config, mesh, teacher=teacher)
     params, opt_state = trainer.abstract_state()
     batch = batch_spec(config, trainer.batch_sharding)
     n = mesh.devices.size
@@ -155,6 +158,7 @@ def fit_report(
         "remat": config.model.get("remat", "none"),
         "param_bytes": bytes_per_device(params),
         "opt_state_bytes": bytes_per_device(opt_state),
+        "teacher_param_bytes": bytes_per_device(trainer._teacher_args()),
         "grad_accum_steps": accum,
         # One microbatch's: under accumulation the microbatches run one after another.
         "saved_for_backward_bytes": saved_for_backward(
@@ -165,7 +169,9 @@ def fit_report(
         return report
     step = jax.ShapeDtypeStruct((), jnp.int32)
     with jax.set_mesh(mesh):
-        compiled = trainer.train_step.lower(params, opt_state, batch, step).compile()
+        compiled = trainer.train_step.lower(
+            params, opt_state, batch, step, *trainer._teacher_args()
+        ).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -194,9 +200,10 @@ def fit_report(
 
 
 def total_bytes(report: dict) -> int:
-    """Parameters + optimizer state + compiled temporaries on one device (donated buffers are
-    reused for the outputs, so they count once)."""
-    return report["param_bytes"] + report["opt_state_bytes"] + report["estimates"]["temp_bytes"]
+    """Parameters + optimizer state (+ a distillation teacher's parameters) + compiled
+    temporaries on one device (donated buffers are reused for the outputs, so they count once)."""
+    held = report["param_bytes"] + report["opt_state_bytes"] + report.get("teacher_param_bytes", 0)
+    return held + report["estimates"]["temp_bytes"]
 
 
 def describe(report: dict, device_memory_gib: float | None = None) -> str:
@@ -209,6 +216,11 @@ def describe(report: dict, device_memory_gib: float | None = None) -> str:
         "per device, exact (from the shardings):",
         f"  parameters       {gib(report['param_bytes'])}",
         f"  optimizer state  {gib(report['opt_state_bytes'])}",
+        *(
+            [f"  teacher params   {gib(report['teacher_param_bytes'])} (distill.teacher)"]
+            if report.get("teacher_param_bytes")
+            else []
+        ),
         "kept for the backward pass, exact (jax.vjp residuals of one microbatch, parameters "
         "included):",
         f"  {gib(report['saved_for_backward_bytes'])}; about "

@@ -173,10 +173,14 @@ class Trainer:
         shardings = sharding.param_shardings(
             boxed["params"], self.mesh, sharding.logical_rules(self.config.mesh)
         )
+
         # From host values, each device taking its part: also right with several processes.
-        place = lambda x, s: jax.make_array_from_callback(
-            np.shape(x), s, lambda index: np.asarray(x)[index]
-        )
+        # Shapes (jax.ShapeDtypeStruct, as `fit` passes) get the shardings and nothing more.
+        def place(x, s):
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            return jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index])
+
         return model, jax.tree.map(place, params, shardings), shardings
 
     @staticmethod

@@ -92,6 +92,25 @@ def plain(data_dir, tmp_path_factory):
     return workdir
 
 
+def test_fit_counts_the_teachers_parameters_and_its_forward_pass(data_dir, teacher):
+    from switchmoe import fit  # noqa: PLC0415
+
+    one = jax.devices()[:1]
+    alone = fit.fit_report(student_config(data_dir), one)
+    taught = fit.fit_report(student_config(data_dir, **{"distill.teacher": teacher}), one)
+    # The teacher's bytes, read off its checkpoint: every float32 parameter on the one device.
+    held = sum(np.asarray(a).nbytes for a in jax.tree.leaves(runs.restore_run(teacher)[1]))
+    assert taught["teacher_param_bytes"] == held > 0 and alone["teacher_param_bytes"] == 0
+    assert taught["param_bytes"] == alone["param_bytes"]
+    assert fit.total_bytes(taught) == (
+        taught["param_bytes"] + taught["opt_state_bytes"] + held
+        + taught["estimates"]["temp_bytes"]
+    )  # fmt: skip
+    # Its forward pass is in the step: more FLOPs than the student's step alone.
+    assert taught["estimates"]["flops_per_step"] > alone["estimates"]["flops_per_step"]
+    assert "teacher params" in fit.describe(taught) and "teacher" not in fit.describe(alone)
+
+
 def test_teacher_weight_zero_trains_bitwise_like_plain_training(data_dir, teacher, plain, tmp_path):
     zero = str(tmp_path / "zero")
     train_and_evaluate(
