@@ -449,8 +449,9 @@ def train_configs(size: str, dtype: str) -> dict:
     return configs
 
 
-def train_case(config, s: dict, run_steps: int) -> dict:
-    """Median time of a training step on one device with synthetic token batches."""
+def train_case(config) -> tuple[Callable[[], float], dict]:
+    """A training step of `config` on one device with synthetic token batches, compiled: (a call
+    that runs one step and returns its seconds, the case's record without times)."""
     from switchmoe.sharding import make_mesh
     from switchmoe.models import count_params
     from switchmoe.train import Trainer
@@ -472,21 +473,20 @@ def train_case(config, s: dict, run_steps: int) -> dict:
         t0 = time.perf_counter()
         compiled = trainer.train_step.lower(params, opt_state, batch, step).compile()
         compile_s = time.perf_counter() - t0
-        state = (params, opt_state)
-        times = []
-        for i in range(s["warmup"] + run_steps):
+    state = [params, opt_state]
+
+    def one_step() -> float:
+        with jax.set_mesh(mesh):
             t = time.perf_counter()
-            *state, metrics = compiled(*state, batch, step)
+            *new_state, metrics = compiled(*state, batch, step)
             _block(metrics)
-            if i >= s["warmup"]:
-                times.append(time.perf_counter() - t)
+            seconds = time.perf_counter() - t
+        state[:] = new_state
+        return seconds
+
     counts = count_params(config)
-    median = float(np.median(times))
-    return {
+    return one_step, {
         "compile_s": compile_s,
-        "median_s": median,
-        "times_s": times,
-        "tokens_per_s": B * L / median,
         "memory": memory_analysis(compiled),
         "batch": B,
         "seq_len": L,
@@ -498,6 +498,29 @@ def train_case(config, s: dict, run_steps: int) -> dict:
         "params_total": counts["total"],
         "params_active_per_token": counts["active_per_token"],
     }
+
+
+def train_cases(configs: dict, s: dict, log: Callable[[str], Any]) -> list[dict]:
+    """Training steps of every model in `configs`, their steps taken in turn (one step of each
+    model per round), so that each model's ratio to the dense model pairs steps taken seconds
+    apart (see `measure`)."""
+    steppers, records = {}, {}
+    for name, config in configs.items():
+        steppers[name], records[name] = train_case(config)
+        records[name].update(model=name, times_s=[])
+    for i in range(s["warmup"] + s["train_steps"]):
+        for name, one_step in steppers.items():
+            seconds = one_step()
+            if i >= s["warmup"]:
+                records[name]["times_s"].append(seconds)
+    dense = records.get("dense")
+    for name, r in records.items():
+        r["median_s"] = float(np.median(r["times_s"]))
+        r["tokens_per_s"] = r["batch"] * r["seq_len"] / r["median_s"]
+        if dense is not None:
+            r["ratio_to_dense"] = float(np.median(np.divide(r["times_s"], dense["times_s"])))
+        log(f"train step {name}: {r['median_s'] * 1e3:.1f} ms (compile {r['compile_s']:.1f} s)")
+    return list(records.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,15 +622,7 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
 
     if s["train"] and s["train_models"]:
         configs = train_configs(s["train_size"], s["dtype"])
-        for name in s["train_models"]:
-            config = configs[name]
-            record = train_case(config, s, s["train_steps"])
-            record["model"] = name
-            result["train"].append(record)
-            log(
-                f"train step {name}: {record['median_s'] * 1e3:.1f} ms "
-                f"(compile {record['compile_s']:.1f} s; {time.perf_counter() - started:.0f} s)"
-            )
+        result["train"] = train_cases({n: configs[n] for n in s["train_models"]}, s, log)
     result["total_s"] = time.perf_counter() - started
     return result
 
@@ -690,17 +705,18 @@ def markdown(result: dict) -> str:
 
         lines += peer_markdown(result["peer"])
     if result["train"]:
-        dense_train = next((r for r in result["train"] if r["model"] == "dense"), None)
         lines += [
             "",
-            "Training step (one device, synthetic batches; forward, backward, optimizer update):",
+            "Training step (one device, synthetic batches; forward, backward, optimizer update; "
+            "the models step in turn, and × dense is the median of each round's step time / the "
+            "dense model's):",
             "",
             "| model | experts | backend | batch × length | step ms | tokens/s | × dense | "
             "params total | active/token | temp MiB | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["train"]:
-            ratio = r["median_s"] / dense_train["median_s"] if dense_train else None
+            ratio = r.get("ratio_to_dense")
             lines.append(
                 f"| {r['model']} | {r['num_experts']} | {r['backend'] or '-'} | "
                 f"{r['batch']}×{r['seq_len']} | {r['median_s'] * 1e3:.1f} | "

@@ -68,7 +68,11 @@ def test_quick_preset_writes_json_and_markdown(tmp_path):
     for r in result["train"]:
         assert r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["params_total"] > 0
     dense = next(r for r in result["train"] if r["model"] == "dense")
-    assert dense["num_experts"] == 0
+    assert dense["num_experts"] == 0 and dense["ratio_to_dense"] == 1.0
+    for r in result["train"]:  # the models stepped in turn: step i of each against dense's
+        assert len(r["times_s"]) == settings["train_steps"]
+        ratios = np.divide(r["times_s"], dense["times_s"])
+        assert r["ratio_to_dense"] == pytest.approx(np.median(ratios))
 
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("# MoE benchmark: quick preset on cpu")
