@@ -403,8 +403,8 @@ def resolve_backend(backend: str, platform: Optional[str] = None) -> str:
 
     The rule, and what it rests on (BENCHMARKS.md, one run each, forward+backward):
       cpu  gather, measured: faster than einsum at every shape timed. Groups of 4,096 tokens
-           (E 1-128, capacity factor 1-2): 1.26× against 3.11× dense at E 8, cf 1.25; groups
-           of 512 (the peer preset): 239 against 272 ms at E 8, 383 against 419 ms at E 64.
+           (E 1-128, capacity factor 1-2): 1.13× against 2.44× dense at E 8, cf 1.25; groups
+           of 512 (the peer preset): 328 against 401 ms at E 8, 516 against 579 ms at E 64.
            Einsum's one-hot dispatch costs (5/6)·S/F of the expert work, and gathers are cheap
            on CPU, so no CPU shape measured favours einsum.
       tpu  einsum, assumed (not measured here): one-hot matmuls run on the MXU, gathers and
