@@ -219,26 +219,6 @@ def measure(
     flops = compiled_flops(compiled)
     check_flops(what, flops, expected_flops)
     call = lambda: _block(compiled(*args))
-    return {
-        "compile_s": compile_s,
-        **time_calls(call, warmup, repeats, max_seconds, baseline),
-        "memory": memory_analysis(compiled),
-        "compiled_flops": flops,
-        "expected_flops": expected_flops,
-        "call": call,
-    }
-
-
-def time_calls(
-    call: Callable[[], Any],
-    warmup: int,
-    repeats: int,
-    max_seconds: float,
-    baseline: Optional[Callable[[], Any]] = None,
-) -> dict:
-    """`warmup` untimed calls, then up to `repeats` timed ones (at least 3, then until
-    `max_seconds`), each followed by a timed `baseline` call when one is given; seconds, and
-    the median of the per-pair ratios as `ratio_to_baseline` (see `measure`)."""
     for _ in range(warmup):
         call()
         if baseline is not None:
@@ -254,7 +234,16 @@ def time_calls(
             baseline_times.append(time.perf_counter() - t)
         if len(times) >= 3 and sum(times) + sum(baseline_times) > max_seconds:
             break
-    record = {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "times_s": times}
+    record = {
+        "compile_s": compile_s,
+        "median_s": float(np.median(times)),
+        "min_s": float(np.min(times)),
+        "times_s": times,
+        "memory": memory_analysis(compiled),
+        "compiled_flops": flops,
+        "expected_flops": expected_flops,
+        "call": call,
+    }
     if baseline is not None:
         record.update(
             baseline_times_s=baseline_times,
@@ -629,7 +618,7 @@ def run_benchmark(s: dict, log: Callable[[str], Any] = print) -> dict:
     if s.get("peer_batch"):
         from experiments.peer_cases import run_peer_cases  # noqa: PLC0415  (needs torch)
 
-        result["peer"] = run_peer_cases(s, run, dense, log, dense_call)
+        result["peer"] = run_peer_cases(s, run, dense, log)
 
     if s["train"] and s["train_models"]:
         configs = train_configs(s["train_size"], s["dtype"])

@@ -15,23 +15,20 @@ Cases (forward + backward of Σ y·c with respect to the input and every weight,
             grouped_mm), the fastest reported
 Before timing, each pair is run forward on the same weights and input and must agree to 1e-4
 (the dropless switchmoe backend is compared only where it computes the same thing: Mixtral).
-PyTorch runs with as many threads as the machine has cores, as XLA:CPU does. Each timed call of a
-switchmoe program is followed by a timed call of the HF layer it is compared with, and the
-ratio is the median of the per-call ratios, so that the machine's drift between the two sides'
-timings does not enter it.
+PyTorch runs with as many threads as the machine has cores, as XLA:CPU does.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark import time_calls
 from switchmoe.moe_layer import MoeLayer
 
 TOLERANCE = 1e-4
@@ -45,9 +42,8 @@ def torch_modules():
     return torch, transformers
 
 
-def torch_call(module_fn: Callable, x, c) -> Callable[[], None]:
-    """One forward+backward of Σ module_fn(x)·c (gradients to x and the module's weights)."""
-    params = [p for p in getattr(module_fn, "parameters", lambda: [])()]
+def time_torch(torch, module_fn: Callable, x, c, warmup: int, repeats: int, max_seconds: float):
+    """Median seconds of forward+backward of Σ module_fn(x)·c (gradients to x and weights)."""
 
     def once():
         x.grad = None
@@ -55,19 +51,25 @@ def torch_call(module_fn: Callable, x, c) -> Callable[[], None]:
             p.grad = None
         (module_fn(x) * c).sum().backward()
 
-    return once
+    params = [p for p in getattr(module_fn, "parameters", lambda: [])()]
+    for _ in range(warmup):
+        once()
+    times = []
+    while len(times) < repeats:
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 3 and sum(times) > max_seconds:
+            break
+    return {"median_s": float(np.median(times)), "times_s": times}
 
 
-def _ours(layer: MoeLayer, params, x, c, measure: Callable, what: str, peer_call) -> dict:
-    """switchmoe's layer, each timed call followed by one of the HF layer (`peer_call`)."""
-
+def _ours(layer: MoeLayer, params, x, c, measure: Callable, what: str) -> dict:
     def loss(params, x):
         y, _ = layer.apply({"params": params}, x, deterministic=False)
         return jnp.sum(y.astype(jnp.float32) * c)
 
-    record = measure(
-        jax.value_and_grad(loss, argnums=(0, 1)), (params, x), what=what, baseline=peer_call
-    )
+    record = measure(jax.value_and_grad(loss, argnums=(0, 1)), (params, x), what=what)
     del record["call"]  # a compiled program, not JSON
     return record
 
@@ -100,9 +102,6 @@ def switch_case(E: int, s: dict, measure: Callable, timing: dict, log) -> dict:
     with torch.no_grad():
         want = peer(torch.tensor(x_np)).numpy()
     record = {"case": f"switch_e{E}", "peer": "SwitchTransformersSparseMLP", "ours": {}}
-    xt = torch.tensor(x_np, requires_grad=True)
-    peer_call = torch_call(peer, xt, torch.tensor(c_np))
-    record["peer_timing"] = time_calls(peer_call, **timing)
     for backend in ("einsum", "gather", "dropless"):
         layer = MoeLayer(
             num_experts=E, d_ff=F, num_selected=1, backend=backend, train_capacity_factor=1.25,
@@ -114,8 +113,10 @@ def switch_case(E: int, s: dict, measure: Callable, timing: dict, log) -> dict:
                 raise ValueError(f"switch E={E} {backend}: outputs differ from HF by {diff:.3g}")
             record.setdefault("max_abs_difference", {})[backend] = diff
         record["ours"][backend] = _ours(
-            layer, params, x, c, measure, f"peer switch E={E} {backend}", peer_call
+            layer, params, x, c, measure, f"peer switch E={E} {backend}"
         )
+    xt = torch.tensor(x_np, requires_grad=True)
+    record["peer_timing"] = time_torch(torch, peer, xt, torch.tensor(c_np), **timing)
     record["capacity"] = capacity
     return record
 
@@ -128,7 +129,7 @@ def mixtral_case(s: dict, measure: Callable, timing: dict, log) -> dict:
     c_np = np.random.default_rng(1).normal(size=(B, L, D)).astype(np.float32)
     mixtral = transformers.models.mixtral.modeling_mixtral
     best = None
-    timings, calls = {}, {}
+    timings = {}
     for implementation in ("eager", "batched_mm", "grouped_mm"):
         config = transformers.MixtralConfig(
             hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=2,
@@ -141,8 +142,7 @@ def mixtral_case(s: dict, measure: Callable, timing: dict, log) -> dict:
                 p.normal_(0.0, 0.02)
         try:
             xt = torch.tensor(x_np, requires_grad=True)
-            calls[implementation] = torch_call(peer, xt, torch.tensor(c_np))
-            timings[implementation] = time_calls(calls[implementation], **timing)
+            timings[implementation] = time_torch(torch, peer, xt, torch.tensor(c_np), **timing)
         except Exception as e:  # noqa: BLE001  (an implementation this torch lacks)
             timings[implementation] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
             continue
@@ -159,8 +159,6 @@ def mixtral_case(s: dict, measure: Callable, timing: dict, log) -> dict:
     }
     params = jax.tree.map(jnp.asarray, params)
     x, c = jnp.asarray(x_np), jnp.asarray(c_np)
-    ok = {k: v for k, v in timings.items() if "median_s" in v}
-    fastest = min(ok, key=lambda k: ok[k]["median_s"])
     record = {"case": "mixtral", "peer": "MixtralSparseMoeBlock", "ours": {}, "peer_all": timings}
     for implementation in ("blocked", "ragged_dot"):
         layer = MoeLayer(
@@ -173,16 +171,16 @@ def mixtral_case(s: dict, measure: Callable, timing: dict, log) -> dict:
             raise ValueError(f"mixtral dropless {implementation}: outputs differ by {diff:.3g}")
         record.setdefault("max_abs_difference", {})[f"dropless_{implementation}"] = diff
         record["ours"][f"dropless_{implementation}"] = _ours(
-            layer, params, x, c, measure, f"peer mixtral {implementation}", calls[fastest]
+            layer, params, x, c, measure, f"peer mixtral {implementation}"
         )
+    ok = {k: v for k, v in timings.items() if "median_s" in v}
+    fastest = min(ok, key=lambda k: ok[k]["median_s"])
     record["peer"] += f" ({fastest})"
     record["peer_timing"] = ok[fastest]
     return record
 
 
-def dense_peer(s: dict, jax_dense: dict, timing: dict, dense_call=None) -> dict:
-    """PyTorch's FFN beside the benchmark's dense FFN (its record, and with `dense_call` the
-    call that reruns it: then the two alternate call by call)."""
+def dense_peer(s: dict, jax_dense: dict, timing: dict) -> dict:
     torch, _ = torch_modules()
     B, L, D, F = s["peer_batch"], s["peer_length"], s["d_model"], s["d_ff"]
     torch.manual_seed(0)
@@ -192,36 +190,24 @@ def dense_peer(s: dict, jax_dense: dict, timing: dict, dense_call=None) -> dict:
     x_np = np.random.default_rng(0).normal(size=(B, L, D)).astype(np.float32)
     xt = torch.tensor(x_np, requires_grad=True)
     c = torch.tensor(np.random.default_rng(1).normal(size=(B, L, D)).astype(np.float32))
-    peer_call = torch_call(ffn, xt, c)
-    record = {"case": "dense", "peer": "PyTorch FFN (nn.Linear)"}
-    if dense_call is None:
-        return {
-            **record,
-            "peer_timing": time_calls(peer_call, **timing),
-            "ours": {"dense": jax_dense},
-        }
-    paired = time_calls(dense_call, **timing, baseline=peer_call)
-    peer_timing = {"median_s": paired["baseline_median_s"], "times_s": paired["baseline_times_s"]}
-    return {**record, "peer_timing": peer_timing, "ours": {"dense": paired}}
+    return {
+        "case": "dense",
+        "peer": "PyTorch FFN (nn.Linear)",
+        "peer_timing": time_torch(torch, ffn, xt, c, **timing),
+        "ours": {"dense": jax_dense},
+    }
 
 
-def run_peer_cases(
-    s: dict, measure: Callable, dense_record: dict, log, dense_call=None
-) -> list[dict]:
-    """Every peer case. Each switchmoe program's timed calls alternate with the HF layer's
-    (the dense FFN's too, given `dense_call`), and `ratio` is the median of the per-call
-    ratios of the fastest switchmoe program: the two sides timed seconds apart, not minutes."""
+def run_peer_cases(s: dict, measure: Callable, dense_record: dict, log) -> list[dict]:
     timing = dict(warmup=s["warmup"], repeats=s["repeats"], max_seconds=s["max_seconds"])
-    records = [dense_peer(s, dense_record, timing, dense_call)]
+    records = [dense_peer(s, dense_record, timing)]
     for E in (8, 64):
         records.append(switch_case(E, s, measure, timing, log))
     records.append(mixtral_case(s, measure, timing, log))
     for r in records:
         ours = {k: v["median_s"] for k, v in r["ours"].items()}
         best = min(ours, key=ours.get)
-        paired = r["ours"][best].get("ratio_to_baseline")
-        ratio = paired if paired is not None else ours[best] / r["peer_timing"]["median_s"]
-        r.update(best=best, best_s=ours[best], ratio=ratio)
+        r.update(best=best, best_s=ours[best], ratio=ours[best] / r["peer_timing"]["median_s"])
         log(
             f"peer {r['case']:>10}: {r['peer']} {r['peer_timing']['median_s'] * 1e3:.0f} ms, "
             f"switchmoe {best} {ours[best] * 1e3:.0f} ms, ratio {r['ratio']:.2f}"
@@ -233,8 +219,7 @@ def peer_markdown(records: list[dict]) -> list[str]:
     lines = [
         "",
         "Beside Hugging Face transformers (PyTorch, same threads), forward+backward, shared "
-        "weights, outputs checked equal first; ratio = median over the timed calls of (switchmoe "
-        "call / the HF call right after it):",
+        "weights, outputs checked equal first:",
         "",
         "| case | HF transformers | HF ms | switchmoe best | ms | ratio | every switchmoe backend |",
         "|---|---|---|---|---|---|---|",

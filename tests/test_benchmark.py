@@ -143,12 +143,6 @@ def test_peer_cases_compute_what_hugging_face_computes_on_shared_weights():
     for r in records[1:]:  # the forward outputs agreed before anything was timed
         assert all(d <= peer_cases.TOLERANCE for d in r["max_abs_difference"].values())
         assert r["ratio"] > 0 and r["peer_timing"]["median_s"] > 0
-    for r in records:  # each switchmoe call was followed by an HF call: the paired ratio
-        ours = r["ours"][r["best"]]
-        if "baseline_times_s" in ours:
-            pairs = np.divide(ours["times_s"], ours["baseline_times_s"])
-            assert r["ratio"] == pytest.approx(np.median(pairs))
-    assert "baseline_times_s" in records[1]["ours"]["gather"]
     assert set(records[1]["max_abs_difference"]) == {"einsum", "gather"}
     lines = peer_cases.peer_markdown(records)
     assert any("SwitchTransformersSparseMLP" in line for line in lines)
