@@ -204,6 +204,7 @@ def measure(
     expected_flops: Optional[float] = None,
     what: str = "program",
     baseline: Optional[Callable[[], Any]] = None,
+    keep_call: bool = False,
 ) -> dict:
     """Compile apart, check the FLOPs against `expected_flops` (None: record only), warm up,
     then time up to `repeats` calls; medians in seconds.
@@ -211,8 +212,8 @@ def measure(
     With `baseline` (a call of another compiled program, e.g. the dense FFN's `"call"`), every
     timed call is followed by a timed baseline call, and `ratio_to_baseline` is the median of
     the per-pair ratios. This machine's speed drifts by 10-30% within minutes; a ratio of two
-    medians taken minutes apart carries that drift, a paired ratio does not. The record's
-    `"call"` runs this program once more (not JSON: callers pop it)."""
+    medians taken minutes apart carries that drift, a paired ratio does not. With `keep_call`
+    the record's `"call"` runs this program once more (not JSON: the caller pops it)."""
     t0 = time.perf_counter()
     compiled = (jitted or jax.jit(fn)).lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -242,8 +243,9 @@ def measure(
         "memory": memory_analysis(compiled),
         "compiled_flops": flops,
         "expected_flops": expected_flops,
-        "call": call,
     }
+    if keep_call:
+        record["call"] = call
     if baseline is not None:
         record.update(
             baseline_times_s=baseline_times,
@@ -261,7 +263,6 @@ def matmul_rate(n: int, dtype, warmup: int, repeats: int, max_seconds: float) ->
         lambda a, b: a @ b, (a, b), warmup, max(repeats, 5), max_seconds,
         expected_flops=2 * n**3, what=f"matmul {n}",
     )  # fmt: skip
-    del m["call"]
     m["size"] = n
     m["flops_per_s"] = 2 * n**3 / m["median_s"]
     return m
@@ -309,7 +310,8 @@ def ffn_flops(rows: int, d: int, f: int, matrices: int = 2) -> int:
 
 
 def dense_case(x, d_ff: int, dtype, run: Callable) -> dict:
-    """relu(x·W1)·W2 of width d_ff, forward+backward w.r.t. x and the weights."""
+    """relu(x·W1)·W2 of width d_ff, forward+backward w.r.t. x and the weights; the record
+    keeps its `"call"`, the baseline of the layer cases."""
     D = x.shape[-1]
     k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
     w1 = (jax.random.normal(k1, (D, d_ff)) / np.sqrt(D)).astype(dtype)
@@ -323,7 +325,7 @@ def dense_case(x, d_ff: int, dtype, run: Callable) -> dict:
     T, D = x.shape[1], x.shape[2]
     return run(
         jax.value_and_grad(loss, argnums=(0, 1, 2)), (x, w1, w2),
-        expected_flops=ffn_flops(T, D, d_ff), what=f"dense FFN d_ff={d_ff}",
+        expected_flops=ffn_flops(T, D, d_ff), what=f"dense FFN d_ff={d_ff}", keep_call=True,
     )  # fmt: skip
 
 
@@ -411,8 +413,6 @@ def layer_case(
         group_sizes = jnp.asarray(sizes, jnp.int32)
         f = lambda w, a, group_sizes: experts.replace(**w).ragged(a, group_sizes)
         record["experts_only"] = run(grad(f), (weights, rows, group_sizes))
-    for part in ("layer", "experts_only"):
-        record[part].pop("call", None)
     return record
 
 

@@ -80,9 +80,6 @@ def settings(config: ml_collections.ConfigDict) -> Optional[ml_collections.Confi
 def check_distill(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `distill.*` setting that cannot work, before anything is
     compiled or written; reads the teacher's config.json (not its parameters)."""
-    from switchmoe import checkpoints, finetune  # noqa: PLC0415
-    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
-
     block = config.get("distill")
     if block is None:
         return
@@ -105,13 +102,7 @@ def check_distill(config: ml_collections.ConfigDict) -> None:
             "distill.student_init='non_expert' and init_from both set the student's start; "
             "set one of them."
         )
-    workdir, _ = finetune.parse_init_from(block.teacher)
-    teacher = checkpoints.read_config(workdir)
-    if teacher is None or not checkpoints.has_checkpoint(workdir):
-        raise ValueError(
-            f"distill.teacher={block.teacher!r}: no run (config and checkpoint) there."
-        )
-    teacher = resolve(with_defaults(teacher))
+    teacher = teacher_config(config, need_checkpoint=True)
     for key in ("model.arch", "model.vocab_size", "data.tokenizer", "data.seq_len"):
         a, b = _get(teacher, key), _get(config, key)
         if a != b:
@@ -132,17 +123,29 @@ def _get(config, dotted: str):
     return node
 
 
+def teacher_config(
+    config: ml_collections.ConfigDict, need_checkpoint: bool
+) -> ml_collections.ConfigDict:
+    """The resolved config of `distill.teacher` (read from its workdir, defaults filled in);
+    raises ValueError when there is none there, or, with `need_checkpoint`, no checkpoint."""
+    from switchmoe import checkpoints, finetune  # noqa: PLC0415
+    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
+
+    teacher = config.distill.teacher
+    workdir, _ = finetune.parse_init_from(teacher)
+    found = checkpoints.read_config(workdir)
+    if found is None or (need_checkpoint and not checkpoints.has_checkpoint(workdir)):
+        what = "run (config and checkpoint)" if need_checkpoint else "config.json"
+        raise ValueError(f"distill.teacher={teacher!r}: no {what} there.")
+    return resolve(with_defaults(found))
+
+
 def abstract_teacher(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
     """(teacher config, teacher parameter shapes) of `distill.teacher`, from its config.json
     alone: what `fit` sizes (the teacher's parameters live on every step's devices)."""
-    from switchmoe import checkpoints, finetune, models  # noqa: PLC0415
-    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
+    from switchmoe import models  # noqa: PLC0415
 
-    workdir, _ = finetune.parse_init_from(config.distill.teacher)
-    teacher = checkpoints.read_config(workdir)
-    if teacher is None:
-        raise ValueError(f"distill.teacher={config.distill.teacher!r}: no config.json there.")
-    teacher = resolve(with_defaults(teacher))
+    teacher = teacher_config(config, need_checkpoint=False)
     return teacher, models.abstract_params(models.build_model(teacher), teacher)
 
 
@@ -152,8 +155,8 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
     from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
 
     workdir, step = finetune.parse_init_from(config.distill.teacher)
-    teacher_config, params = runs.restore_run(workdir, step)
-    return resolve(with_defaults(teacher_config)), jax.device_get(params)
+    found, params = runs.restore_run(workdir, step)
+    return resolve(with_defaults(found)), jax.device_get(params)
 
 
 def non_expert_start(teacher_params: Any, fresh: Any) -> tuple[Any, list[str]]:
