@@ -33,6 +33,5 @@ def get_config():
     config.model.moe.backend = "gather"
     config.num_train_steps = 800
     config.eval_every = 200
-    config.num_eval_batches = 16
     config.checkpoint_every = 200
     return config

@@ -35,7 +35,6 @@ def sized_config(variant=None):
     config.model.moe.num_experts = 0
     config.num_train_steps = 800
     config.eval_every = 200
-    config.num_eval_batches = 16
     config.checkpoint_every = 200
     if variant == "top2":
         config.model.d_ff = 1024

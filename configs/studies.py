@@ -14,6 +14,10 @@
       --workdir=runs/sweeps/balancing --seeds=0,1
   python -m experiments.sweep --config=configs/studies.py:granularity \
       --workdir=runs/sweeps/granularity --seeds=0,1
+  python -m experiments.sweep --config=configs/studies.py:expert_count_switch \
+      --workdir=runs/sweeps/expert_count_switch
+  python -m experiments.sweep --config=configs/studies.py:expert_count_switch_d64 \
+      --workdir=runs/sweeps/expert_count_switch_d64
   python -m experiments.report --workdir=runs/sweeps/expert_count      (likewise for the others)
 
 expert_count  Switch Fig. 4 / Table 9: 1 (dense), 2, 4, 8, 16, 32, 64 experts, top-1, the same
@@ -36,6 +40,11 @@ diagnosis     why top-1 with 64 experts was no better than 8: one change at a ti
               experts (python -m experiments.diagnose --workdir=... tabulates routing health).
 capacity      Switch Table 1: top-1 and top-2 trained at capacity factors 0.5, 1.0, 1.25, 2.0;
               the report evaluates each checkpoint at those factors and dropless.
+expert_count_switch  Switch Fig. 4 at Switch's protocol: dense, 8 ... 128 experts, top-1 with
+              Switch's router, rsqrt schedule, 2,400 steps, whole-split final evaluation; seeds in
+              the sweep itself (3 for dense and 64, 2 for the rest; dense also at lr 1e-2).
+expert_count_switch_d64  the same at half the width (d_model 64): the second size of the scaling
+              fit (python -m experiments.scaling_fit); 2 seeds.
 routing       every router at matched expert FLOPs: Switch top-1, plain top-2, GShard top-2
               (random routing), ST-MoE top-2 + z-loss, expert-choice, noisy top-k, hash (random, balanced), S-BASE, dropless
               top-1, and top-1 with a bfloat16 router (float32 vs bf16 router).
@@ -50,7 +59,7 @@ were no better than 8: the diagnosis", "Expert-count scaling, top-2 ...", "Capac
 on the expert-count setup", "Routing comparison", and the first top-1 runs).
 """
 
-from switchmoe.config import default_config
+from switchmoe.config import default_config, switch_routing
 
 EXPERT_COUNTS = (0, 2, 4, 8, 16, 32, 64)  # 0: dense baseline (every block a dense FFN)
 CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0)
@@ -64,6 +73,8 @@ STUDIES = (
     "learning_rate_top2",
     "balancing",
     "granularity",
+    "expert_count_switch",
+    "expert_count_switch_d64",
 )
 # The setup the diagnosis chose (EXPERIMENTS.md, "Why 64 experts were no better than 8"):
 # routing groups of 1024 tokens, top-2 with gates normalised over the two, half-width experts.
@@ -72,6 +83,31 @@ SCALING_COUNTS = (0, 2, 4, 8, 16, 32, 64, 128)
 # in the diagnosis; these rates (with expert_count_top2's 3e-3 runs) tune each expert count.
 LR_COUNTS = (0, 64, 8)  # dense and 64 first: the flagship comparison
 LEARNING_RATES = (1e-2, 2e-2)
+
+
+# The expert-count study at Switch's own protocol (EXPERIMENTS.md, "Expert-count scaling at
+# Switch's protocol"): top-1 with Switch's router, experts as wide as the dense FFN (equal active
+# FLOPs per token), an inverse-square-root schedule that does not depend on the run's length (so
+# step t of a run is step t of any longer run: nothing compresses the end), 2,400 steps (4x the
+# earlier studies' tokens), groups of 1024 tokens (128 experts keep 10 slots at factor 1.25), the
+# whole-split final evaluation. Dense also at its own best rate from the cosine runs (1e-2), so
+# the speed-up is measured against the best dense model too, not only at the MoE's rate.
+SWITCH_COUNTS = (0, 8, 16, 32, 64, 128)
+SWITCH_SEEDS = {0: 3, 64: 3}  # seeds per expert count (2 for the rest)
+SWITCH_DENSE_LR = 1e-2
+
+
+def _switch_protocol_trials():
+    rows = [({"model.moe.num_experts": e}, SWITCH_SEEDS.get(e, 2)) for e in SWITCH_COUNTS]
+    rows.append(({"model.moe.num_experts": 0, "optimizer.learning_rate": SWITCH_DENSE_LR}, 2))
+    # Seed-major order: every setting's seed 0 first, so a partly finished study (it resumes
+    # when rerun) already has the whole curve with one seed.
+    return [
+        {**row, "seed": seed, "data.seed": seed}
+        for seed in range(3)
+        for row, count in rows
+        if seed < count
+    ]
 
 
 def get_config(study="expert_count"):
@@ -85,10 +121,10 @@ def get_config(study="expert_count"):
     config.model.moe.train_capacity_factor = 1.25
     config.model.moe.eval_capacity_factor = 2.0
     # 600 steps (2.5M tokens): the demo's curve has left its initial drop by ~300 steps
-    # (eval 2.63 bits/byte at step 200, 2.25 at 400, 2.01 at 800).
+    # (the first, top-1 demo's eval: 2.63 bits/byte at step 200, 2.25 at 400, 2.01 at 800).
     config.num_train_steps = 600
     config.eval_every = 100
-    config.num_eval_batches = 16
+    config.num_eval_batches = 0  # periodic evaluations: the whole eval sample
     config.checkpoint_every = 600
     config.keep_checkpoints = 1
     if study in ("diagnosis", "expert_count_top2", "capacity_g1024", "learning_rate_top2",
@@ -102,6 +138,22 @@ def get_config(study="expert_count"):
         for key, value in TOP2.items():
             _set(config, key, value)
         config.eval_every = 50  # finer curves for the steps-to-quality speed-up
+    if study in ("expert_count_switch", "expert_count_switch_d64"):
+        switch_routing(config)
+        config.model.moe.init_scale = 0.1
+        config.model.moe.group_size = 1024
+        config.optimizer.schedule = "rsqrt"
+        config.optimizer.warmup_steps = 200
+        config.num_train_steps = 2400
+        config.eval_every = 100
+        config.num_eval_batches = 0  # the whole eval sample (35% of the bytes, whole documents)
+        config.checkpoint_every = 400  # a study that spans sessions resumes from here
+    if study == "expert_count_switch_d64":
+        # The scaling fit's second size: half the width (d_model 64, d_ff 256, 2 heads of 32),
+        # the same depth, data, protocol and expert counts.
+        config.model.d_model = 64
+        config.model.d_ff = 256
+        config.model.num_heads = 2
     return config
 
 
@@ -215,6 +267,12 @@ def get_sweep(study="expert_count"):
         return _diagnosis_trials()
     if study == "expert_count_top2":
         return [{"model.moe.num_experts": e} for e in SCALING_COUNTS]
+    if study == "expert_count_switch":
+        return _switch_protocol_trials()
+    if study == "expert_count_switch_d64":
+        # Two seeds of every count: the fit's intervals resample them.
+        trials = _switch_protocol_trials()
+        return [t for t in trials if t["seed"] < 2 and "optimizer.learning_rate" not in t]
     if study == "capacity_g1024":
         return get_sweep("capacity")
     if study == "learning_rate_top2":

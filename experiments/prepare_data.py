@@ -12,7 +12,9 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from switchmoe import cli
-from switchmoe.data.pipeline import corpus_statistics, resolve_data_dir
+from switchmoe.data.near_duplicates import DedupReport, Leakage, Removal
+from switchmoe.data.pipeline import STDLIB_DATASET, corpus_statistics, prepared_builder
+from switchmoe.data.pipeline import resolve_data_dir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py[:variant])."
@@ -31,6 +33,17 @@ def main(argv):
             f"  {split}: {stats.num_documents:,} documents, {stats.num_bytes:,} bytes, unigram "
             f"entropy {stats.unigram_entropy_bits_per_byte:.4f} bits/byte"
         )
+    if data.dataset == STDLIB_DATASET:
+        saved = prepared_builder(data).info.metadata.get("near_duplicates")
+        if saved:
+            report = DedupReport(
+                threshold=saved["threshold"],
+                removed=tuple(Removal(**r) for r in saved["removed"]),
+                kept=tuple(saved["kept"]),
+                before=Leakage(**saved["before"]),
+                after=Leakage(**saved["after"]),
+            )
+            print("\n".join(report.lines()))
 
 
 if __name__ == "__main__":

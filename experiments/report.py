@@ -19,10 +19,12 @@ import numpy as np
 from absl import app, flags, logging
 
 from switchmoe import cli
-from switchmoe import analysis, sweeps
+from switchmoe import analysis, bootstrap, sweeps
 from switchmoe.analysis import seeds as seeds_lib
 from switchmoe.config import is_noncausal_ablation, resolve
+from switchmoe.metrics import FINAL_DOCUMENTS_FILE
 from switchmoe.models import count_params
+from switchmoe.run_summary import scored_text_baselines
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
 _CAPACITY_FACTORS = flags.DEFINE_list(
@@ -39,7 +41,7 @@ flags.mark_flags_as_required(["workdir"])
 
 COLUMNS = (
     "trial", "experts", "k", "train_cf", "causal", "eval_loss", "eval_bits_per_token", "eval_bits_per_byte",
-    "train_loss",
+    "bpb_low", "bpb_high", "eval_scope", "eval_documents", "eval_bytes", "train_loss",
     "train_dropped_pct", "eval_dropped_pct", "load_cv", "dead_pct", "max_share", "logit_rms",
     "router_z", "step_time_ms",
     "quiet_step_ms",
@@ -82,6 +84,7 @@ def row(trial, quiet: dict | None = None) -> dict:
     counts = count_params(resolve(config))
     pct = lambda v: None if v is None else 100 * v
     eval_loss = trial["final_eval_loss"]
+    final = trial.get("final", {})
     return {
         "trial": trial["name"],
         "experts": config.model.moe.num_experts,
@@ -92,7 +95,24 @@ def row(trial, quiet: dict | None = None) -> dict:
         "eval_loss": eval_loss,
         "eval_bits_per_token": None if eval_loss is None else eval_loss / np.log(2),
         # Runs from before bits/byte was logged have none (for byte tokens it is bits/token).
-        "eval_bits_per_byte": last("eval/bits_per_byte") if trial["finished"] else None,
+        "eval_bits_per_byte": (
+            final.get("final/bits_per_byte", last("eval/bits_per_byte"))
+            if trial["finished"] else None
+        ),
+        # The eval set's own uncertainty: a 95% bootstrap interval over documents.
+        "bpb_low": final.get("final/bits_per_byte_low"),
+        "bpb_high": final.get("final/bits_per_byte_high"),
+        "bpb_ci_half": (
+            (final["final/bits_per_byte_high"] - final["final/bits_per_byte_low"]) / 2
+            if "final/bits_per_byte_high" in final else None
+        ),
+        "loss_ci_half": (
+            (final["final/loss_high"] - final["final/loss_low"]) / 2 if "final/loss_high" in final
+            else None
+        ),
+        "eval_scope": trial.get("eval_scope", "prefix"),
+        "eval_documents": final.get("final/documents"),
+        "eval_bytes": final.get("final/scored_bytes", last("eval/scored_bytes")),
         "train_loss": last("train/loss"),
         "train_dropped_pct": pct(last("train/dropped_fraction")),
         "eval_dropped_pct": pct(last("eval/dropped_fraction")),
@@ -200,7 +220,7 @@ def plot_capacity_evaluation(rows):
 
 
 SEED_METRICS = (
-    "eval_loss", "eval_bits_per_byte", "train_dropped_pct", "eval_dropped_pct", "load_cv",
+    "eval_loss", "eval_bits_per_byte", "loss_ci_half", "bpb_ci_half", "train_dropped_pct", "eval_dropped_pct", "load_cv",
     "dead_pct", "step_time_ms", "quiet_step_ms",
 )  # fmt: skip
 
@@ -234,6 +254,7 @@ def seed_report(trials, rows, out):
         reached = [u for u in ups if u is not None]
         r["speedup_mean"], r["speedup_std"] = seeds_lib.mean_std(reached)
         r["speedup_reached"] = f"{len(reached)}/{len(ups)}" if ups else None
+    paired_differences(trials, table)
     for r in table:
         if r["quiet_step_ms_std"] == 0.0:
             r["quiet_step_ms_std"] = (
@@ -245,7 +266,9 @@ def seed_report(trials, rows, out):
     )
     columns = [
         ("eval loss (nats/token)", "eval_loss", 4),
+        ("eval-set 95% ± (nats)", "loss_ci_half", 4),
         ("eval bits/byte", "eval_bits_per_byte", 4),
+        ("Δ bits/byte vs baseline [paired 95%, documents]", "delta_bpb", None),
         ("speed-up vs dense", "speedup", 2),
         ("train dropped %", "train_dropped_pct", 2),
         ("load CV", "load_cv", 3),
@@ -253,8 +276,17 @@ def seed_report(trials, rows, out):
         ("step ms (alone)", "quiet_step_ms", 0),
         ("step ms (logged)", "step_time_ms", 0),
     ]
+    scopes = sorted({t.get("eval_scope", "prefix") for t in trials if t["finished"]})
     lines = [
         "## Mean ± std over seeds",
+        "",
+        "Eval loss and bits/byte: mean ± sample std over seeds (the uncertainty of training). "
+        "'eval-set 95% ±': the half-width of the 95% bootstrap interval over documents of the "
+        "final evaluation (the uncertainty of which text was scored), mean over seeds. Scored: "
+        + ", ".join(scopes)
+        + ("" if scopes == ["whole split"] else " (prefix: an older run's first eval batches in "
+           "stored order, not the whole split)")
+        + ".",
         "",
         "| setting | seeds | "
         + " | ".join(c[0] for c in columns)
@@ -262,13 +294,50 @@ def seed_report(trials, rows, out):
         "|" + "---|" * (len(columns) + 4),
     ]
     for r in table:
-        cells = [pm(r[f"{key}_mean"], r[f"{key}_std"], d) for _, key, d in columns]
+        cells = [
+            r.get(key) or "-" if d is None else pm(r[f"{key}_mean"], r[f"{key}_std"], d)
+            for _, key, d in columns
+        ]
         lines.append(
             f"| {r['setting']} | {r['seeds']} | "
             + " | ".join(cells)
             + f" | {r['speedup_reached'] or '-'} | {r['baseline'] or '-'} |"
         )
     return "\n".join(lines), seed_figures(table, curves)
+
+
+def document_sums(trial):
+    """(per-document loss in bits, per-document bytes) of a trial's final evaluation, or None."""
+    if not (trial.get("workdir") and trial["finished"]):
+        return None
+    path = os.path.join(trial["workdir"], FINAL_DOCUMENTS_FILE)
+    if not os.path.exists(path):
+        return None
+    sums = np.load(path)
+    return np.asarray(sums["loss"]) / np.log(2), np.asarray(sums["bytes"], np.float64)
+
+
+def paired_differences(trials, table) -> None:
+    """Sets r['delta_bpb'] on each table row with a baseline: its bits/byte minus the
+    baseline's, each averaged over its seeds document by document, with the 95% interval of a
+    paired bootstrap over the documents both scored (switchmoe/bootstrap.py)."""
+    by_setting: dict[str, list] = {}
+    for t in trials:
+        sums = document_sums(t)
+        if sums is not None:
+            by_setting.setdefault(seeds_lib.setting_name(t["name"]), []).append(sums)
+    mean = lambda runs: (np.mean([r[0] for r in runs], axis=0), runs[0][1])
+    for r in table:
+        r["delta_bpb"] = None
+        base = r.get("baseline")
+        if not base or base not in by_setting or r["setting"] not in by_setting:
+            continue
+        (loss, size), (base_loss, base_size) = mean(by_setting[r["setting"]]), mean(by_setting[base])
+        if loss.shape != base_loss.shape:
+            continue  # scored different eval sets
+        low, high = bootstrap.paired_difference_interval(loss, size, base_loss, base_size)
+        delta = loss.sum() / size.sum() - base_loss.sum() / base_size.sum()
+        r["delta_bpb"] = f"{delta:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _lines_over_experts(rows) -> dict[str, list]:
@@ -445,6 +514,27 @@ def balance_figure(trials):
     return fig
 
 
+def baseline_section(trials) -> list[str]:
+    """Unigram entropy, zlib and xz cold, and xz after the training split, on exactly the bytes
+    the trials' final evaluations scored (the whole eval split), beside the best trial."""
+    whole = [t for t in trials if t.get("eval_scope") == "whole split" and t["final"]]
+    if not whole or whole[0]["config"].model.get("arch", "decoder") != "decoder":
+        return []
+    rivals = scored_text_baselines(resolve(whole[0]["config"]), "split")
+    best = min(whole, key=lambda t: t["final"]["final/bits_per_byte"])
+    lines = [
+        "",
+        f"## Baselines on the {best['final']['final/scored_bytes']:,.0f} scored bytes "
+        f"(the whole eval split, {best['final']['final/documents']:.0f} documents)",
+        "",
+        "| code | bits/byte |",
+        "|---|---|",
+        f"| best trial ({best['name']}) | {best['final']['final/bits_per_byte']:.4f} |",
+    ]
+    lines += [f"| {name} | {value:.4f} |" for name, value in rivals.items()]
+    return lines
+
+
 def _scaled(records, metric):
     steps, values = analysis.metric_series(records, metric)
     return steps, 100 * values
@@ -463,6 +553,7 @@ def main(argv):
     rows = [row(t, quiet) for t in trials]
     write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
     sections = [f"# Sweep report: {sweep_dir}", "", markdown(rows, COLUMNS)]
+    sections += baseline_section(trials)
     figures = {"eval_curves.png": analysis.plot_eval_curves(trials)}
 
     varied, every, expert_counts = set(), None, set()

@@ -3,8 +3,13 @@
   python -m experiments.train --config=configs/demo.py --workdir=runs/demo \
       [--config.model.moe.num_experts=16 ...]
 
-Writes under the workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints/.
+Writes under the workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints/, and the
+final evaluation's per-document sums (final_eval_documents.npz). With --results=DIR, also what the
+run reached as a results file (DIR/summary.json, summary.md).
 """
+
+import json
+import os
 
 import jax
 from absl import flags, logging
@@ -12,7 +17,7 @@ from ml_collections import config_flags
 
 from switchmoe import cli
 from switchmoe import checkpoints, distributed
-from switchmoe.run_summary import summary
+from switchmoe.run_summary import results_record, results_table, summary
 from switchmoe.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +30,12 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in [0, num_processes)."
+)
+_RESULTS = flags.DEFINE_string(
+    "results",
+    None,
+    "Also write what the run reached to DIR/summary.json and DIR/summary.md (a results file "
+    "the documents include; experiments/results/demo is the demo's).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -42,6 +53,14 @@ def main(argv):
     if jax.process_index() == 0:
         seconds = time.perf_counter() - start
         print(summary(_CONFIG.value, _WORKDIR.value, result, seconds, start_step))
+        if _RESULTS.value:
+            record = results_record(_CONFIG.value, _WORKDIR.value, result, seconds, start_step)
+            os.makedirs(_RESULTS.value, exist_ok=True)
+            with open(os.path.join(_RESULTS.value, "summary.json"), "w") as f:
+                json.dump(record, f, indent=2)
+            with open(os.path.join(_RESULTS.value, "summary.md"), "w") as f:
+                f.write(results_table(record) + "\n")
+            print(f"Results: {_RESULTS.value}/summary.json, summary.md")
 
 
 if __name__ == "__main__":

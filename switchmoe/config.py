@@ -30,6 +30,8 @@ OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 ARCHITECTURES = ("decoder", "encoder_decoder")
+# What the evaluation at the end of training scores (switchmoe/data/eval_set.py).
+FINAL_EVALS = ("split", "sample")
 
 
 def default_moe_config() -> ml_collections.ConfigDict:
@@ -186,8 +188,14 @@ def default_config() -> ml_collections.ConfigDict:
     config.log_every = 50
     # Evaluate every N steps (and at the end).
     config.eval_every = 250
-    # Validation batches per evaluation (fixed, the same ones every time; 0 = the whole split).
-    config.num_eval_batches = 8
+    # Validation batches per periodic evaluation: the first N batches of the eval sample (whole
+    # documents drawn at random, data.eval_sample_fraction of the split's bytes; the same ones
+    # every time); 0 = the whole sample. For quick runs.
+    config.num_eval_batches = 0
+    # What the evaluation at the end of training scores: 'split' (every token of the eval split
+    # once, with a bootstrap interval over documents: a run's headline number) or 'sample' (what
+    # the periodic evaluations score; quick runs and tests).
+    config.final_eval = "split"
     # Save a checkpoint every N steps (and at the end).
     config.checkpoint_every = 500
     # Checkpoints kept (the newest).
@@ -366,6 +374,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         raise ValueError(
             f"num_eval_batches must be >= 0 (0 = the whole split); got {config.num_eval_batches!r}."
         )
+    _one_of("final_eval", config.get("final_eval", "split"), FINAL_EVALS)
     if opt.warmup_steps < 0:
         raise ValueError(f"optimizer.warmup_steps must be >= 0; got {opt.warmup_steps}.")
     _positive("batch_size", config.batch_size)

@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 
+# The final evaluation's per-document sums (documents, loss, tokens, bytes) in a workdir:
+# analyses that resample documents (the scaling fit's intervals) read it instead of evaluating
+# every run again.
+FINAL_DOCUMENTS_FILE = "final_eval_documents.npz"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -119,3 +123,22 @@ class Progress:
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def final_line(record: dict) -> str:
+    """The final evaluation in one line: loss, bits/byte with its interval, what was scored."""
+    line = f"final eval: loss {record['final/loss']:.4f}"
+    if "final/loss_low" in record:
+        line += f" [{record['final/loss_low']:.4f}, {record['final/loss_high']:.4f}]"
+    if "final/bits_per_byte" in record:
+        line += f", {record['final/bits_per_byte']:.4f} bits/byte"
+        if "final/bits_per_byte_low" in record:
+            line += (
+                f" [{record['final/bits_per_byte_low']:.4f}, "
+                f"{record['final/bits_per_byte_high']:.4f}] (95% bootstrap over documents)"
+            )
+    return line + (
+        f" on {record['final/documents']:.0f} documents, {record['final/scored_tokens']:,.0f} "
+        f"tokens, {record['final/scored_bytes']:,.0f} bytes"
+        + (" (the whole eval split)" if record.get("final/whole_split") else "")
+    )

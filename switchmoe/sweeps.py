@@ -19,7 +19,7 @@ import os
 import re
 from typing import Any
 
-from switchmoe.metrics import METRICS_FILE
+from switchmoe.metrics import FINAL_DOCUMENTS_FILE, METRICS_FILE
 
 SWEEP_FILE = "sweep.json"
 
@@ -75,7 +75,10 @@ def override_flags(overrides: dict[str, Any]) -> list[str]:
 
 
 def is_finished(trial_dir: str) -> bool:
-    """The trial's metrics.jsonl has an eval record at the trial's final step."""
+    """The trial's metrics.jsonl has its final evaluation (`final/loss`, the whole eval split) at
+    the trial's final step. A trial trained before the final evaluation existed has only
+    `eval/loss` there: it is not finished, and rerunning it adds the final evaluation (and its
+    per-document file, `FINAL_DOCUMENTS_FILE`) without training."""
     config_path = os.path.join(trial_dir, "config.json")
     metrics_path = os.path.join(trial_dir, METRICS_FILE)
     if not (os.path.exists(config_path) and os.path.exists(metrics_path)):
@@ -85,7 +88,8 @@ def is_finished(trial_dir: str) -> bool:
     final = checkpoints.read_config(trial_dir).num_train_steps
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    return any(r["step"] == final and "eval/loss" in r for r in records)
+    has_documents = os.path.exists(os.path.join(trial_dir, FINAL_DOCUMENTS_FILE))
+    return has_documents and any(r["step"] == final and "final/loss" in r for r in records)
 
 
 def write_sweep_file(sweep_dir: str, config_arg: str, base: list[str], trials: list[dict]) -> None:

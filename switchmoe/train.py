@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from switchmoe import distillation, finetune
-from switchmoe import balancing, checkpoints, integrity, optim, sharding
+from switchmoe import balancing, bootstrap, checkpoints, integrity, optim, sharding
 from switchmoe import metrics as metrics_lib
 from switchmoe.config import resolve, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
@@ -374,7 +374,16 @@ class Trainer:
             deterministic=True,
         )
         ce_sum, count = cross_entropy(logits, batch)
-        out = {"ce_sum": ce_sum, "count": count, **moe_metrics(aux, "eval")}
+        # Per-token losses (0 where unscored) for the per-document sums of the bootstrap; the
+        # step's outputs are replicated, so every process sees every row's.
+        ce_tokens = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        out = {
+            "ce_sum": ce_sum,
+            "count": count,
+            "ce_tokens": (ce_tokens * batch["weights"]).astype(jnp.float32),
+            "weights": batch["weights"],
+            **moe_metrics(aux, "eval"),
+        }
         if teacher is not None:
             out["teacher_ce_sum"] = cross_entropy(self._teacher_logits(teacher, batch), batch)[0]
         return out
@@ -385,13 +394,39 @@ class Trainer:
             lambda rows: jax.make_array_from_process_local_data(self.batch_sharding, rows), batch
         )
 
-    def evaluate(self, params, pipeline: LMDataPipeline) -> dict[str, Any]:
-        """eval/loss over the fixed validation batches, plus averaged MoE statistics."""
-        num = self.config.num_eval_batches or None
-        sums, stats, batches, teacher_sums = 0.0, 0.0, 0, 0.0
-        count = num_bytes = 0.0
-        token_bytes = pipeline.tokenizer.token_bytes()
-        for batch in pipeline.eval_batches(num, jax.process_index(), jax.process_count()):
+    def evaluate(
+        self,
+        params,
+        pipeline: LMDataPipeline,
+        which: str = "sample",
+        num_batches: int | None = None,
+        prefix: str = "eval",
+        keep_documents: bool = False,
+    ) -> dict[str, Any]:
+        """`{prefix}/loss` over eval set `which` (switchmoe/data/eval_set.py), with what was
+        scored and averaged MoE statistics.
+
+        which: 'sample' (periodic evaluations: whole documents drawn at random) or 'split'
+          (every token of the eval split).
+        num_batches: the first batches only; default the config's `num_eval_batches` for the
+          sample and all of them for the split; 0 = all.
+        Beside the loss: `scored_tokens`, `scored_bytes`, `documents` (those with a scored
+        token), and for the whole split a 95% bootstrap interval over documents
+        (`loss_low`/`loss_high`, `bits_per_byte_low`/`_high`; switchmoe/bootstrap.py).
+        keep_documents: also return the per-document sums (the eval set's document indices,
+          summed loss in nats, tokens and bytes, each [D]) under `DOCUMENTS_KEY`, for
+          `write_final_documents`.
+        """
+        if num_batches is None:
+            num_batches = self.config.num_eval_batches if which == "sample" else 0
+        num_batches = num_batches or None  # 0: every batch of the set
+        eval_set = pipeline.eval_set(which)
+        docs = eval_set.num_documents
+        doc_loss, doc_tokens, doc_bytes = np.zeros(docs), np.zeros(docs), np.zeros(docs)
+        stats, batches, teacher_sums, sums, count = 0.0, 0, 0.0, 0.0, 0.0
+        for batch, units, unit_bytes in pipeline.eval_set_batches(
+            which, num_batches, jax.process_index(), jax.process_count()
+        ):
             with jax.set_mesh(self.mesh):
                 out = jax.device_get(
                     self.eval_step(params, self.put_batch(batch), *self._teacher_args())
@@ -399,23 +434,68 @@ class Trainer:
             teacher_sums += float(out.pop("teacher_ce_sum", 0.0))
             sums += float(out.pop("ce_sum"))
             count += float(out.pop("count"))
-            # This process's rows only; the text bytes are summed over processes below.
-            num_bytes += float(np.sum(token_bytes[batch["targets"]] * batch["weights"]))
+            ce_tokens, weights = np.asarray(out.pop("ce_tokens")), np.asarray(out.pop("weights"))
+            scored = (units >= 0) & (weights > 0)
+            np.add.at(doc_loss, units[scored], ce_tokens[scored])
+            np.add.at(doc_tokens, units[scored], weights[scored])
+            if unit_bytes is not None:
+                np.add.at(doc_bytes, units[scored], unit_bytes[scored])
             stats = jax.tree.map(lambda a, b: a + b, stats, out) if batches else out
             batches += 1
-        if jax.process_count() > 1:
-            num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
         loss = sums / max(count, 1.0)
-        result = {"eval/loss": loss, "eval/bits_per_token": loss / math.log(2)}
-        result["eval/scored_bytes"] = num_bytes
+        num_bytes = float(doc_bytes.sum())
+        result = {
+            f"{prefix}/loss": loss,
+            f"{prefix}/bits_per_token": loss / math.log(2),
+            f"{prefix}/scored_tokens": count,
+            f"{prefix}/scored_bytes": num_bytes,
+            f"{prefix}/documents": float(np.count_nonzero(doc_tokens)),
+        }
+        if num_batches is None:  # every token of the set
+            whole = "whole_split" if eval_set.name == "split" else "whole_sample"
+            result[f"{prefix}/{whole}"] = 1.0
         if self.teacher_model is not None:
-            result["eval/teacher_loss"] = teacher_sums / max(count, 1.0)
-        if self.config.model.get("arch", "decoder") == "decoder" and num_bytes > 0:
+            result[f"{prefix}/teacher_loss"] = teacher_sums / max(count, 1.0)
+        per_byte = self.config.model.get("arch", "decoder") == "decoder" and num_bytes > 0
+        if per_byte:
             # Span-corruption targets are sentinels and masked spans, not a text stream: a
             # per-byte loss means something for the decoder-only LM only.
-            result["eval/bits_per_byte"] = metrics_lib.bits_per_byte(loss, count, num_bytes)
-        result.update(jax.tree.map(lambda v: np.asarray(v) / batches, stats))
+            result[f"{prefix}/bits_per_byte"] = metrics_lib.bits_per_byte(loss, count, num_bytes)
+        units_seen = doc_tokens > 0
+        if eval_set.name == "split" and num_batches is None and units_seen.sum() >= 2:
+            low, high = bootstrap.ratio_interval(doc_loss[units_seen], doc_tokens[units_seen])
+            result[f"{prefix}/loss_low"], result[f"{prefix}/loss_high"] = low, high
+            if per_byte:
+                scale = 1.0 / math.log(2)
+                low, high = bootstrap.ratio_interval(
+                    doc_loss[units_seen] * scale, doc_bytes[units_seen]
+                )
+                result[f"{prefix}/bits_per_byte_low"] = low
+                result[f"{prefix}/bits_per_byte_high"] = high
+        averaged = jax.tree.map(lambda v: np.asarray(v) / batches, stats)
+        # The eval step names its MoE statistics eval/...; a final evaluation's are final/...
+        result.update({prefix + key.removeprefix("eval"): v for key, v in averaged.items()})
+        if keep_documents:
+            result[DOCUMENTS_KEY] = {
+                "documents": eval_set.documents,
+                "loss": doc_loss,
+                "tokens": doc_tokens,
+                "bytes": doc_bytes,
+            }
         return result
+
+
+# Where `Trainer.evaluate(keep_documents=True)` puts its per-document sums.
+DOCUMENTS_KEY = "per_document"
+FINAL_DOCUMENTS_FILE = metrics_lib.FINAL_DOCUMENTS_FILE
+
+
+def write_final_documents(workdir: str, per_document: dict) -> None:
+    """Writes the final evaluation's per-document sums to `workdir/FINAL_DOCUMENTS_FILE`."""
+    path = os.path.join(workdir, FINAL_DOCUMENTS_FILE)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **per_document)
+    os.replace(tmp, path)
 
 
 def _setting_differences(previous, config) -> dict[str, tuple]:
@@ -619,6 +699,15 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                     f"step {done}: eval loss {record['eval/loss']:.4f} "
                     f"({record['eval/bits_per_token']:.3f} bits/token)"
                 )
+            if done == total:
+                # The headline number: every token of the eval split (or, for quick runs, the
+                # sample), with its bootstrap interval over documents.
+                final_set = config.get("final_eval", "split")
+                record.update(trainer.evaluate(params, pipeline, final_set, 0, "final", True))
+                per_document = record.pop(DOCUMENTS_KEY)
+                if lead:
+                    write_final_documents(workdir, per_document)
+                log(metrics_lib.final_line(record))
             if done % config.checkpoint_every == 0 or is_last:
                 # Never save what a non-finite step produced. The loss is computed before the
                 # update, so the parameters and optimizer state themselves are checked.
@@ -660,7 +749,26 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                 writer.close()
             except OSError:
                 pass  # a workdir that vanished: reported above
-    if not last and lead:  # nothing left to train: report what the finished run logged
+    if not last:  # nothing left to train: report what the finished run logged
+        # Every process reads it (a workdir is shared storage, as its checkpoints are), so that
+        # all of them agree on whether the final evaluation below runs.
         for record in metrics_lib.read_metrics(workdir):
             last.update(record)
+        has_documents = os.path.exists(os.path.join(workdir, FINAL_DOCUMENTS_FILE))
+        if start >= total and ("final/loss" not in last or not has_documents):
+            # A run finished before the whole-split final evaluation (or its per-document
+            # file) existed: add it now, from the final checkpoint, at the final step.
+            final_set = config.get("final_eval", "split")
+            final = trainer.evaluate(params, pipeline, final_set, 0, "final", True)
+            per_document = final.pop(DOCUMENTS_KEY)
+            log(metrics_lib.final_line(final))
+            if lead:
+                write_final_documents(workdir, per_document)
+                if "final/loss" not in last:
+                    late = metrics_lib.MetricWriter(workdir, resume_step=total)
+                    try:
+                        late.write(total, final)
+                    finally:
+                        late.close()
+            last.update(final)
     return last

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from switchmoe import analysis  # noqa: E402
 from switchmoe.analysis import KIND, KINDS  # noqa: E402
 from switchmoe.config import default_config  # noqa: E402
-from switchmoe.data.pipeline import LMDataPipeline  # noqa: E402
+from switchmoe.data.pipeline import LMDataPipeline, load_texts  # noqa: E402
 from switchmoe.runs import restore_run  # noqa: E402
 from switchmoe.models import count_params  # noqa: E402
 from switchmoe.train import train_and_evaluate  # noqa: E402
@@ -359,16 +359,20 @@ def test_capture_routing_on_a_tiny_run(tiny_run):
     assert capture.expert.shape == capture.kept.shape == (1, 2 * B, L)
     assert capture.probs.shape == (1, 2 * B, L, 4)
 
-    # The tokens are the run's eval batches.
+    # The tokens are the run's periodic eval batches (the eval sample's first two).
     pipeline = LMDataPipeline(config.data, config.batch_size)
-    inputs = np.concatenate([b["inputs"] for b in pipeline.eval_batches(2)])
-    np.testing.assert_array_equal(capture.tokens, inputs)
-    targets = np.concatenate([b["targets"] for b in pipeline.eval_batches(2)])
-    np.testing.assert_array_equal(capture.targets, targets)
-    # Kinds are those of the whole eval stream, cut into the same windows.
-    windows = pipeline.packed(config.data.eval_split).windows.astype(np.int32)
-    stream_kinds = analysis.token_kind_of_ids(windows.reshape(-1)).reshape(windows.shape)
-    np.testing.assert_array_equal(capture.kinds, stream_kinds[: 2 * B, :-1])
+    batches = [batch for batch, _, _ in pipeline.eval_set_batches("sample", 2)]
+    np.testing.assert_array_equal(capture.tokens, np.concatenate([b["inputs"] for b in batches]))
+    np.testing.assert_array_equal(capture.targets, np.concatenate([b["targets"] for b in batches]))
+    # Kinds are those of the whole sample's token stream (its documents, each after an EOS),
+    # read at each input position.
+    eval_set = pipeline.eval_set("sample")
+    as_ids = lambda text: np.r_[np.frombuffer(text, np.uint8).astype(np.int32), 258]
+    stream = np.concatenate([[258]] + [as_ids(t) for t in _sample_texts(config, eval_set)])
+    stream_kinds = analysis.token_kind_of_ids(stream)
+    positions = np.arange(len(capture.tokens))[:, None] * L + np.arange(L)[None, :]
+    real = positions < len(stream)
+    np.testing.assert_array_equal(capture.kinds[real], stream_kinds[positions[real]])
     assert np.all((capture.kinds == KIND["special"]) == (capture.tokens >= 256))
 
     # Top-1: the first choice is the most probable expert.
@@ -401,3 +405,8 @@ def test_a_config_json_from_an_older_version_loads_with_the_new_fields_defaulted
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert analysis.load_trial(str(tmp_path))["config"].model.moe.noncausal_ablation is True
     assert count_params(trial["config"])["total"] > 0
+
+
+def _sample_texts(config, eval_set):
+    texts = load_texts(config.data, config.data.eval_split)
+    return [texts[i] for i in eval_set.documents]

@@ -52,15 +52,17 @@ def test_dense_counterpart_has_the_active_parameters_of_the_demo():
     assert moe["active_per_token"] == dense["total"] + routers
 
 
-@pytest.mark.parametrize(
-    "study",
-    ["expert_count", "capacity", "routing", "diagnosis", "expert_count_top2", "capacity_g1024"],
-)
-def test_every_study_trial_validates(study):
+def _studies_module():
     module_path = os.path.join(ROOT, "configs", "studies.py")
     spec = importlib.util.spec_from_file_location("studies", module_path)
     studies = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(studies)
+    return studies
+
+
+@pytest.mark.parametrize("study", _studies_module().STUDIES)
+def test_every_study_trial_validates(study):
+    studies = _studies_module()
     for overrides in studies.get_sweep(study):
         config = apply_overrides(studies.get_config(study), overrides)
         if config.model.moe.router == "hash":

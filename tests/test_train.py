@@ -16,7 +16,7 @@ from switchmoe.sharding import make_mesh
 from switchmoe.models import init_rows
 from switchmoe.train import Trainer, train_and_evaluate
 from switchmoe.config import resolve
-from switchmoe.data.pipeline import LMDataPipeline
+from switchmoe.data.pipeline import LMDataPipeline, load_texts
 from tiny import tiny_config, train_straight_and_interrupted
 
 quiet = lambda line: None
@@ -53,19 +53,31 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(data_dir, tmp_path):
     # for none, and nothing else is scored.
     config = resolve(tiny_config(data_dir))
     scored = eos = 0.0
-    for batch in LMDataPipeline(config.data, config.batch_size).eval_batches(2):
+    for batch, _, _ in LMDataPipeline(config.data, config.batch_size).eval_set_batches("sample", 2):
         scored += batch["weights"].sum()
         eos += ((batch["targets"] == 258) * batch["weights"]).sum()
-    final = evals[-1]
-    assert final["eval/scored_bytes"] == scored - eos
-    expected = final["eval/loss"] * scored / ((scored - eos) * np.log(2))
-    assert final["eval/bits_per_byte"] == pytest.approx(expected, rel=1e-6)
+    last_eval = evals[-1]
+    assert last_eval["eval/scored_tokens"] == scored
+    assert last_eval["eval/scored_bytes"] == scored - eos
+    expected = last_eval["eval/loss"] * scored / ((scored - eos) * np.log(2))
+    assert last_eval["eval/bits_per_byte"] == pytest.approx(expected, rel=1e-6)
+
+    # The final evaluation scores every token of the validation split once: each document's
+    # bytes and its EOS, counted here from the split's own documents.
+    texts = load_texts(config.data, "validation")
+    final = [r for r in records if "final/loss" in r]
+    assert [r["step"] for r in final] == [30]
+    final = final[0]
+    assert final["final/scored_tokens"] == sum(len(t) + 1 for t in texts)
+    assert final["final/scored_bytes"] == sum(len(t) for t in texts)
+    assert final["final/documents"] == len(texts) and final["final/whole_split"] == 1.0
+    assert final["final/loss_low"] <= final["final/loss"] <= final["final/loss_high"]
 
     from switchmoe.run_summary import summary  # noqa: PLC0415
 
     text = summary(tiny_config(data_dir, num_train_steps=30), workdir, final, 1.0)
-    assert f"this model {final['eval/bits_per_byte']:.3f} bits/byte; zlib -9 " in text
-    assert "xz -9" in text and "unigram entropy" in text
+    assert f"this model {final['final/bits_per_byte']:.3f}; unigram entropy " in text
+    assert "xz -9 after train" in text and "(the whole eval split)" in text
 
 
 def test_expert_norms_by_hand():

@@ -106,10 +106,10 @@ def capture_routing(
     step: Optional[int] = None,
     pipeline: Optional[LMDataPipeline] = None,
 ) -> RoutingCapture:
-    """Routes the first `num_batches` validation batches and records each token's first choice.
+    """Routes the first `num_batches` eval batches and records each token's first choice.
 
-    The batches are the run's own eval batches (the same windows, batch size and groups as its
-    evaluation), so `kept` reflects the run's eval capacity factor. Kinds are computed on the
+    The batches are the run's own periodic eval batches (the eval sample's windows, batch size and
+    groups), so `kept` reflects the run's eval capacity factor. Kinds are computed on the
     whole documents the windows come from, so a window that starts inside a docstring is still
     classified as string.
 
@@ -117,7 +117,7 @@ def capture_routing(
       run: a workdir or a (config, params) pair.
       num_batches: validation batches of `batch_size` windows each.
       step: checkpoint step when `run` is a workdir.
-      pipeline: an `LMDataPipeline` of the run's data config to reuse (it caches packed splits).
+      pipeline: an `LMDataPipeline` of the run's data config to reuse (it caches eval sets).
     """
     config, params = load_run(run, step)
     if not config.model.moe.num_experts:
@@ -130,20 +130,26 @@ def capture_routing(
         )
     config = single_device_config(config)
     pipeline = pipeline or LMDataPipeline(config.data, config.batch_size)
-    packed = pipeline.packed(config.data.eval_split)
+    # The windows the run's periodic evaluation scores (switchmoe/data/eval_set.py): whole
+    # documents drawn at random, in windows that overlap by one token (stride L).
+    eval_windows = pipeline.eval_set("sample").windows
     B, width = config.batch_size, config.data.seq_len + 1
-    n = min(num_batches * B, len(packed))
-    windows = np.asarray(packed.windows[:n], np.int32)
+    L = width - 1
+    n = min(num_batches * B, len(eval_windows))
+    windows = np.asarray(eval_windows[:n], np.int32)
 
     kinds = None
     if config.data.tokenizer == "byte":
-        # Classify up to the end of the last document (at most ~1M more tokens), so that it is
-        # classified whole: tokenize needs the rest of a string to know it is one.
-        tail = np.asarray(packed.windows[n : n + 2**20 // width], np.int32).reshape(-1)
+        # Classify the windows' token stream up to the end of the last document (at most ~1M
+        # more tokens), so that it is classified whole: tokenize needs the rest of a string to
+        # know it is one.
+        more = np.asarray(eval_windows[: min(len(eval_windows), n + 2**20 // L)], np.int32)
+        stream = np.concatenate([more[0]] + [w[1:] for w in more[1:]])
+        head, tail = stream[: n * L + 1], stream[n * L + 1 :]
         specials = np.flatnonzero(tail >= NUM_BYTES)
         tail = tail[: specials[0]] if len(specials) else tail
-        stream = np.concatenate([windows.reshape(-1), tail])
-        kinds = token_kind_of_ids(stream)[: n * width].reshape(n, width)[:, :-1]
+        classified = token_kind_of_ids(np.concatenate([head, tail]))
+        kinds = classified[np.arange(n)[:, None] * L + np.arange(L)[None, :]]
 
     route = routing_fn(config)
     device = jax.local_devices()[0]

@@ -51,6 +51,10 @@ def load_trial(workdir: str, name: Optional[str] = None) -> dict[str, Any]:
     total = config_value(config, "num_train_steps")
     final = [r for r in records if r.get("step") == total and "eval/loss" in r]
     last_eval = last_value(records, "eval/loss")
+    # The whole-split final evaluation (switchmoe/data/eval_set.py) when the run has one; runs
+    # from before it report their last periodic evaluation, a stored-order prefix of the split.
+    whole = [r for r in records if r.get("step") == total and "final/loss" in r]
+    final_metrics = {k: v for k, v in whole[-1].items() if k.startswith("final/")} if whole else {}
     return {
         "name": name or os.path.basename(os.path.normpath(workdir)),
         "workdir": workdir,
@@ -58,7 +62,17 @@ def load_trial(workdir: str, name: Optional[str] = None) -> dict[str, Any]:
         "records": records,
         "finished": bool(final),
         "last_step": max((r["step"] for r in records), default=0),
-        "final_eval_loss": final[-1]["eval/loss"] if final else last_eval,
+        "final_eval_loss": (
+            final_metrics["final/loss"] if final_metrics else final[-1]["eval/loss"] if final
+            else last_eval
+        ),
+        "final": final_metrics,
+        # What the final number scored: 'whole split', 'sample', or 'prefix' (an older run's
+        # first num_eval_batches batches in stored order).
+        "eval_scope": (
+            ("whole split" if final_metrics.get("final/whole_split") else "sample")
+            if final_metrics else "prefix"
+        ),
     }
 
 
@@ -72,8 +86,10 @@ def load_sweep(sweep_dir: str, finished_only: bool = False) -> list[dict[str, An
     Returns:
       Trials sorted by name (numbers in names compare as numbers), each {"name", "workdir",
       "config" (ConfigDict of config.json), "records" (metrics.jsonl), "finished" (an eval/loss
-      record at step == num_train_steps), "last_step", "final_eval_loss" (at the last step if
-      finished, else the latest eval/loss, None if none)}. Sub-directories without config.json
+      record at step == num_train_steps), "last_step", "final_eval_loss" (the whole-split final
+      evaluation's when there is one, else eval/loss at the last step if finished, else the
+      latest eval/loss, None if none), "final" (the final/* metrics, {} if none), "eval_scope"
+      ('whole split', 'sample' or 'prefix')}. Sub-directories without config.json
       (not started) are skipped.
     """
     natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -43,6 +43,7 @@ from ml_collections import config_dict
 from tensorflow_datasets.core import naming as tfds_naming
 from tensorflow_datasets.core import registered as tfds_registered
 
+from switchmoe.data import eval_set as eval_set_lib
 from switchmoe.data.spm_training import SPM_MODEL_TYPES
 from switchmoe.data.stdlib_corpus import StdlibSource
 from switchmoe.data.tokenizers import TOKENIZER_KINDS, Tokenizer, make_tokenizer
@@ -76,6 +77,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.train_split = "train"
     # Split for evaluation batches ('validation' here and for c4; lm1b's is 'test').
     config.eval_split = "validation"
+    # Periodic evaluations score whole documents of eval_split drawn at random until they hold
+    # this share of its bytes (1.0: the whole split); the final evaluation always scores the whole
+    # split (`final_eval`). The draw depends on eval_sample_seed only, not on the training seed,
+    # so every run of a study is scored on the same documents (switchmoe/data/eval_set.py).
+    config.eval_sample_fraction = 0.35
+    config.eval_sample_seed = 0
     # Tokenizer: 'byte' (ids 0..255 are UTF-8 bytes, then pad/bos/eos, then sentinels) or
     # 'sentencepiece' (a given spm_model_path, or one trained here with spm_vocab_size pieces).
     config.tokenizer = "byte"
@@ -196,6 +203,14 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.noise_density={c.noise_density!r}; allowed: in (0, 1)")
     if not c.get("mean_noise_span_length", 3.0) >= 1:
         raise ValueError(f"data.mean_noise_span_length={c.mean_noise_span_length!r}; allowed: >= 1")
+    fraction = c.get("eval_sample_fraction", 0.35)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(
+            f"data.eval_sample_fraction={fraction!r}; allowed: a share of the eval split's bytes "
+            "in (0, 1] (1.0 = every document)"
+        )
+    if not isinstance(c.get("eval_sample_seed", 0), int):
+        raise ValueError(f"data.eval_sample_seed={c.eval_sample_seed!r}; allowed: an integer")
     if not c.text_key:
         raise ValueError(f"data.text_key={c.text_key!r}; allowed: a feature name such as 'text'")
     if c.get("pipeline", "packed") not in PIPELINES:
@@ -437,6 +452,7 @@ class LMDataPipeline:
         self.seed = data_config.seed
         self.tokenizer = tokenizer if tokenizer is not None else make_tokenizer(data_config)
         self._packed: dict[str, PackedSplit] = {}
+        self._eval_sets: dict[str, eval_set_lib.EvalSet] = {}
         self._permutations: dict[int, np.ndarray] = {}
 
     # -- Packing -------------------------------------------------------------------------
@@ -540,6 +556,42 @@ class LMDataPipeline:
         return self.examples(packed.windows[indices], packed.lengths[indices], keys)
 
     # -- Evaluation ----------------------------------------------------------------------
+
+    # Next-token prediction scores overlapping windows (every token of an eval set a target
+    # once); span corruption needs whole, disjoint windows (switchmoe/data/eval_set.py).
+    eval_overlap = True
+
+    def eval_set(self, which: str) -> eval_set_lib.EvalSet:
+        """The eval set `which` ('split' or 'sample') of this config, built once and cached."""
+        if which not in self._eval_sets:
+            texts = load_texts(self.config, self.config.eval_split)
+            self._eval_sets[which] = eval_set_lib.build_eval_set(
+                which,
+                texts,
+                self.tokenizer.encode,
+                eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.pad_id,
+                window=self.window,
+                overlap=self.eval_overlap,
+                fraction=float(self.config.get("eval_sample_fraction", 0.35)),
+                seed=int(self.config.get("eval_sample_seed", 0)),
+                token_bytes=self.tokenizer.token_bytes() if self.eval_overlap else None,
+            )
+        return self._eval_sets[which]
+
+    def eval_set_batches(
+        self,
+        which: str,
+        num_batches: int | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        """(batch, units, unit_bytes) of eval set `which` (see `eval_set.eval_set_batches`)."""
+        rows = _process_rows(self.batch_size, process_index, process_count)
+        yield from eval_set_lib.eval_set_batches(
+            self.eval_set(which), self.batch_size, rows, self.examples,
+            f"{self.seed}/eval-{which}", num_batches,
+        )  # fmt: skip
 
     @property
     def num_eval_batches(self) -> int:

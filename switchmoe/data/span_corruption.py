@@ -179,6 +179,7 @@ class SpanCorruptionPipeline(_pipeline.LMDataPipeline):
     """
 
     keeps_tail = False
+    eval_overlap = False
 
     def __init__(self, data_config, batch_size: int, *, tokenizer=None):
         super().__init__(data_config, batch_size, tokenizer=tokenizer)

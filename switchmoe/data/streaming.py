@@ -386,6 +386,14 @@ class StreamingPipeline:
 
     # -- Evaluation ----------------------------------------------------------------------
 
+    def eval_set(self, which: str):
+        """The objective's eval set: whole documents, the same as with data.pipeline='packed'
+        (an eval set is built from the split's documents, not from the training stream)."""
+        return self.objective.eval_set(which)
+
+    def eval_set_batches(self, which, num_batches=None, process_index=0, process_count=1):
+        return self.objective.eval_set_batches(which, num_batches, process_index, process_count)
+
     def _eval_rows(self, process_index: int, process_count: int) -> Iterator[_pipeline.Batch]:
         rows = _pipeline._process_rows(self.batch_size, process_index, process_count)
         slot_rows = SlotRows(
