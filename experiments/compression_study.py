@@ -100,7 +100,7 @@ def _rows(E: int) -> list[tuple[str, str]]:
 
 def _make_run(kind: str, seed: int, moe_dir: str, dense_dir: str, root: str) -> str:
     """The workdir of one row's run, made (trained, merged or quantized) unless it exists."""
-    from switchmoe import checkpoints, merging, quantization  # noqa: PLC0415
+    from switchmoe import checkpoints, merging, quantization, run_config  # noqa: PLC0415
     from switchmoe.train import train_and_evaluate  # noqa: PLC0415
 
     if kind == "moe":
@@ -119,7 +119,7 @@ def _make_run(kind: str, seed: int, moe_dir: str, dense_dir: str, root: str) -> 
         return workdir
     if kind.endswith("_tuned"):
         source = _make_run(kind.removesuffix("_tuned"), seed, moe_dir, dense_dir, root)
-        config = checkpoints.read_config(source)
+        config = run_config.read_config(source)
         config.init_from = source
         config.num_train_steps = config.checkpoint_every = TUNE_STEPS
         config.eval_every = TUNE_STEPS // 2

@@ -1,7 +1,8 @@
 """Every Orbax call of switchmoe lives here, so an Orbax API change touches one file.
 
 Layout of a run's workdir:
-  config.json              the resolved config (written once, at the first start)
+  config.json              the resolved config (written once, at the first start;
+                           switchmoe/run_config.py reads and writes it)
   config_history.jsonl     settings a later start changed (allowed on resume), with its step
   metrics.jsonl            one JSON object per logged step
   events.out.tfevents.*    TensorBoard
@@ -31,8 +32,6 @@ from switchmoe import integrity
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged"  # under checkpoints/: steps found damaged, set aside
 ITEMS = ("params", "opt_state", "meta", "data")
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "config_history.jsonl"  # settings changed on resume, one line per start
 
 
 def abstract_like(tree: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
@@ -267,77 +266,6 @@ class _IteratorState(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         self.state = state
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
-
-
-def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
-    """config.json is written once, by a run's first start, and never rewritten: it is what the
-    checkpoints were trained with from step 0. A later start with other settings (those allowed
-    on resume) appends {"step", "changes": {key: [old, new]}} to config_history.jsonl."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        write_config(workdir, config)
-        return
-    new = json.loads(config.to_json_best_effort())
-    # What the latest start trained with, fields added to switchmoe since then defaulted: a
-    # field that only gained its default is no change.
-    current = dict(flat_items(json.loads(read_config(workdir).to_json_best_effort())))
-    changes = {k: [current.get(k), v] for k, v in flat_items(new) if current.get(k) != v}
-    if changes:
-        with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-            f.write(json.dumps({"step": int(step), "changes": changes}, sort_keys=True) + "\n")
-
-
-def _lines(path: str) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [line for line in f if line.strip()]
-
-
-def flat_items(tree: dict, prefix: str = ""):
-    """(dotted key, value) of every leaf of a nested dict."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from flat_items(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def read_config(
-    workdir: str, *, as_first_written: bool = False
-) -> Optional[ml_collections.ConfigDict]:
-    """The run's config: config.json with the changes later starts recorded in
-    config_history.jsonl applied in order (what the latest start trained with), or config.json
-    alone with `as_first_written`. Fields added to switchmoe since it was written are defaulted."""
-    from switchmoe.config import with_defaults  # noqa: PLC0415  (config imports the data stack)
-
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        config = with_defaults(ml_collections.ConfigDict(json.load(f)))
-    if not as_first_written:
-        # Applied over the defaults: a change may name a field (or a block) that config.json,
-        # written by an older switchmoe, lacks.
-        for line in _lines(os.path.join(workdir, HISTORY_FILE)):
-            for key, (_, value) in json.loads(line)["changes"].items():
-                *parents, leaf = key.split(".")
-                node = config
-                with config.unlocked():
-                    for part in parents:
-                        if part not in node:
-                            node[part] = ml_collections.ConfigDict()
-                        node = node[part]
-                    node[leaf] = value
-    return config
 
 
 def has_checkpoint(workdir: str) -> bool:

@@ -20,6 +20,7 @@ from absl import app, flags
 
 from switchmoe.integrity import DamagedCheckpoint
 from switchmoe.workdir_lock import WorkdirLocked
+from switchmoe.config import default_config
 
 USAGE_EXIT = 2
 # What a user's input raises before anything trains (validation, config loading, the workdir).
@@ -47,8 +48,6 @@ def innermost(error: BaseException) -> BaseException:
 
 
 def _config_keys() -> set[str]:
-    from switchmoe.config import default_config  # noqa: PLC0415
-
     keys = set()
 
     def walk(node, prefix):

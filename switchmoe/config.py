@@ -22,9 +22,10 @@ from switchmoe.moe_layer import SETTINGS as MOE_SETTINGS
 from switchmoe.model import REMAT_POLICIES
 from switchmoe.moe_layer import MoeLayer, check_granularity
 from switchmoe.moe_settings import _one_of, _positive  # the one copy of each check
-from switchmoe import finetune
+from switchmoe import optim
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data.tokenizers import make_tokenizer
+from switchmoe.data import span_corruption
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
@@ -135,7 +136,7 @@ def default_config() -> ml_collections.ConfigDict:
     opt.b2 = 0.98
     # Clip gradients to this global norm (0 = off).
     opt.grad_clip_norm = 1.0
-    # Parameters kept at their starting values (fine-tuning, switchmoe/finetune.py): 'none',
+    # Parameters kept at their starting values (fine-tuning, switchmoe/optim.py): 'none',
     # 'moe' (routers and experts), 'non_moe', 'router', 'experts', or 're:<regex>' over
     # '/'-joined parameter paths. Frozen parameters get no update and no optimizer state.
     opt.freeze = "none"
@@ -290,7 +291,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 f"ids (data.tokenizer={config.data.tokenizer!r}); allowed: >= {minimum_vocab}, "
                 "or None for the tokenizer's own."
             )
-    finetune.check_freeze(opt.get("freeze", "none"))
+    optim.check_freeze(opt.get("freeze", "none"))
     if not config.get("upcycle_noise", 0.0) >= 0:
         raise ValueError(f"upcycle_noise must be >= 0; got {config.upcycle_noise!r}.")
     if not 0 <= config.get("upcycle_reinit_fraction", 0.0) < 1:
@@ -455,16 +456,12 @@ def _default_moe_with(router: str) -> ml_collections.ConfigDict:
 def sequence_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
     """Tokens per example in each stack: {'decoder': L} or {'encoder': L, 'decoder': T}."""
     if config.model.arch == "encoder_decoder":
-        from switchmoe.data import span_corruption  # noqa: PLC0415
-
         lengths = span_corruption.example_lengths(config.data)
         return {"encoder": config.data.seq_len, "decoder": lengths.targets}
     return {"decoder": config.data.seq_len}
 
 
 def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
-    from switchmoe.data import span_corruption  # noqa: PLC0415
-
     model = config.model
     if model.get("num_decoder_layers") is not None:
         _positive("model.num_decoder_layers", model.num_decoder_layers)

@@ -37,6 +37,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from switchmoe import checkpoints, finetune, models, run_config, runs
+from switchmoe.config import resolve, with_defaults
+
 STUDENT_INITS = ("scratch", "non_expert")
 
 
@@ -128,12 +131,9 @@ def teacher_config(
 ) -> ml_collections.ConfigDict:
     """The resolved config of `distill.teacher` (read from its workdir, defaults filled in);
     raises ValueError when there is none there, or, with `need_checkpoint`, no checkpoint."""
-    from switchmoe import checkpoints, finetune  # noqa: PLC0415
-    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
-
     teacher = config.distill.teacher
     workdir, _ = finetune.parse_init_from(teacher)
-    found = checkpoints.read_config(workdir)
+    found = run_config.read_config(workdir)
     if found is None or (need_checkpoint and not checkpoints.has_checkpoint(workdir)):
         what = "run (config and checkpoint)" if need_checkpoint else "config.json"
         raise ValueError(f"distill.teacher={teacher!r}: no {what} there.")
@@ -143,17 +143,12 @@ def teacher_config(
 def abstract_teacher(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
     """(teacher config, teacher parameter shapes) of `distill.teacher`, from its config.json
     alone: what `fit` sizes (the teacher's parameters live on every step's devices)."""
-    from switchmoe import models  # noqa: PLC0415
-
     teacher = teacher_config(config, need_checkpoint=False)
     return teacher, models.abstract_params(models.build_model(teacher), teacher)
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
     """(teacher config, teacher params on the host) of `distill.teacher`."""
-    from switchmoe import finetune, runs  # noqa: PLC0415
-    from switchmoe.config import resolve, with_defaults  # noqa: PLC0415
-
     workdir, step = finetune.parse_init_from(config.distill.teacher)
     found, params = runs.restore_run(workdir, step)
     return resolve(with_defaults(found)), jax.device_get(params)

@@ -17,6 +17,22 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# The parameter names of a routed expert stack ([E, d, F] and [E, F, d]), as the layers below
+# name them. Quantization, merging, freezing, parameter counts and per-expert norms all ask
+# `is_expert_matrix` rather than spelling the names again.
+EXPERT_MATRICES = ("w_in", "w_gate", "w_out")
+
+
+def in_moe_layer(path: tuple) -> bool:
+    """Whether a parameter path lies in an MoE layer (`.../moe/...`), its shared expert aside."""
+    return "moe" in path and "shared" not in path[path.index("moe") :]
+
+
+def is_expert_matrix(path: tuple) -> bool:
+    """Whether `path` is a routed expert matrix (w_in, w_gate, w_out of an MoE layer, not of its
+    shared expert)."""
+    return in_moe_layer(path) and path[-1] in EXPERT_MATRICES
+
 Array = jax.Array
 
 # name -> (activation, gated). Gated variants (Shazeer 2020, "GLU variants") multiply act(x·W_gate)

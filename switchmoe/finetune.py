@@ -19,11 +19,7 @@ make the copies differ:
                             of the hidden units (columns of w_in / w_gate, rows of w_out) is
                             re-drawn from a normal with the source matrix's mean and std
 
-`optimizer.freeze` keeps parameters at their starting values (ST-MoE §4 fine-tunes with the MoE
-layers frozen): 'none', 'moe' (every MoE layer: router and experts), 'non_moe' (everything but
-the MoE layers), 'router' (the routers only), 'experts' (the expert matrices only), or
-'re:<regex>' matched against '/'-joined parameter paths. Frozen parameters get a zero update and
-no optimizer state (`optax.multi_transform` with `set_to_zero`).
+Freezing parameters for fine-tuning (`optimizer.freeze`) is the optimizer's (switchmoe/optim.py).
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from typing import Any
 
 import jax
@@ -39,58 +34,12 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-FREEZE_PATTERNS = ("none", "moe", "non_moe", "router", "experts")
-EXPERT_MATRICES = ("w_in", "w_gate", "w_out")
-FROZEN = "frozen"  # the optimizer partition of frozen parameters
+from switchmoe import checkpoints, hf_switch, run_config, runs
+from switchmoe.config import resolve
+from switchmoe.experts import EXPERT_MATRICES
+from switchmoe.models import abstract_params, build_model
+
 HF_PREFIX = "hf:"  # init_from='hf:<dir>': a Hugging Face Switch checkpoint (switchmoe/hf_switch.py)
-
-
-def check_freeze(freeze: Any) -> None:
-    """Raises ValueError unless `optimizer.freeze` is a known pattern or 're:<valid regex>'."""
-    if isinstance(freeze, str) and freeze.startswith("re:"):
-        try:
-            re.compile(freeze[3:])
-        except re.error as e:
-            raise ValueError(f"optimizer.freeze={freeze!r} is not a valid regex ({e})") from None
-        return
-    if freeze not in FREEZE_PATTERNS:
-        raise ValueError(
-            f"optimizer.freeze={freeze!r}; allowed: {FREEZE_PATTERNS} or 're:<regex>' over "
-            "'/'-joined parameter paths (e.g. 're:block_1/')"
-        )
-
-
-def _in_moe(path: tuple) -> bool:
-    return "moe" in path and "shared" not in path[path.index("moe") :]
-
-
-def is_expert_matrix(path: tuple) -> bool:
-    """Whether `path` is a routed expert matrix (w_in, w_gate, w_out of an MoE layer, not of its
-    shared expert)."""
-    return _in_moe(path) and path[-1] in EXPERT_MATRICES
-
-
-def is_frozen(path: tuple, freeze: str) -> bool:
-    """Whether the parameter at `path` (a tuple of keys) is frozen by `optimizer.freeze`."""
-    if freeze == "none":
-        return False
-    if freeze.startswith("re:"):
-        return re.search(freeze[3:], "/".join(str(k) for k in path)) is not None
-    moe = _in_moe(path)
-    if freeze == "moe":
-        return moe
-    if freeze == "non_moe":
-        return not moe
-    if freeze == "experts":
-        return is_expert_matrix(path)
-    if freeze == "router":
-        return moe and path[-1] not in EXPERT_MATRICES and path[-1] != "selection_bias"
-    raise ValueError(f"optimizer.freeze={freeze!r}")
-
-
-def frozen_paths(params: Any, freeze: str) -> list[str]:
-    flat = traverse_util.flatten_dict(params)
-    return ["/".join(p) for p in flat if is_frozen(p, freeze)]
 
 
 def parse_init_from(value: str) -> tuple[str, int | None]:
@@ -107,7 +56,6 @@ def _hf_directory(value: str) -> str | None:
 
 
 def _source(config: ml_collections.ConfigDict):
-    from switchmoe import hf_switch, runs  # noqa: PLC0415
 
     directory = _hf_directory(config.init_from)
     if directory is not None:
@@ -191,9 +139,6 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError when `init_from` names no run, or a run whose parameters this config
     cannot start from (the parameter named). Reads the source's config.json only: shapes come
     from jax.eval_shape, nothing is restored or compiled."""
-    from switchmoe import checkpoints  # noqa: PLC0415
-    from switchmoe.config import resolve  # noqa: PLC0415
-    from switchmoe.models import abstract_params, build_model  # noqa: PLC0415
 
     value = config.get("init_from")
     if not value:
@@ -204,7 +149,6 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         )
     directory = _hf_directory(value)
     if directory is not None:
-        from switchmoe import hf_switch  # noqa: PLC0415
 
         path = os.path.join(directory, hf_switch.CONFIG_FILE)
         if not os.path.exists(path):
@@ -216,7 +160,7 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"init_from={value!r}: {e}") from None
     else:
         workdir, _ = parse_init_from(value)
-        source_config = checkpoints.read_config(workdir)
+        source_config = run_config.read_config(workdir)
         if source_config is None or not checkpoints.has_checkpoint(workdir):
             raise ValueError(
                 f"init_from={value!r}: {workdir} holds no run (a config.json and a checkpoint)"

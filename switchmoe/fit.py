@@ -33,6 +33,8 @@ import numpy as np
 
 from switchmoe import distillation, sharding
 from switchmoe.config import resolve, validate_config
+from switchmoe.data.span_corruption import example_lengths
+from switchmoe.train import Trainer, cross_entropy
 
 # HLO element types -> bytes.
 _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
@@ -49,8 +51,6 @@ def batch_spec(config: ml_collections.ConfigDict, batch_sharding, rows=None) -> 
     B, L = rows or config.batch_size, config.data.seq_len
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
     if config.model.get("arch", "decoder") == "encoder_decoder":
-        from switchmoe.data.span_corruption import example_lengths  # noqa: PLC0415
-
         T = example_lengths(config.data).targets
         return {
             "inputs": spec((B, L), jnp.int32),
@@ -101,8 +101,6 @@ def num_moe_layers(params) -> int:
 def saved_for_backward(trainer, config, params, batch) -> int:
     """Bytes of the residuals jax.vjp keeps for the backward pass of the training loss (global
     batch; traced with abstract values, nothing computed)."""
-    from switchmoe.train import cross_entropy  # noqa: PLC0415
-
     def residuals(params, batch):
         def loss(params):
             logits, aux, _ = trainer._apply(params, batch, jax.random.key(0))
@@ -129,8 +127,6 @@ def fit_report(
 ) -> dict[str, Any]:
     """Compiles the train step for `config.mesh` on `devices` (default: all); see module doc.
     With compile=False only the exact numbers are computed (no compiler estimates)."""
-    from switchmoe.train import Trainer  # noqa: PLC0415  (train imports this package's peers)
-
     devices = jax.devices() if devices is None else devices
     config = resolve(config)
     checked = ml_collections.ConfigDict(config.to_dict())

@@ -46,6 +46,7 @@ import numpy as np
 from switchmoe.config import noncausal_reason, resolve
 from switchmoe.data.tokenizers import make_tokenizer
 from switchmoe.models import build_model
+from switchmoe.config import sequence_lengths
 
 Array = jax.Array
 
@@ -322,8 +323,6 @@ class Seq2SeqGenerator:
         pad_id: Optional[int] = None,
         eos_id: Optional[int] = None,
     ):
-        from switchmoe.config import sequence_lengths  # noqa: PLC0415
-
         if config.model.get("arch", "decoder") != "encoder_decoder":
             raise ValueError(
                 "Seq2SeqGenerator needs model.arch='encoder_decoder'; for 'decoder' use "

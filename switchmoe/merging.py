@@ -51,7 +51,10 @@ from flax import traverse_util
 from scipy.optimize import linear_sum_assignment
 
 from switchmoe import balancing
-from switchmoe.finetune import EXPERT_MATRICES
+from switchmoe.experts import EXPERT_MATRICES
+from switchmoe import runs
+from switchmoe.analysis.evaluation import load_run
+from switchmoe.analysis.routing_capture import capture_routing
 
 SIMILARITIES = ("router", "usage")
 WEIGHTINGS = ("usage", "uniform")
@@ -69,9 +72,6 @@ def routing_statistics(
 ) -> RoutingStatistics:
     """The router probabilities of `num_batches` batches of `split` (default: the run's training
     split, so that the statistics are not drawn from the data a merged model is evaluated on)."""
-    from switchmoe.analysis.evaluation import load_run  # noqa: PLC0415
-    from switchmoe.analysis.routing_capture import capture_routing  # noqa: PLC0415
-
     config, params = load_run(run, step)
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.eval_split = split or config.data.train_split
@@ -269,8 +269,6 @@ def merge_run(
     per MoE layer and writes it as a new workdir `target` (runs.write_run); returns the report.
     The statistics come from `num_batches` batches of the run's training split; `options` go to
     `merge_experts`."""
-    from switchmoe import runs  # noqa: PLC0415
-
     config, params, restored = runs.restore_run_at(source, step)
     _check_mergeable(config, num_experts)
     stats = routing_statistics((config, params), num_batches=num_batches)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from switchmoe import finetune
+from switchmoe.experts import is_expert_matrix
 from switchmoe.moe_layer import MoeLayer
 from switchmoe.config import resolve, sequence_lengths
 from switchmoe.encoder_decoder import EncoderDecoderLM
@@ -101,7 +101,7 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
         keys = tuple(getattr(k, "key", None) for k in path)
         # Routed experts only: a shared expert (DeepSeekMoE's, "shared") is active for every token.
         # (An int8 layer's channel scales `w_*_scale` count with their matrices.)
-        if finetune.is_expert_matrix(keys[:-1] + (str(keys[-1]).removesuffix("_scale"),)):
+        if is_expert_matrix(keys[:-1] + (str(keys[-1]).removesuffix("_scale"),)):
             expert += n
     E = k = 0
     if config.model.moe.num_experts:  # the layer's own counts (fine-grained experts: m·E, m·k)

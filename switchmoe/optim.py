@@ -1,11 +1,78 @@
-"""Optimizers and learning-rate schedules from the `optimizer` config block."""
+"""Optimizers and learning-rate schedules from the `optimizer` config block, freezing
+(`optimizer.freeze`), and the optimizer of a whole config (`optimizer_for`).
+
+`optimizer.freeze` keeps parameters at their starting values (ST-MoE §4 fine-tunes with the MoE
+layers frozen): 'none', 'moe' (every MoE layer: router and experts), 'non_moe' (everything but
+the MoE layers), 'router' (the routers only), 'experts' (the expert matrices only), or
+'re:<regex>' matched against '/'-joined parameter paths. Frozen parameters get a zero update and
+no optimizer state (`optax.multi_transform` with `set_to_zero`).
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
+
+from switchmoe import balancing
+from switchmoe.experts import EXPERT_MATRICES, in_moe_layer, is_expert_matrix
+
+FREEZE_PATTERNS = ("none", "moe", "non_moe", "router", "experts")
+FROZEN = "frozen"  # the optimizer partition of frozen parameters
+
+
+def check_freeze(freeze: Any) -> None:
+    """Raises ValueError unless `optimizer.freeze` is a known pattern or 're:<valid regex>'."""
+    if isinstance(freeze, str) and freeze.startswith("re:"):
+        try:
+            re.compile(freeze[3:])
+        except re.error as e:
+            raise ValueError(f"optimizer.freeze={freeze!r} is not a valid regex ({e})") from None
+        return
+    if freeze not in FREEZE_PATTERNS:
+        raise ValueError(
+            f"optimizer.freeze={freeze!r}; allowed: {FREEZE_PATTERNS} or 're:<regex>' over "
+            "'/'-joined parameter paths (e.g. 're:block_1/')"
+        )
+
+
+def is_frozen(path: tuple, freeze: str) -> bool:
+    """Whether the parameter at `path` (a tuple of keys) is frozen by `optimizer.freeze`."""
+    if freeze == "none":
+        return False
+    if freeze.startswith("re:"):
+        return re.search(freeze[3:], "/".join(str(k) for k in path)) is not None
+    moe = in_moe_layer(path)
+    if freeze == "moe":
+        return moe
+    if freeze == "non_moe":
+        return not moe
+    if freeze == "experts":
+        return is_expert_matrix(path)
+    if freeze == "router":
+        return moe and path[-1] not in EXPERT_MATRICES and path[-1] != "selection_bias"
+    raise ValueError(f"optimizer.freeze={freeze!r}")
+
+
+def frozen_paths(params: Any, freeze: str) -> list[str]:
+    flat = traverse_util.flatten_dict(params)
+    return ["/".join(p) for p in flat if is_frozen(p, freeze)]
+
+
+def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The optimizer a run of `config` trains with (and whose state its checkpoints hold)."""
+    moe = config.model.moe
+    rule_set = bool(moe.num_experts) and moe.get("bias_update_speed", 0.0) > 0
+    return make_optimizer(
+        config.optimizer,
+        config.num_train_steps,
+        rule_set=rule_set,
+        freeze=config.optimizer.get("freeze", "none"),
+    )
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
@@ -44,17 +111,15 @@ def make_optimizer(
     rule_set: the parameters hold values set by a rule after each step rather than trained
     (the selection biases of auxiliary-loss-free balancing; see `parameter_labels`); the
     optimizer gives them a zero update, no weight decay and no state.
-    freeze: `optimizer.freeze` (finetune.py): those parameters get a zero update and no state
+    freeze: `optimizer.freeze` (module docstring): those parameters get a zero update and no state
     either, and are left out of the clipped gradient norm.
     """
     tx = _optimizer(opt, num_train_steps)
     if not rule_set and freeze == "none":
         return tx
-    from switchmoe import balancing, finetune  # noqa: PLC0415
-
     zero = optax.set_to_zero()
     return optax.multi_transform(
-        {balancing.TRAINED: tx, balancing.RULE: zero, finetune.FROZEN: zero},
+        {balancing.TRAINED: tx, balancing.RULE: zero, FROZEN: zero},
         lambda params: parameter_labels(params, freeze),
     )
 
@@ -62,12 +127,10 @@ def make_optimizer(
 def parameter_labels(params, freeze: str = "none"):
     """A tree like `params` naming each leaf's optimizer partition: RULE for a selection bias
     (set by balancing.update_biases), FROZEN for what `optimizer.freeze` keeps, TRAINED else."""
-    from switchmoe import balancing, finetune  # noqa: PLC0415
-
     def label(path):
         if balancing.is_bias(path):
             return balancing.RULE
-        return finetune.FROZEN if finetune.is_frozen(path, freeze) else balancing.TRAINED
+        return FROZEN if is_frozen(path, freeze) else balancing.TRAINED
 
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict({path: label(path) for path in flat})

@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from switchmoe.finetune import is_expert_matrix
+from switchmoe.experts import is_expert_matrix
+from switchmoe import runs
 
 QMAX = 127
 
@@ -99,8 +100,6 @@ def quantize_run(source: str, target: str, step: int | None = None) -> str:
     """Writes a workdir at `target` holding `source`'s run (its checkpoint at `step`, default
     the newest intact one) with int8 experts; returns `target`. It restores with
     `runs.restore_run` and evaluates like any run; it cannot be trained further."""
-    from switchmoe import runs  # noqa: PLC0415  (runs imports the model stack)
-
     config, params, restored = runs.restore_run_at(source, step)
     q_config, q_params = quantize_experts(config, params)
     return runs.write_run(

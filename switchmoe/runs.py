@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from switchmoe import checkpoints, integrity
+from switchmoe import checkpoints, integrity, optim, run_config
+from switchmoe.config import resolve, validate_config
 from switchmoe.metrics import read_metrics  # noqa: F401  (re-exported for notebooks)
 from switchmoe.models import abstract_params, build_model
 
@@ -45,9 +46,9 @@ def restore_run_at(
     warning naming it; a damaged `step` raises ValueError listing the intact steps. Nothing in
     the workdir is changed.
     """
-    config = checkpoints.read_config(workdir)
+    config = run_config.read_config(workdir)
     if config is None:
-        raise FileNotFoundError(f"{os.path.join(workdir, checkpoints.CONFIG_FILE)} not found.")
+        raise FileNotFoundError(f"{os.path.join(workdir, run_config.CONFIG_FILE)} not found.")
     ckpt = checkpoints.Checkpointer(workdir)
     try:
         steps = ckpt.all_steps()
@@ -94,10 +95,7 @@ def write_run(
     `init_from`. Refuses (ValueError) a workdir that already holds a config or a checkpoint:
     nothing there is overwritten.
     """
-    from switchmoe.config import resolve, validate_config  # noqa: PLC0415
-    from switchmoe.train import Trainer  # noqa: PLC0415  (train imports this module's users)
-
-    if checkpoints.read_config(workdir) is not None or checkpoints.has_checkpoint(workdir):
+    if run_config.read_config(workdir) is not None or checkpoints.has_checkpoint(workdir):
         raise ValueError(f"{workdir} already holds a run; write_run needs a new directory.")
     config = resolve(config)
     validate_config(config)
@@ -107,9 +105,9 @@ def write_run(
     if got != want:
         raise ValueError("params do not have the shapes and dtypes this config's model has.")
     params = jax.tree.map(jnp.asarray, params)
-    opt_state = Trainer.optimizer_for(config).init(params)
+    opt_state = optim.optimizer_for(config).init(params)
     os.makedirs(workdir, exist_ok=True)
-    checkpoints.write_config(workdir, config)
+    run_config.write_config(workdir, config)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         ckpt.save(step, params, opt_state, {"step": step, "data_step": step})

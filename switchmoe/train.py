@@ -31,7 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from switchmoe import distillation, finetune
-from switchmoe import balancing, bootstrap, checkpoints, integrity, optim, sharding
+from switchmoe.experts import is_expert_matrix
+from switchmoe import balancing, bootstrap, checkpoints, integrity, optim, run_config, sharding
 from switchmoe import metrics as metrics_lib
 from switchmoe.config import resolve, validate_config
 from switchmoe.data.pipeline import LMDataPipeline
@@ -72,7 +73,7 @@ def expert_norms(tree: Any) -> jax.Array | None:
     layers: dict[tuple, jax.Array] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         keys = tuple(getattr(k, "key", None) for k in path)
-        if finetune.is_expert_matrix(keys):
+        if is_expert_matrix(keys):
             layer = tuple(keys[: keys.index("moe")])
             squares = jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=(1, 2))
             layers[layer] = layers.get(layer, 0.0) + squares
@@ -128,7 +129,7 @@ class Trainer:
             bool(moe.num_experts) and moe.get("global_balance_weight", 0.0) > 0
             and config.get("grad_accum_steps", 1) > 1
         )  # fmt: skip
-        self.optimizer = self.optimizer_for(config)
+        self.optimizer = optim.optimizer_for(config)
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), *dummy_inputs(config)))[
@@ -182,17 +183,6 @@ class Trainer:
             return jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index])
 
         return model, jax.tree.map(place, params, shardings), shardings
-
-    @staticmethod
-    def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-        moe = config.model.moe
-        rule_set = bool(moe.num_experts) and moe.get("bias_update_speed", 0.0) > 0
-        return optim.make_optimizer(
-            config.optimizer,
-            config.num_train_steps,
-            rule_set=rule_set,
-            freeze=config.optimizer.get("freeze", "none"),
-        )
 
     def init(self) -> tuple[Any, Any]:
         """Fresh (params, opt_state), placed on the mesh."""
@@ -502,7 +492,7 @@ def _setting_differences(previous, config) -> dict[str, tuple]:
     """{dotted key: (old, new)} of the model and optimizer settings that differ."""
     flat = lambda c: {
         k: v
-        for k, v in checkpoints.flat_items(c.to_dict())
+        for k, v in run_config.flat_items(c.to_dict())
         if k.startswith(("model.", "optimizer.")) and not k.startswith("model.moe.hash_table")
     }
     old, new = flat(previous), flat(config)
@@ -516,7 +506,7 @@ def _setting_differences(previous, config) -> dict[str, tuple]:
 def _stored_shapes(config):
     model = build_model(config)
     params = abstract_params(model, config)
-    optimizer = Trainer.optimizer_for(config)
+    optimizer = optim.optimizer_for(config)
     opt_state = jax.eval_shape(optimizer.init, params)
     shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
     return shapes(params), jax.tree.structure(opt_state), shapes(opt_state)
@@ -530,7 +520,7 @@ def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) ->
     factors, loss weights, learning rate, steps) may change on resume. A refusal names first the
     settings that alone change what is stored, then the other differences apart.
     """
-    previous = checkpoints.read_config(workdir)
+    previous = run_config.read_config(workdir)
     if previous is None or not checkpoints.has_checkpoint(workdir):
         return
     try:
@@ -620,7 +610,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     if lead and not checkpoints.has_checkpoint(workdir):
         # Nothing trained yet: config.json (re)states what this start trains. Once a checkpoint
         # exists it stays as written; changes on resume go to config_history.jsonl.
-        checkpoints.write_config(workdir, config)
+        run_config.write_config(workdir, config)
 
     mesh = sharding.make_mesh(config.mesh)
     teacher = distillation.load_teacher(config) if distillation.settings(config) else None
@@ -641,7 +631,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             raise ValueError(f"checkpoint {start} records data position {meta['data_step']}.")
         log(f"Resumed from {ckpt.directory}/{start}.")
         if lead:
-            checkpoints.record_config(workdir, config, start)
+            run_config.record_config(workdir, config, start)
     else:
         params, opt_state = trainer.init()
         if config.get("init_from"):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from switchmoe import checkpoints, metrics
+from switchmoe import checkpoints, metrics, run_config
 from switchmoe.runs import restore_run
 from switchmoe.sharding import make_mesh
 from switchmoe.models import init_rows
@@ -291,8 +291,8 @@ def test_a_resume_with_other_settings_records_them_beside_the_original(data_dir,
         "num_train_steps": [10, 20],
         "optimizer.learning_rate": [1e-2, 3e-3],
     }
-    assert checkpoints.read_config(workdir).optimizer.learning_rate == 3e-3
-    assert checkpoints.read_config(workdir, as_first_written=True).num_train_steps == 10
+    assert run_config.read_config(workdir).optimizer.learning_rate == 3e-3
+    assert run_config.read_config(workdir, as_first_written=True).num_train_steps == 10
     # The same settings again change nothing.
     train_and_evaluate(tiny_config(data_dir, **longer), workdir, log=quiet)
     assert len(open(os.path.join(workdir, "config_history.jsonl")).read().splitlines()) == 1
@@ -307,7 +307,7 @@ def test_a_resume_with_other_settings_records_them_beside_the_original(data_dir,
     )
     lines = open(os.path.join(workdir, "config_history.jsonl")).read().splitlines()
     assert json.loads(lines[-1])["changes"] == {"distill.temperature": [1.0, 2.0]}
-    assert checkpoints.read_config(workdir).distill.temperature == 2.0
+    assert run_config.read_config(workdir).distill.temperature == 2.0
 
 
 def test_rerunning_a_finished_run_returns_its_last_metrics(data_dir, tmp_path):

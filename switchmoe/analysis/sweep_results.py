@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from switchmoe import checkpoints
+from switchmoe import run_config
 from switchmoe.metrics import METRICS_FILE, read_metrics
 
 
@@ -45,7 +45,7 @@ def last_value(records: Sequence[dict], metric: str, default: Any = None) -> Any
 def load_trial(workdir: str, name: Optional[str] = None) -> dict[str, Any]:
     """One run workdir as a trial dict (see `load_sweep`)."""
     # read_config fills in fields that a config.json from an older switchmoe lacks.
-    config = checkpoints.read_config(workdir)
+    config = run_config.read_config(workdir)
     path = os.path.join(workdir, METRICS_FILE)
     records = read_metrics(workdir) if os.path.exists(path) else []
     total = config_value(config, "num_train_steps")

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from switchmoe.data import pipeline as _pipeline
+from switchmoe.data.streaming import StreamingPipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +230,5 @@ def make_pipeline(config, batch_size: int | None = None):
     else:
         objective = _pipeline.LMDataPipeline(config.data, batch_size)
     if config.data.get("pipeline", "packed") == "stream":
-        from switchmoe.data.streaming import StreamingPipeline  # noqa: PLC0415  (grain)
-
         return StreamingPipeline(objective)
     return objective

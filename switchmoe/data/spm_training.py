@@ -32,6 +32,8 @@ from typing import Iterator
 
 import ml_collections
 
+from switchmoe.data.sources import load_texts, resolve_data_dir
+
 SPM_MODEL_TYPES = ("unigram", "bpe")
 # Bump when the trainer's input or options change, so old files are not mistaken for new ones.
 _FORMAT_VERSION = 1
@@ -71,8 +73,6 @@ def training_settings(data_config: ml_collections.ConfigDict) -> dict:
 
 def model_path(data_config: ml_collections.ConfigDict) -> str:
     """Where the model of `data_config`'s settings lives (whether or not it is built yet)."""
-    from switchmoe.data.pipeline import resolve_data_dir  # noqa: PLC0415  (import cycle)
-
     settings = training_settings(data_config)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     slug = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s))
@@ -93,8 +93,6 @@ def _lines(texts: list[bytes]) -> Iterator[str]:
 def train_model(data_config: ml_collections.ConfigDict) -> bytes:
     """Trains the SentencePiece model of `data_config` on its training split; its bytes."""
     import sentencepiece  # noqa: PLC0415  (make_tokenizer says how to install it)
-
-    from switchmoe.data.pipeline import load_texts  # noqa: PLC0415
 
     texts = load_texts(data_config, data_config.train_split)
     out = io.BytesIO()

@@ -25,6 +25,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from switchmoe.data import spm_training
+
 TOKENIZER_KINDS = ("byte", "sentencepiece")
 
 
@@ -221,8 +223,6 @@ def make_tokenizer(data_config) -> Tokenizer:
         path = data_config.get("spm_model_path")
         if not path and data_config.get("spm_vocab_size"):
             _import_sentencepiece()
-            from switchmoe.data import spm_training  # noqa: PLC0415  (imports the pipeline)
-
             path = spm_training.ensure_model(data_config)
         if not path:
             raise ValueError(

@@ -26,6 +26,8 @@ import numpy as np
 from switchmoe import losses as losses_lib
 from switchmoe.routers.base import Option, Router
 from switchmoe.routing import RoutingResult, assign_slots, build_result
+from switchmoe.data.pipeline import LMDataPipeline
+from switchmoe.data.streaming import StreamingPipeline
 
 Array = jax.Array
 HASH_KINDS = ("random", "balanced")
@@ -89,14 +91,10 @@ def table_for_config(config) -> np.ndarray:
     moe, vocab = config.model.moe, config.model.vocab_size
     if moe.hash_kind == "random":
         return random_hash_table(vocab, moe.num_experts, config.seed)
-    from switchmoe.data.pipeline import LMDataPipeline  # noqa: PLC0415
-
     objective = LMDataPipeline(config.data, config.batch_size)
     if config.data.get("pipeline", "packed") == "stream":
         # A split too large to pack: the frequencies of its first 2^22 training tokens (the
         # stream's documents are shuffled, so this is a sample of the whole split).
-        from switchmoe.data.streaming import StreamingPipeline  # noqa: PLC0415
-
         stream = StreamingPipeline(objective).train_batches()
         counts = np.zeros([vocab], np.int64)
         for _ in range(-(-(2**22) // (config.batch_size * config.data.seq_len))):
