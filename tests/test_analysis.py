@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import matplotlib
 
@@ -20,6 +23,8 @@ from switchmoe.runs import restore_run  # noqa: E402
 from switchmoe.models import count_params  # noqa: E402
 from switchmoe.train import train_and_evaluate  # noqa: E402
 from tiny import tiny_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 quiet = lambda line: None
 
@@ -410,3 +415,38 @@ def test_a_config_json_from_an_older_version_loads_with_the_new_fields_defaulted
 def _sample_texts(config, eval_set):
     texts = load_texts(config.data, config.data.eval_split)
     return [texts[i] for i in eval_set.documents]
+
+
+def _run_script(module, *flags):
+    """Runs `python -m experiments.<module>` from the repo root; its stdout."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_generation_speed_script_on_a_tiny_run(tiny_run, tmp_path):
+    # The script behind EXPERIMENTS.md's generation-speed numbers: cached and recomputed
+    # decoding agree token for token, and its JSON records both times.
+    workdir, _ = tiny_run
+    _run_script("generation_speed", f"--workdir={workdir}", "--lengths=16", "--rows=2",
+                "--repeats=1", f"--out={tmp_path}")  # fmt: skip
+    with open(tmp_path / "generation_speed.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["T"] for r in rows] == [16] and rows[0]["tokens_identical"] is True
+    assert rows[0]["cached_s"] > 0 and rows[0]["recompute_s"] > 0
+
+
+def test_diagnose_script_on_a_tiny_sweep(tiny_run, tmp_path):
+    # The script behind the diagnosis tables, on a one-trial sweep made of the tiny run.
+    workdir, _ = tiny_run
+    trial = tmp_path / "sweep" / "num_experts=4"
+    trial.mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(os.path.join(workdir, name), trial / name)
+    _run_script("diagnose", f"--workdir={tmp_path / 'sweep'}")
+    report = (tmp_path / "sweep" / "report" / "diagnosis_summary.md").read_text()
+    assert "num_experts=4" in report or "4 experts" in report
+    assert (tmp_path / "sweep" / "report" / "diagnosis.csv").exists()
