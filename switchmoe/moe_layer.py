@@ -401,10 +401,6 @@ class MoeLayer(nn.Module):
         return routing.replace(plan=plan)
 
 
-# Routers for which a token's m·k choices mean m·k experts of width F/m (token choice).
-GRANULAR_ROUTERS = ("top_k", "noisy_top_k")
-
-
 def check_granularity(model: ml_collections.ConfigDict) -> int:
     """`model.moe.granularity` m, checked: a positive integer dividing the expert width, with a
     token-choice router. Raises ValueError naming the setting and what is allowed."""
@@ -422,10 +418,11 @@ def check_granularity(model: ml_collections.ConfigDict) -> int:
             f"{'model.moe.expert_d_ff' if moe.get('expert_d_ff') else 'model.d_ff'}={width} "
             f"(each expert is split into m experts of width F/m); allowed: {divisors}."
         )
-    if moe.router not in GRANULAR_ROUTERS:
+    granular = tuple(n for n, r in routers_lib.REGISTRY.items() if r.supports_granularity)
+    if not routers_lib.REGISTRY.get(moe.router, routers_lib.Router).supports_granularity:
         raise ValueError(
-            f"model.moe.granularity={m} applies to token-choice routers {GRANULAR_ROUTERS} (a "
-            f"token picks m·k experts); got model.moe.router={moe.router!r}."
+            f"model.moe.granularity={m} applies to token-choice routers {granular} (a token "
+            f"picks m·k experts); got model.moe.router={moe.router!r}."
         )
     return m
 

@@ -1,5 +1,6 @@
 """The Flax MoE layer: compile-once, precision, grouping, train/eval modes and setting errors."""
 
+import dataclasses
 import re
 
 import chex
@@ -72,7 +73,10 @@ def test_train_and_eval_capacity_factors():
     assert layer.make_router().capacity(16, train=True) == 2
     assert layer.make_router().capacity(16, train=False) == 8
     dropless = MoeLayer(num_experts=4, d_ff=8, backend="dropless")
-    assert dropless.make_router().capacity(16, train=False) is None
+    assert dropless.make_router().dropless and dropless.make_router().capacity(16, train=False) is None
+    # The capacity rule reads whether the plan is dropless, not the backend's name.
+    told = dataclasses.replace(layer.make_router(), dropless=True)
+    assert told.settings.backend != "dropless" and told.capacity(16, train=False) is None
     # Expert choice keeps its capacity whatever the backend: ceil(16/4·2) = 8.
     expert_choice = MoeLayer(num_experts=4, d_ff=8, router="expert_choice", backend="dropless")
     assert expert_choice.make_router().capacity(16, train=False) == 8

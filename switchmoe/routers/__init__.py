@@ -39,7 +39,8 @@ def make_router(settings: Any, option_values: Mapping[str, Any] | None = None) -
     """The router `settings.router` names, over `settings` (an MoeLayer or a `model.moe` block).
 
     option_values: the router's own settings; by default read from `settings` itself (a config
-    block holds them flat).
+    block holds them flat). The one place that reads the dispatch backend's name for routing:
+    the router is told only whether its plan is dropless.
     """
     if settings.router not in REGISTRY:
         raise ValueError(f"router must be one of {NAMES}; got {settings.router!r}.")
@@ -52,4 +53,5 @@ def make_router(settings: Any, option_values: Mapping[str, Any] | None = None) -
             f"router={settings.router!r} has no option(s) {sorted(unknown)}; its options: "
             f"{sorted(cls.options) or 'none'}."
         )
-    return cls(settings, dict(option_values))
+    dropless = getattr(settings, "backend", None) == "dropless"
+    return cls(settings, dict(option_values), dropless=dropless)

@@ -78,6 +78,10 @@ class Router:
 
     settings: Any
     option_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Whether the dispatch plan this router fills has no capacity (every choice gets a slot).
+    # What the layer's dispatch is called is the layer's business; `routers.make_router` tells
+    # the router only this fact, which its capacity rule needs.
+    dropless: bool = False
 
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
@@ -86,6 +90,9 @@ class Router:
     supports_batch_prioritized: ClassVar[bool] = False
     # Routers that pick experts by a top-k of scores, to which a balancing bias can be added.
     supports_selection_bias: ClassVar[bool] = False
+    # Token-choice routers whose m·k choices can mean m·k experts of width F/m
+    # (`model.moe.granularity`, DeepSeekMoE's fine-grained experts).
+    supports_granularity: ClassVar[bool] = False
 
     def option(self, name: str) -> Any:
         value = self.option_values.get(name)
@@ -110,8 +117,8 @@ class Router:
 
     def capacity(self, tokens_per_group: int, train: bool) -> Optional[int]:
         """Static C per group (C = ceil(K·S/E·factor), see routing.expert_capacity); None when
-        the layer's backend is dropless."""
-        if self.settings.backend == "dropless":
+        the plan is dropless."""
+        if self.dropless:
             return None
         return self._factor_capacity(tokens_per_group, train, self.choices_per_token)
 

@@ -152,7 +152,7 @@ class DSelectK(Router):
         return jnp.argmax(result.probs, axis=-1)[..., None].astype(jnp.int32)  # top-1 of q
 
     def capacity(self, tokens_per_group, train):
-        if self.settings.backend == "dropless":
+        if self.dropless:
             return None
         k = self.num_experts if train else self.settings.num_selected
         return self._factor_capacity(tokens_per_group, train, k)

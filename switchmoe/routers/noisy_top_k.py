@@ -119,13 +119,14 @@ class NoisyTopK(Router):
 
     name = "noisy_top_k"
     supports_batch_prioritized = True
+    supports_granularity = True
     options = {
         "importance_weight": Option(0.0, "weight of the importance loss (Shazeer et al.: 0.1)"),
         "load_weight": Option(0.0, "weight of the load loss (Shazeer et al.: 0.1)"),
     }
 
     def noncausal_reason(self):
-        return token_choice_causal_reason(self.settings)
+        return token_choice_causal_reason(self.settings, self.dropless)
 
     def streams(self, train):
         return super().streams(train) + (("noise",) if train else ())

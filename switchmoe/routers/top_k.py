@@ -130,12 +130,12 @@ def top_k_route(
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
-def token_choice_causal_reason(settings) -> Optional[str]:
+def token_choice_causal_reason(settings, dropless: bool) -> Optional[str]:
     """Why a token-choice router over these settings is not causal, or None.
 
     Batch prioritized routing is refused in every decoder on its own (config validation)."""
     rank_major = not settings.causal_routing and settings.num_selected >= 2
-    if rank_major and settings.backend != "dropless":
+    if rank_major and not dropless:  # with no capacity, the slot order drops nothing
         return (
             f"model.moe.causal_routing=False with num_selected={settings.num_selected} places "
             "every first choice before any second choice, so later tokens can displace an "
@@ -149,6 +149,7 @@ class TopK(Router):
 
     name = "top_k"
     supports_batch_prioritized = True
+    supports_granularity = True
     options = {
         "score_function": Option(
             "softmax",
@@ -162,7 +163,7 @@ class TopK(Router):
     }
 
     def noncausal_reason(self):
-        return token_choice_causal_reason(self.settings)
+        return token_choice_causal_reason(self.settings, self.dropless)
 
     def streams(self, train):
         extra = ("random_routing",) if train and self.settings.random_routing else ()
