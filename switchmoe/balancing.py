@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import flax.linen as nn
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -95,3 +96,33 @@ def layer_order(path: tuple) -> list:
     """Sort key of a module path with numbers compared as numbers (block_2 before block_10):
     the order in which per-layer metrics are stacked."""
     return [[int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part))] for part in path]
+
+
+# -- What an MoE layer does for balancing (called from its __call__) ---------------------------
+
+
+def selection_bias(layer: nn.Module, num_experts: int) -> Array:
+    """The layer's selection bias [E] (a parameter, zeros at init), without gradient: it is moved
+    by `update_biases` after each step, never by the optimizer."""
+    init = nn.with_logical_partitioning(nn.initializers.zeros, (None,))
+    bias = layer.param(BIAS, init, (num_experts,), jnp.float32)
+    return jax.lax.stop_gradient(bias)
+
+
+def count_loads(
+    layer: nn.Module, counts: Array, mask: Array | None, num_tokens: int
+) -> dict[str, Array]:
+    """Sows this call's loads into COUNTS: `counts` (the router's selection counts) and the
+    tokens routed (`num_tokens` = G·S, or the unmasked ones with `mask`, bool [G, S]). They serve
+    the bias update and a multi-microbatch step's global-batch loss, and sowing is a no-op unless
+    the caller makes the collection mutable. Returns the step's totals when the caller passed
+    them in TOTALS ({'global_counts', 'global_tokens'}), else {}."""
+    tokens = jnp.float32(num_tokens) if mask is None else jnp.sum(mask, dtype=jnp.float32)
+    for name, value in (("counts", counts), ("tokens", tokens)):
+        layer.sow(COUNTS, name, value, init_fn=lambda: 0.0, reduce_fn=jnp.add)
+    if not layer.has_variable(TOTALS, "counts"):
+        return {}
+    return {
+        "global_counts": layer.get_variable(TOTALS, "counts"),
+        "global_tokens": layer.get_variable(TOTALS, "tokens"),
+    }

@@ -242,34 +242,15 @@ class MoeLayer(nn.Module):
         if train and self.expert_dropout > 0:
             streams += ("expert_dropout",)
         keys = routers_lib.stream_keys(self.make_rng("dropout"), streams) if streams else {}
-        bias = None
-        if self.bias_update_speed:
-            # Moved by the balancing rule after each step, never by a gradient (balancing.py).
-            bias = jax.lax.stop_gradient(
-                self.param(
-                    balancing.BIAS,
-                    nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-                    (E,),
-                    jnp.float32,
-                )
-            )
+        bias = balancing.selection_bias(self, E) if self.bias_update_speed else None
         routing = router.route(
             self, groups, token_ids, keys, train, mask=group_mask, selection_bias=bias
         )
         if decode:
             routing = self._decoding_step(router, routing, B, L, step_index)
-        # The loads of this call, for the bias update and for the global-batch loss of a step in
-        # several microbatches; a no-op unless the caller makes the collection mutable.
+        # The loads of this call, and the step's totals when the caller passes them.
         counts = router.selection_counts(routing, group_mask)
-        tokens = jnp.float32(G * S) if mask is None else jnp.sum(group_mask, dtype=jnp.float32)
-        for name, value in (("counts", counts), ("tokens", tokens)):
-            self.sow(balancing.COUNTS, name, value, init_fn=lambda: 0.0, reduce_fn=jnp.add)
-        totals = {}
-        if self.has_variable(balancing.TOTALS, "counts"):
-            totals = {
-                "global_counts": self.get_variable(balancing.TOTALS, "counts"),
-                "global_tokens": self.get_variable(balancing.TOTALS, "tokens"),
-            }
+        totals = balancing.count_loads(self, counts, group_mask, G * S)
         routing = router.with_balance_losses(routing, sequence_length=L, mask=group_mask, **totals)
         self.sow("intermediates", "routing", routing)
 
