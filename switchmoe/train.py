@@ -363,14 +363,14 @@ class Trainer:
             **model_masks(self.config, batch),
             deterministic=True,
         )
-        ce_sum, count = cross_entropy(logits, batch)
-        # Per-token losses (0 where unscored) for the per-document sums of the bootstrap; the
-        # step's outputs are replicated, so every process sees every row's.
+        # Per-token losses (0 where unscored) for the per-document sums of the bootstrap, and
+        # their sum; the step's outputs are replicated, so every process sees every row's.
         ce_tokens = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        ce_tokens = ce_tokens * batch["weights"]
         out = {
-            "ce_sum": ce_sum,
-            "count": count,
-            "ce_tokens": (ce_tokens * batch["weights"]).astype(jnp.float32),
+            "ce_sum": jnp.sum(ce_tokens),
+            "count": jnp.sum(batch["weights"]),
+            "ce_tokens": ce_tokens.astype(jnp.float32),
             "weights": batch["weights"],
             **moe_metrics(aux, "eval"),
         }
@@ -486,6 +486,19 @@ def write_final_documents(workdir: str, per_document: dict) -> None:
     tmp = path + ".tmp.npz"
     np.savez(tmp, **per_document)
     os.replace(tmp, path)
+
+
+def final_evaluation(trainer, params, pipeline, workdir: str, log, lead: bool) -> dict:
+    """A run's headline evaluation (`config.final_eval`: every token of the eval split, or for
+    quick runs the sample) as final/* metrics with its bootstrap interval; the lead process
+    writes its per-document sums to the workdir, and the line is logged."""
+    which = trainer.config.get("final_eval", "split")
+    final = trainer.evaluate(params, pipeline, which, 0, "final", keep_documents=True)
+    per_document = final.pop(DOCUMENTS_KEY)
+    if lead:
+        write_final_documents(workdir, per_document)
+    log(metrics_lib.final_line(final))
+    return final
 
 
 def _setting_differences(previous, config) -> dict[str, tuple]:
@@ -692,12 +705,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             if done == total:
                 # The headline number: every token of the eval split (or, for quick runs, the
                 # sample), with its bootstrap interval over documents.
-                final_set = config.get("final_eval", "split")
-                record.update(trainer.evaluate(params, pipeline, final_set, 0, "final", True))
-                per_document = record.pop(DOCUMENTS_KEY)
-                if lead:
-                    write_final_documents(workdir, per_document)
-                log(metrics_lib.final_line(record))
+                record.update(final_evaluation(trainer, params, pipeline, workdir, log, lead))
             if done % config.checkpoint_every == 0 or is_last:
                 # Never save what a non-finite step produced. The loss is computed before the
                 # update, so the parameters and optimizer state themselves are checked.
@@ -748,17 +756,12 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
         if start >= total and ("final/loss" not in last or not has_documents):
             # A run finished before the whole-split final evaluation (or its per-document
             # file) existed: add it now, from the final checkpoint, at the final step.
-            final_set = config.get("final_eval", "split")
-            final = trainer.evaluate(params, pipeline, final_set, 0, "final", True)
-            per_document = final.pop(DOCUMENTS_KEY)
-            log(metrics_lib.final_line(final))
-            if lead:
-                write_final_documents(workdir, per_document)
-                if "final/loss" not in last:
-                    late = metrics_lib.MetricWriter(workdir, resume_step=total)
-                    try:
-                        late.write(total, final)
-                    finally:
-                        late.close()
+            final = final_evaluation(trainer, params, pipeline, workdir, log, lead)
+            if lead and "final/loss" not in last:
+                late = metrics_lib.MetricWriter(workdir, resume_step=total)
+                try:
+                    late.write(total, final)
+                finally:
+                    late.close()
             last.update(final)
     return last
