@@ -51,9 +51,9 @@ import numpy as np
 from absl import app, flags
 
 from switchmoe import cli
-from switchmoe import dispatch
-from switchmoe.experts import StackedExperts
-from switchmoe.moe_layer import MoeLayer
+from switchmoe.moe import dispatch
+from switchmoe.moe.experts import StackedExperts
+from switchmoe.moe.layer import MoeLayer
 
 BACKENDS = ("einsum", "gather", "dropless_ragged_dot", "dropless_blocked")
 
@@ -452,9 +452,9 @@ def train_configs(size: str, dtype: str) -> dict:
 def train_case(config) -> tuple[Callable[[], float], dict]:
     """A training step of `config` on one device with synthetic token batches, compiled: (a call
     that runs one step and returns its seconds, the case's record without times)."""
-    from switchmoe.sharding import make_mesh
     from switchmoe.models import count_params
-    from switchmoe.train import Trainer
+    from switchmoe.sharding import make_mesh
+    from switchmoe.training.trainer import Trainer
 
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer = Trainer(config, mesh)

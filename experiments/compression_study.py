@@ -17,7 +17,7 @@ against MoE seed s and dense seed s:
   from the teacher's non-expert parameters or from scratch; <workdir>/distill_<init>,seed=<s>.
   Their control, `dense from the MoE's non-expert weights, no teacher`: the non-expert start
   with teacher weight 0 (the teacher is run and logged, and changes nothing).
-- `merged E'`: every MoE layer merged to E' = 16, 8, 1 experts (switchmoe/merging.py defaults:
+- `merged E'`: every MoE layer merged to E' = 16, 8, 1 experts (switchmoe/compress/merging.py defaults:
   usage similarity, usage weights, aligned units, output scales; statistics from 8 batches of
   the training split), plus three ablations at E' = 8 (no alignment, no rescaling, router
   similarity); <workdir>/merged_e<E'>[_<ablation>],seed=<s>. No further training.
@@ -25,7 +25,7 @@ against MoE seed s and dense seed s:
   workdir, AdamW 1e-3, 10 warm-up steps, cosine, a new data order): 0.41M tokens more than the
   other rows had, to see how much of the merge's loss a short recovery buys back; beside the
   same 100 steps from the MoE and from the dense model (`MoE, then 100 steps`, `dense, ...`).
-- `int8 experts`: the MoE with weight-only int8 experts (switchmoe/quantization.py).
+- `int8 experts`: the MoE with weight-only int8 experts (switchmoe/compress/quantization.py).
 
 Every row is evaluated the same way: its run restored from its workdir, the run's own 16
 validation batches at eval capacity factor 2.0 (`analysis.evaluation.evaluate_run`). Gain kept
@@ -100,8 +100,9 @@ def _rows(E: int) -> list[tuple[str, str]]:
 
 def _make_run(kind: str, seed: int, moe_dir: str, dense_dir: str, root: str) -> str:
     """The workdir of one row's run, made (trained, merged or quantized) unless it exists."""
-    from switchmoe import checkpoints, merging, quantization, run_config  # noqa: PLC0415
-    from switchmoe.train import train_and_evaluate  # noqa: PLC0415
+    from switchmoe.compress import merging, quantization  # noqa: PLC0415
+    from switchmoe.runs import checkpoints, config_files
+    from switchmoe.training.trainer import train_and_evaluate  # noqa: PLC0415
 
     if kind == "moe":
         return moe_dir
@@ -119,7 +120,7 @@ def _make_run(kind: str, seed: int, moe_dir: str, dense_dir: str, root: str) -> 
         return workdir
     if kind.endswith("_tuned"):
         source = _make_run(kind.removesuffix("_tuned"), seed, moe_dir, dense_dir, root)
-        config = run_config.read_config(source)
+        config = config_files.read_config(source)
         config.init_from = source
         config.num_train_steps = config.checkpoint_every = TUNE_STEPS
         config.eval_every = TUNE_STEPS // 2
@@ -141,7 +142,7 @@ def _size(config, params) -> dict:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from switchmoe import quantization  # noqa: PLC0415
+    from switchmoe.compress import quantization  # noqa: PLC0415
     from switchmoe.models import count_params  # noqa: PLC0415
 
     leaves = jax.tree.leaves(jax.device_get(params))
@@ -165,7 +166,7 @@ def main(argv):
     from switchmoe import sweeps  # noqa: PLC0415
     from switchmoe.analysis.evaluation import evaluate_run  # noqa: PLC0415
     from switchmoe.runs import restore_run  # noqa: PLC0415
-    from switchmoe.train import train_and_evaluate  # noqa: PLC0415
+    from switchmoe.training.trainer import train_and_evaluate  # noqa: PLC0415
 
     sweep, root = os.path.abspath(_SWEEP.value), os.path.abspath(_WORKDIR.value)
     os.makedirs(root, exist_ok=True)

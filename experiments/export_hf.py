@@ -4,7 +4,7 @@
 
 Writes <out>/config.json and <out>/model.safetensors, which
 `transformers.SwitchTransformersForConditionalGeneration.from_pretrained(out)` loads with the
-same logits (tests/test_hf_switch.py). A run HF's architecture cannot express (top-2 routing,
+same logits (tests/interop/test_hf_switch.py). A run HF's architecture cannot express (top-2 routing,
 gated experts, a shared expert, MoE other than every block or every other one) is refused
 before anything is written, naming each setting. The other direction needs no command:
 `--config.init_from=hf:<dir>` fine-tunes from an HF checkpoint, and `hf_switch.load(dir)`
@@ -13,7 +13,8 @@ gives (config, params) in a notebook.
 
 from absl import flags
 
-from switchmoe import cli, hf_switch
+from switchmoe import cli
+from switchmoe.interop import hf_switch
 from switchmoe.runs import restore_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to export.", required=True)

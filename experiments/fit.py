@@ -6,7 +6,7 @@
 Lowers and compiles the jitted train step for `--devices` fake CPU devices standing in for the
 accelerators (the config's mesh fills them; nothing is allocated: parameters, optimizer state
 and batch are abstract). Parameter and optimizer-state bytes per device are exact; temporaries,
-FLOPs and all-to-all bytes are the CPU compiler's estimates (see switchmoe/fit.py for what
+FLOPs and all-to-all bytes are the CPU compiler's estimates (see switchmoe/training/memory_fit.py for what
 carries over to TPU and GPU). `--device_memory_gib` adds a yes/no against that budget;
 `--out` writes the numbers as JSON; `--nocompile` skips the compile (exact numbers only).
 """
@@ -39,12 +39,12 @@ def main(argv):
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-    from switchmoe import fit  # noqa: PLC0415
+    from switchmoe.training import memory_fit  # noqa: PLC0415
 
     start = time.perf_counter()
-    report = fit.fit_report(_CONFIG.value, compile=_COMPILE.value)
+    report = memory_fit.fit_report(_CONFIG.value, compile=_COMPILE.value)
     report["compile_seconds"] = time.perf_counter() - start
-    print(fit.describe(report, _MEMORY.value))
+    print(memory_fit.describe(report, _MEMORY.value))
     if _OUT.value:
         os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
         with open(_OUT.value, "w") as f:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchmoe.moe_layer import MoeLayer
+from switchmoe.moe.layer import MoeLayer
 
 TOLERANCE = 1e-4
 

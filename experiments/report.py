@@ -18,13 +18,12 @@ import re
 import numpy as np
 from absl import app, flags, logging
 
-from switchmoe import cli
-from switchmoe import analysis, bootstrap, sweeps
+from switchmoe import analysis, bootstrap, cli, sweeps
 from switchmoe.analysis import seeds as seeds_lib
-from switchmoe.config import is_noncausal_ablation, resolve
-from switchmoe.metrics import FINAL_DOCUMENTS_FILE
-from switchmoe.models import count_params
-from switchmoe.run_summary import scored_text_baselines
+from switchmoe.config import is_noncausal_ablation
+from switchmoe.models import count_params, resolve
+from switchmoe.runs.metrics import FINAL_DOCUMENTS_FILE
+from switchmoe.runs.summary import scored_text_baselines
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
 _CAPACITY_FACTORS = flags.DEFINE_list(
@@ -97,17 +96,20 @@ def row(trial, quiet: dict | None = None) -> dict:
         # Runs from before bits/byte was logged have none (for byte tokens it is bits/token).
         "eval_bits_per_byte": (
             final.get("final/bits_per_byte", last("eval/bits_per_byte"))
-            if trial["finished"] else None
+            if trial["finished"]
+            else None
         ),
         # The eval set's own uncertainty: a 95% bootstrap interval over documents.
         "bpb_low": final.get("final/bits_per_byte_low"),
         "bpb_high": final.get("final/bits_per_byte_high"),
         "bpb_ci_half": (
             (final["final/bits_per_byte_high"] - final["final/bits_per_byte_low"]) / 2
-            if "final/bits_per_byte_high" in final else None
+            if "final/bits_per_byte_high" in final
+            else None
         ),
         "loss_ci_half": (
-            (final["final/loss_high"] - final["final/loss_low"]) / 2 if "final/loss_high" in final
+            (final["final/loss_high"] - final["final/loss_low"]) / 2
+            if "final/loss_high" in final
             else None
         ),
         "eval_scope": trial.get("eval_scope", "prefix"),
@@ -284,8 +286,11 @@ def seed_report(trials, rows, out):
         "'eval-set 95% ±': the half-width of the 95% bootstrap interval over documents of the "
         "final evaluation (the uncertainty of which text was scored), mean over seeds. Scored: "
         + ", ".join(scopes)
-        + ("" if scopes == ["whole split"] else " (prefix: an older run's first eval batches in "
-           "stored order, not the whole split)")
+        + (
+            ""
+            if scopes == ["whole split"]
+            else " (prefix: an older run's first eval batches in stored order, not the whole split)"
+        )
         + ".",
         "",
         "| setting | seeds | "
@@ -332,7 +337,10 @@ def paired_differences(trials, table) -> None:
         base = r.get("baseline")
         if not base or base not in by_setting or r["setting"] not in by_setting:
             continue
-        (loss, size), (base_loss, base_size) = mean(by_setting[r["setting"]]), mean(by_setting[base])
+        (loss, size), (base_loss, base_size) = (
+            mean(by_setting[r["setting"]]),
+            mean(by_setting[base]),
+        )
         if loss.shape != base_loss.shape:
             continue  # scored different eval sets
         low, high = bootstrap.paired_difference_interval(loss, size, base_loss, base_size)

@@ -24,9 +24,8 @@ from absl import app, flags, logging
 from switchmoe import cli
 from switchmoe.analysis import load_sweep
 from switchmoe.analysis import scaling_law as sl
-from switchmoe.config import resolve
-from switchmoe.metrics import FINAL_DOCUMENTS_FILE
-from switchmoe.models import abstract_params, build_model, count_params
+from switchmoe.models import abstract_params, build_model, count_params, resolve
+from switchmoe.runs.metrics import FINAL_DOCUMENTS_FILE
 
 _SWEEPS = flags.DEFINE_list("sweeps", None, "Sweep directories (expert-count studies).")
 _OUT = flags.DEFINE_string("out", None, "Directory for fit.json and fit.md (default: print only).")

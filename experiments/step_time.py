@@ -19,12 +19,11 @@ import time
 import jax
 from absl import app, flags, logging
 
-from switchmoe import cli
-from switchmoe import analysis, sharding
+from switchmoe import analysis, cli, sharding
 from switchmoe.analysis import seeds
-from switchmoe.config import resolve
 from switchmoe.data.span_corruption import make_pipeline
-from switchmoe.train import Trainer
+from switchmoe.models import resolve
+from switchmoe.training.trainer import Trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory written by experiments.sweep.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per trial.")

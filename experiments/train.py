@@ -15,10 +15,10 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from switchmoe import cli
-from switchmoe import checkpoints, distributed
-from switchmoe.run_summary import results_record, results_table, summary
-from switchmoe.train import train_and_evaluate
+from switchmoe import cli, distributed
+from switchmoe.runs import checkpoints
+from switchmoe.runs.summary import results_record, results_table, summary
+from switchmoe.training.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py[:variant])."

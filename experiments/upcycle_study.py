@@ -25,7 +25,8 @@ import statistics
 
 from absl import flags
 
-from switchmoe import cli, metrics
+from switchmoe import cli
+from switchmoe.runs import metrics
 from switchmoe.sweeps import load_config_module
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the results go.")
@@ -61,7 +62,7 @@ def final_eval(workdir):
 
 def main(argv):
     del argv
-    from switchmoe.train import train_and_evaluate  # noqa: PLC0415
+    from switchmoe.training.trainer import train_and_evaluate  # noqa: PLC0415
 
     root = os.path.abspath(_WORKDIR.value)
     dense = os.path.join(root, "dense")

@@ -35,7 +35,7 @@ WORKDIR = os.environ.get("SWITCHMOE_T5_WORKDIR", "runs/switch_t5")
 # %%
 import numpy as np
 
-from switchmoe import decoding
+from switchmoe.generation import GreedyDecoder
 from switchmoe.data.span_corruption import make_pipeline
 from switchmoe.runs import restore_run
 
@@ -46,7 +46,7 @@ print(
     f"of width {m.d_model}, {moe.num_experts} experts (top-{moe.num_selected})"
 )
 batch = next(make_pipeline(config).eval_batches(1))
-decoder = decoding.GreedyDecoder(config)
+decoder = GreedyDecoder(config)
 rows = 4
 outputs = decoder(params, batch["inputs"][:rows], batch["input_mask"][:rows])
 

@@ -1,11 +1,18 @@
 """switchmoe: sparse Mixture-of-Experts Transformers in JAX/Flax.
 
-Routing decides, dispatch moves, experts compute:
-  - `switchmoe.routing`  routers: logits -> one `RoutingResult` (expert, slot, gate per choice).
-  - `switchmoe.losses`   auxiliary losses and routing statistics.
-  - `switchmoe.dispatch` backends that move tokens to stacked experts and back.
-  - `switchmoe.experts`  the stacked expert FFNs.
-  - `switchmoe.moe_layer` the Flax module that ties them together.
+Routing decides, dispatch moves, experts compute. The package reads bottom-up, each folder
+importing only the ones before it (tests/test_architecture.py holds the order):
+
+  bootstrap, sharding, distributed   foundations
+  data/        corpus, tokenizers, packed batches, what an evaluation scores
+  moe/         routing, routers/, losses, balancing, dispatch, experts, expert_parallel,
+               settings, layer (the MoE core)
+  models/      decoder, encoder_decoder, factory (the model of a config)
+  config, optim, presets             settings and their checks
+  runs/        checkpoints, config files, integrity, lock, metrics, restore, summary
+  interop/     Hugging Face checkpoints in and out
+  training/    trainer, init_from, distillation, memory_fit
+  generation, compress/, analysis/, sweeps, cli   tools for a trained run
 """
 
 __version__ = "0.1.0"

@@ -18,9 +18,9 @@ from typing import Callable, Optional
 
 from absl import app, flags
 
-from switchmoe.integrity import DamagedCheckpoint
-from switchmoe.workdir_lock import WorkdirLocked
 from switchmoe.config import default_config
+from switchmoe.runs.integrity import DamagedCheckpoint
+from switchmoe.runs.workdir_lock import WorkdirLocked
 
 USAGE_EXIT = 2
 # What a user's input raises before anything trains (validation, config loading, the workdir).

@@ -17,15 +17,20 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from switchmoe import experts, routers, sharding
-from switchmoe.moe_layer import SETTINGS as MOE_SETTINGS
-from switchmoe.model import REMAT_POLICIES
-from switchmoe.moe_layer import MoeLayer, check_granularity
-from switchmoe.moe_settings import _one_of, _positive  # the one copy of each check
-from switchmoe import optim
+from switchmoe import optim, sharding
 from switchmoe.data import pipeline as data_pipeline
-from switchmoe.data.tokenizers import make_tokenizer
 from switchmoe.data import span_corruption
+from switchmoe.data.tokenizers import make_tokenizer
+from switchmoe.models.decoder import REMAT_POLICIES
+from switchmoe.models.factory import sequence_lengths
+from switchmoe.moe import experts, routers
+from switchmoe.moe.layer import SETTINGS as MOE_SETTINGS
+from switchmoe.moe.layer import MoeLayer
+from switchmoe.moe.settings import (  # the one copy of each check
+    _one_of,
+    _positive,
+    check_granularity,
+)
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
@@ -159,14 +164,14 @@ def default_config() -> ml_collections.ConfigDict:
     # '<workdir>:<step>', or 'hf:<directory>' (a Hugging Face Switch checkpoint, whose model
     # block `hf_switch.config_from_hf` gives); new optimizer state and data order. A dense run
     # into an MoE config upcycles: each dense FFN is copied into every expert of the MoE layer
-    # in its place (switchmoe/finetune.py). Only the first start uses it; a resume continues
+    # in its place (switchmoe/training/init_from.py). Only the first start uses it; a resume continues
     # from its own.
     config.init_from = config_dict.placeholder(str)
     # Upcycling: noise added to each expert's copy (std relative to the matrix's), and the
     # fraction of each expert's hidden units re-drawn (Drop-Upcycling; 0.5 in its paper).
     config.upcycle_noise = 0.0
     config.upcycle_reinit_fraction = 0.0
-    # Distillation (switchmoe/distillation.py): a teacher run '<workdir>[:step]' whose soft
+    # Distillation (switchmoe/training/distillation.py): a teacher run '<workdir>[:step]' whose soft
     # targets the student learns beside the labels, loss (1 − w)·CE + w·T²·H(teacher/T,
     # student/T) with w = teacher_weight (Switch §5: 0.25) and T = temperature; the student
     # starts from scratch or from the teacher's non-expert parameters ('non_expert').
@@ -235,19 +240,6 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         # non-causal ablation, and it says so when reloaded.
         moe.noncausal_ablation = True
     return merged
-
-
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy with derived fields filled in (vocabulary size from the tokenizer)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.model.get("vocab_size") is None:
-        with config.unlocked():
-            config.model.vocab_size = make_tokenizer(config.data).vocab_size
-    if config.model.moe.num_experts:
-        _one_of("model.moe.router", config.model.moe.router, routers.NAMES)
-        with config.unlocked():
-            routers.make_router(config.model.moe).prepare(config)
-    return config
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -451,14 +443,6 @@ def _default_moe_with(router: str) -> ml_collections.ConfigDict:
     moe = default_moe_config()
     moe.router = router
     return moe
-
-
-def sequence_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """Tokens per example in each stack: {'decoder': L} or {'encoder': L, 'decoder': T}."""
-    if config.model.arch == "encoder_decoder":
-        lengths = span_corruption.example_lengths(config.data)
-        return {"encoder": config.data.seq_len, "decoder": lengths.targets}
-    return {"decoder": config.data.seq_len}
 
 
 def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:

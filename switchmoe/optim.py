@@ -18,8 +18,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from switchmoe import balancing
-from switchmoe.experts import EXPERT_MATRICES, in_moe_layer, is_expert_matrix
+from switchmoe.moe import balancing
+from switchmoe.moe.experts import EXPERT_MATRICES, in_moe_layer, is_expert_matrix
 
 FREEZE_PATTERNS = ("none", "moe", "non_moe", "router", "experts")
 FROZEN = "frozen"  # the optimizer partition of frozen parameters
@@ -127,6 +127,7 @@ def make_optimizer(
 def parameter_labels(params, freeze: str = "none"):
     """A tree like `params` naming each leaf's optimizer partition: RULE for a selection bias
     (set by balancing.update_biases), FROZEN for what `optimizer.freeze` keeps, TRAINED else."""
+
     def label(path):
         if balancing.is_bias(path):
             return balancing.RULE

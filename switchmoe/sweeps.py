@@ -19,8 +19,8 @@ import os
 import re
 from typing import Any
 
-from switchmoe import run_config
-from switchmoe.metrics import FINAL_DOCUMENTS_FILE, METRICS_FILE
+from switchmoe.runs import config_files
+from switchmoe.runs.metrics import FINAL_DOCUMENTS_FILE, METRICS_FILE
 
 SWEEP_FILE = "sweep.json"
 
@@ -84,7 +84,7 @@ def is_finished(trial_dir: str) -> bool:
     metrics_path = os.path.join(trial_dir, METRICS_FILE)
     if not (os.path.exists(config_path) and os.path.exists(metrics_path)):
         return False
-    final = run_config.read_config(trial_dir).num_train_steps
+    final = config_files.read_config(trial_dir).num_train_steps
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     has_documents = os.path.exists(os.path.join(trial_dir, FINAL_DOCUMENTS_FILE))

@@ -32,6 +32,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # computation; setting it later silently does nothing.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -52,7 +53,7 @@ LONGEST_FIRST = (
     "test_train.py",
     "test_streaming.py",
     "test_encoder_decoder.py",
-    "test_finetune.py",
+    "test_init_from.py",
     "test_generation.py",
     "test_benchmark.py",
     "test_hf_switch.py",
@@ -62,3 +63,10 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within files
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """An empty TFDS directory per test file: the first run in it builds the corpus there
+    (test files that need a particular corpus override this fixture)."""
+    return str(tmp_path_factory.mktemp("tfds"))

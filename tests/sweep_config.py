@@ -1,4 +1,4 @@
-"""A 2-trial sweep of a tiny model, for the sweep/report smoke test (tests/test_sweep.py)."""
+"""A 2-trial sweep of a tiny model, for the sweep/report smoke test (tests/tools/test_sweep.py)."""
 
 import os
 

@@ -114,7 +114,7 @@ def test_the_capacity_layer_hand_count_is_what_xla_compiles(backend):
     import flax.linen as nn
 
     from experiments import benchmark
-    from switchmoe.moe_layer import MoeLayer
+    from switchmoe.moe.layer import MoeLayer
 
     x = jax.random.normal(jax.random.key(0), (2, 64, 32))
     layer = MoeLayer(num_experts=4, d_ff=64, num_selected=2, backend=backend)

@@ -4,10 +4,10 @@ import importlib.util
 import os
 
 import pytest
-
-from switchmoe.config import resolve, validate_config
-from switchmoe.models import count_params
 from tiny import apply_overrides
+
+from switchmoe.config import validate_config
+from switchmoe.models import count_params, resolve
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

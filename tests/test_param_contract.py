@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from switchmoe import models, sweeps
-from switchmoe.config import resolve
+from switchmoe.models import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRACT = os.path.join(ROOT, "tests", "param_contract.json")

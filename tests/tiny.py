@@ -42,8 +42,8 @@ def train_straight_and_interrupted(config, tmp_path, stop_at=10):
     Returns both workdirs, after checking that the interrupted run saved exactly at `stop_at`
     and that both logged the same metrics (timings aside).
     """
-    from switchmoe import checkpoints, metrics  # noqa: PLC0415
-    from switchmoe.train import train_and_evaluate  # noqa: PLC0415
+    from switchmoe.runs import checkpoints, metrics  # noqa: PLC0415
+    from switchmoe.training.trainer import train_and_evaluate  # noqa: PLC0415
 
     quiet = lambda line: None
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")

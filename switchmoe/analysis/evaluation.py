@@ -9,10 +9,11 @@ import jax
 import ml_collections
 
 from switchmoe import sharding
-from switchmoe.config import resolve, with_defaults
+from switchmoe.config import with_defaults
 from switchmoe.data.span_corruption import make_pipeline
+from switchmoe.models import resolve
 from switchmoe.runs import restore_run
-from switchmoe.train import Trainer
+from switchmoe.training.trainer import Trainer
 
 # A run is a workdir (restored with its latest checkpoint) or an already restored (config, params).
 Run = Union[str, os.PathLike, tuple]

@@ -38,8 +38,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# Clark et al. 2022, the table of fitted coefficients for their three routing techniques (the
-# saturating form). Transcribed for comparison; see the module docstring on what they fit.
+# Clark et al. 2022, Table 3: the fitted coefficients of Eq. 1 (the saturating form) for their
+# three routing techniques. Transcribed for comparison; see the module docstring on what they fit.
+# Not yet checked against the paper itself: a second, independent transcription (public notes on
+# routed scaling laws) agrees on every value but Hash's d, which it reads as 1.157.
 CLARK_2022 = {
     "S-BASE": {"a": -0.082, "b": -0.108, "c": 0.009, "d": 1.104, "e_start": 1.847, "e_max": 314.478},
     "RL-R": {"a": -0.083, "b": -0.126, "c": 0.012, "d": 1.111, "e_start": 1.880, "e_max": 469.982},

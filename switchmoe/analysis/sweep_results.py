@@ -10,8 +10,8 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from switchmoe import run_config
-from switchmoe.metrics import METRICS_FILE, read_metrics
+from switchmoe.runs import config_files
+from switchmoe.runs.metrics import METRICS_FILE, read_metrics
 
 
 def config_value(config: ml_collections.ConfigDict, key: str, default: Any = None) -> Any:
@@ -45,7 +45,7 @@ def last_value(records: Sequence[dict], metric: str, default: Any = None) -> Any
 def load_trial(workdir: str, name: Optional[str] = None) -> dict[str, Any]:
     """One run workdir as a trial dict (see `load_sweep`)."""
     # read_config fills in fields that a config.json from an older switchmoe lacks.
-    config = run_config.read_config(workdir)
+    config = config_files.read_config(workdir)
     path = os.path.join(workdir, METRICS_FILE)
     records = read_metrics(workdir) if os.path.exists(path) else []
     total = config_value(config, "num_train_steps")
@@ -63,7 +63,10 @@ def load_trial(workdir: str, name: Optional[str] = None) -> dict[str, Any]:
         "finished": bool(final),
         "last_step": max((r["step"] for r in records), default=0),
         "final_eval_loss": (
-            final_metrics["final/loss"] if final_metrics else final[-1]["eval/loss"] if final
+            final_metrics["final/loss"]
+            if final_metrics
+            else final[-1]["eval/loss"]
+            if final
             else last_eval
         ),
         "final": final_metrics,
@@ -71,7 +74,8 @@ def load_trial(workdir: str, name: Optional[str] = None) -> dict[str, Any]:
         # first num_eval_batches batches in stored order).
         "eval_scope": (
             ("whole split" if final_metrics.get("final/whole_split") else "sample")
-            if final_metrics else "prefix"
+            if final_metrics
+            else "prefix"
         ),
     }
 

@@ -1,0 +1,19 @@
+"""The models: the decoder-only LM (`decoder`), the T5-style encoder–decoder
+(`encoder_decoder`), and the factory that builds either from a config (`factory`).
+
+The factory's names are re-exported here, so `from switchmoe.models import build_model` reads
+as what it is: the model of a config.
+"""
+
+from switchmoe.models.factory import (  # noqa: F401  (re-exported)
+    MODEL_INPUTS,
+    abstract_params,
+    build_model,
+    count_params,
+    dummy_inputs,
+    init_rows,
+    model_inputs,
+    model_masks,
+    resolve,
+    sequence_lengths,
+)

@@ -1,0 +1,403 @@
+"""Decoder-only MoE Transformer language model (GShard decoder, GLaM, Switch-style LM).
+
+Shape legend: B batch, L sequence length, D model width, H heads, Dh head width, V vocabulary.
+
+Pre-norm blocks (RMSNorm → causal self-attention → residual; RMSNorm → FFN → residual) with
+rotary position embeddings. Every `moe_every`-th block replaces its dense FFN with a `MoeLayer`
+(Switch/GShard: every other block, ST-MoE: one in four); with `num_experts == 0` every block is
+dense, which is the dense baseline. Dropped tokens leave the MoE layer as zeros and the residual
+connection carries them to the next block unchanged.
+
+Precision: parameters are float32; matmuls run in `dtype` (bfloat16 on accelerators); norms,
+softmaxes, the router and the output logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from switchmoe.moe.experts import DenseFFN
+from switchmoe.moe.layer import MoeLayer
+
+Array = jax.Array
+
+
+def is_moe_block(index: int, num_experts: int, moe_every: int) -> bool:
+    """Block `index` (0-based) is an MoE block: the last of every `moe_every` blocks.
+
+    With moe_every=2 blocks 1, 3, 5… are MoE (Switch, GShard); with 4, blocks 3, 7, 11… (ST-MoE).
+    """
+    return num_experts > 0 and (index + 1) % moe_every == 0
+
+
+def rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
+    """Rotary position embedding (Su et al. 2021) on x[B, L, H, Dh], positions int[B, L]."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None, None].astype(jnp.float32) * freq  # [B, L, 1, half]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no mean subtraction, no bias), computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+        )
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * scale).astype(self.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention, softmax in float32: causal self-attention with rotary positions
+    (the decoder-only LM), or, with `rotary=False`, attention over `kv` with an additive
+    position `bias` (T5's relative buckets; encoder–decoder self- and cross-attention).
+
+    With `decode=True` a causal self-attention reads and writes a key/value cache (collection
+    "cache": `cached_key` and `cached_value` [B, T, H, Dh]): the first call, on the full [B, T]
+    length (`step_index` None), only creates it (switchmoe/generation.py initialises it as
+    zeros from its shapes); each later call takes one position per row, writes its key and
+    value at `step_index` (the model's DecodePosition) and attends to positions 0..step_index,
+    as the causal mask does in a full pass.
+    """
+
+    num_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    causal: bool = True
+    dtype: Any = jnp.float32
+    rotary: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array | None,
+        mask: Array | None,
+        deterministic: bool,
+        kv: Array | None = None,
+        bias: Array | None = None,
+        decode: bool = False,
+        step_index: Array | None = None,
+    ):
+        """x[B, Lq, D] -> [B, Lq, D], attending to kv[B, Lk, D] (default x).
+
+        mask: optional bool[B, 1, Lq, Lk] of allowed attention; bias: float32[1|B, H, Lq, Lk]
+        (one decoding step: [1|B, H, 1, T] over the whole cache).
+        """
+        D = x.shape[-1]
+        kv = x if kv is None else kv
+        dense = lambda name, axes, shape_out, in_axes=-1: nn.DenseGeneral(
+            shape_out,
+            axis=in_axes,
+            dtype=self.dtype,
+            use_bias=False,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+            name=name,
+        )
+        heads = (self.num_heads, self.head_dim)
+        q = dense("query", ("embed", "heads", "kv"), heads)(x)
+        k = dense("key", ("embed", "heads", "kv"), heads)(kv)
+        v = dense("value", ("embed", "heads", "kv"), heads)(kv)
+        if self.rotary:
+            q, k = rope(q, positions), rope(k, positions)
+        step = decode and self.causal and step_index is not None
+        if decode and self.causal:
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if step:
+            if x.shape[1] != 1:
+                raise ValueError(f"a decoding step takes one position per row; got {x.shape[1]}")
+            i = step_index
+            cached_k.value = k = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k, i, 1)
+            cached_v.value = v = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v, i, 1)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
+        if bias is not None:
+            scores = scores + bias
+        allowed = jnp.ones((1, 1, x.shape[1], k.shape[1]), bool)
+        if step:  # the cached positions so far: row i of the causal mask
+            allowed = (jnp.arange(k.shape[1]) <= i)[None, None, None, :]
+        elif self.causal:
+            allowed = jnp.tril(allowed)
+        if mask is not None:
+            allowed = allowed & mask
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return dense("out", ("heads", "kv", "embed"), D, in_axes=(-2, -1))(out)
+
+
+class DecodePosition(nn.Module):
+    """Where a decoding step is, the one position counter of a model's cache: `tokens` int32[B, T]
+    (the tokens fed so far, whose shape fixes the cache length T) and `index` (the next
+    position). The call that creates the cache (tokens[B, T]) returns (None, T); a step
+    (tokens[B, 1]) records its tokens and returns (its position, T), which the model hands to
+    every block as `step_index`."""
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> tuple[Array | None, int]:
+        step = self.has_variable("cache", "tokens")
+        fed = self.variable("cache", "tokens", jnp.zeros, tokens.shape, jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not step:
+            return None, tokens.shape[1]
+        i = index.value
+        fed.value = jax.lax.dynamic_update_slice_in_dim(fed.value, tokens.astype(jnp.int32), i, 1)
+        index.value = i + 1
+        return i, fed.value.shape[1]
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block: self-attention, optional cross-attention (an
+    encoder–decoder's decoder), then a dense FFN or, with `moe`, an MoE layer.
+
+    `causal` blocks (decoders) refuse batch-prioritized routing: it orders a group's tokens by
+    router confidence, so a token's expert would depend on later tokens. `batch_prioritized`
+    overrides `config.moe.batch_prioritized` for this block (the encoder's MoE layers);
+    `force_causal_routing` gives the MoE layer token-major slots whatever
+    `config.moe.causal_routing` says (an encoder–decoder's decoder, which greedy decoding needs).
+    """
+
+    config: ml_collections.ConfigDict
+    moe: bool
+    causal: bool = True
+    expert_parallelism: str | None = None
+    cross_attention: bool = False
+    rotary: bool = True
+    batch_prioritized: bool | None = None
+    force_causal_routing: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        positions,
+        mask,
+        deterministic,
+        token_ids=None,
+        *,
+        bias=None,
+        encoded=None,
+        encoded_mask=None,
+        token_mask=None,
+        decode=False,
+        step_index=None,
+    ):
+        """x[B, L, D] -> (x[B, L, D], MoE aux or None).
+
+        bias: self-attention position bias [1, H, L, L]; encoded[B, Le, D] and
+        encoded_mask bool[B, 1, L, Le]: the encoder output a cross-attention block reads;
+        token_mask: optional bool[B, L], False at padded positions (the MoE layer's `mask`);
+        decode: cached decoding (switchmoe/generation.py): the self-attention and the MoE layer
+        create their "cache" variables (step_index None) or, at position step_index, read and
+        update them. Cross-attention recomputes its
+        keys and values from `encoded` at every step (Le·D² per layer and step, small beside
+        decoding's other work at the sizes this runs; a cache would also have to be filled
+        before the first step).
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        attention = lambda name: SelfAttention(
+            cfg.num_heads,
+            head_dim(cfg),
+            cfg.dropout_rate,
+            self.causal and name == "attention",
+            dtype,
+            rotary=self.rotary,
+            name=name,
+        )
+        h = RMSNorm(dtype=dtype, name="attention_norm")(x)
+        h = attention("attention")(
+            h, positions, mask, deterministic, bias=bias, decode=decode, step_index=step_index
+        )
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        if self.cross_attention:
+            h = RMSNorm(dtype=dtype, name="cross_attention_norm")(x)
+            h = attention("cross_attention")(h, None, encoded_mask, deterministic, kv=encoded)
+            x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = RMSNorm(dtype=dtype, name="ffn_norm")(x)
+        aux = None
+        if self.moe:
+            overrides = {}
+            if self.batch_prioritized is not None:
+                overrides["batch_prioritized"] = self.batch_prioritized
+            if self.force_causal_routing:
+                overrides["causal_routing"] = True
+            if self.causal and overrides.get("batch_prioritized", cfg.moe.batch_prioritized):
+                raise ValueError(
+                    f"{self.name}: batch_prioritized routing is not allowed in a decoder (causal) "
+                    "block: it orders tokens by router confidence over the whole group, so a "
+                    "token's routing would depend on later tokens. Allowed: in-order priority "
+                    "(False); in an encoder–decoder, model.moe.encoder_batch_prioritized=True "
+                    "uses it in the encoder only."
+                )
+            h, aux = MoeLayer.from_config(
+                cfg,
+                dtype=dtype,
+                expert_parallelism=self.expert_parallelism,
+                name="moe",
+                **overrides,
+            )(
+                h, deterministic=deterministic, token_ids=token_ids, mask=token_mask,
+                decode=decode, step_index=step_index,
+            )  # fmt: skip
+        else:
+            h = DenseFFN(cfg.d_ff, cfg.activation, dtype, name="ffn")(h)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return x, aux
+
+
+# Rematerialisation of a block's activations in the backward pass (jax.checkpoint), by name:
+# "none" keeps them all; "full" keeps only each block's input and recomputes the rest (one more
+# forward of compute, activation memory O(one block)); "dots" keeps the matmul outputs without
+# batch dimensions and recomputes the cheap elementwise work around them.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_class(cfg: ml_collections.ConfigDict) -> type[nn.Module]:
+    """`Block`, or `Block` under nn.remat with the policy `model.remat` names. What the MoE
+    layers sow (their loads) is an output of the forward pass: recomputation in the backward
+    pass does not count it again (tests/moe/test_global_balance.py)."""
+    name = cfg.get("remat", "none")
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {tuple(REMAT_POLICIES)}; got {name!r}.")
+    if name == "none":
+        return Block
+    # Argument 4 (counting self) is `deterministic`, a Python bool that selects code paths.
+    return nn.remat(Block, static_argnums=(4,), policy=REMAT_POLICIES[name])
+
+
+def decoding_step(decode: bool, step_index: Array | None) -> dict:
+    """The decoding keywords for a Block, only when decoding: nn.remat traces keyword arguments,
+    and training (the only place remat applies) then never sees them. Generation builds its
+    model without remat (switchmoe/generation.py)."""
+    return {"decode": True, "step_index": step_index} if decode else {}
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+    return cfg.head_dim if cfg.get("head_dim") else cfg.d_model // cfg.num_heads
+
+
+def sum_aux(auxes: list[dict]) -> dict[str, Any]:
+    """Combines the per-layer MoE aux dicts: losses summed, statistics stacked per layer.
+
+    Returns {"loss": scalar, "losses" and "weighted_losses": {name: scalar sum}, "stats": {name:
+    [num_moe_layers, ...]}} or zeros / empty dicts for a dense model.
+    """
+    if not auxes:
+        return {"loss": jnp.zeros(()), "losses": {}, "weighted_losses": {}, "stats": {}}
+    total = lambda key: jax.tree.map(lambda *v: sum(v), *[a[key] for a in auxes])
+    return {
+        "loss": sum(a["loss"] for a in auxes),
+        "losses": total("losses"),
+        "weighted_losses": total("weighted_losses"),
+        "stats": jax.tree.map(lambda *v: jnp.stack(v), *[a["stats"] for a in auxes]),
+    }
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only MoE language model: tokens[B, L] -> logits float32[B, L, V], aux.
+
+    `config` is the `model` block of a switchmoe config (see switchmoe/config.py);
+    `expert_parallelism` is None, "jit" or "shard_map" (see switchmoe/moe/expert_parallel.py).
+    """
+
+    config: ml_collections.ConfigDict
+    expert_parallelism: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        deterministic: bool = True,
+        token_mask: Array | None = None,
+        decode: bool = False,
+    ):
+        """token_mask: optional bool[B, L], False at positions whose prediction is not scored
+        (the padded tail of a sequence); the MoE layers leave them out (MoeLayer's `mask`).
+
+        decode: cached decoding (switchmoe/generation.py), with the "cache" collection mutable.
+        The first call, on tokens[B, T], creates a cache for T positions; each later call takes
+        tokens[B, 1] at the next position and returns its logits [B, 1, V].
+        """
+        cfg = self.config
+        embed = embedding(cfg)
+        x = embed(tokens)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        index = None
+        if decode:
+            index, _ = DecodePosition(name="decode_position")(tokens)
+            if index is not None:
+                positions = jnp.broadcast_to(index, tokens.shape)
+        auxes = []
+        for i in range(cfg.num_layers):
+            moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every)
+            block = block_class(cfg)(
+                cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}"
+            )
+            x, aux = block(
+                x, positions, None, deterministic, token_ids=tokens, token_mask=token_mask,
+                **decoding_step(decode, index),
+            )  # fmt: skip
+            if aux is not None:
+                auxes.append(aux)
+        x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)
+        return output_logits(cfg, embed, logits_head(cfg), x), sum_aux(auxes)
+
+
+def embedding(cfg: ml_collections.ConfigDict) -> nn.Embed:
+    """The token embedding [V, D] (shared by an encoder–decoder's two stacks, as in T5)."""
+    return nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+        ),
+        dtype=jnp.dtype(cfg.dtype),
+        name="embed",
+    )
+
+
+def logits_head(cfg: ml_collections.ConfigDict) -> nn.Module | None:
+    """The untied output kernel [D, V] ("logits"), or None with `model.tie_embeddings`."""
+    if cfg.get("tie_embeddings", True):
+        return None
+    return nn.DenseGeneral(
+        cfg.vocab_size,
+        dtype=jnp.dtype(cfg.dtype),
+        use_bias=False,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("embed", "vocab")
+        ),
+        name="logits",
+    )
+
+
+def output_logits(cfg, embed: nn.Embed, head: nn.Module | None, x: Array) -> Array:
+    """Logits float32[B, L, V] from final hidden states x[B, L, D].
+
+    Tied (`model.tie_embeddings`, T5 v1.0): the input embedding, scaled by 1/sqrt(D) so that the
+    initial logits are O(1). Untied (T5 v1.1): `head`, a separate kernel [D, V].
+    """
+    x = x.astype(jnp.dtype(cfg.dtype))
+    if head is None:
+        return embed.attend(x).astype(jnp.float32) / jnp.sqrt(cfg.d_model)
+    return head(x).astype(jnp.float32)

@@ -1,0 +1,217 @@
+"""Token-choice top-k routing: Switch (k = 1), GShard and ST-MoE (k = 2), general k.
+
+Shape legend: G groups, S tokens per group, E experts, K choices per token, C capacity.
+
+Each token picks its K most probable experts; the experts' buffers take them in priority order
+until full (`routing.assign_slots`). GShard's random routing may skip a token's second choice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from switchmoe.moe import losses as losses_lib
+from switchmoe.moe.routers.base import Option, Router
+from switchmoe.moe.routing import (
+    GATE_NORMS,
+    RoutingResult,
+    assign_slots,
+    build_result,
+    priority_order,
+)
+
+Array = jax.Array
+
+
+def gshard_keep_second(key: Array, second_gate: Array, threshold: float = 0.5) -> Array:
+    """bool[G, S]: GShard random routing of the second expert.
+
+    The second choice is kept with probability min(1, g2 / threshold), g2 being its gate normalised
+    over the top-2. GShard's rule "keep if 2·g2 > U(0,1)" is threshold 0.5: a second expert with
+    half the weight is always used, one with a tiny weight is mostly skipped, which saves capacity
+    for first choices. The uniforms are `jax.random.uniform(key, second_gate.shape)`.
+    """
+    u = jax.random.uniform(key, second_gate.shape, jnp.float32)
+    return u < second_gate / threshold
+
+
+def top_k_route(
+    logits: Array,
+    *,
+    num_selected: int,
+    capacity: Optional[int],
+    gate_norm: str = "raw",
+    batch_prioritized: bool = False,
+    random_routing_key: Optional[Array] = None,
+    random_routing_threshold: float = 0.5,
+    rank_major: bool = True,
+    score_function: str = "softmax",
+    routed_scaling_factor: float = 1.0,
+    selection_bias: Optional[Array] = None,
+    mask: Optional[Array] = None,
+) -> RoutingResult:
+    """Token-choice routing: each token picks its K highest-scoring experts, subject to capacity.
+
+    Args:
+      logits: float32[G, S, E] router logits.
+      num_selected: K (1 = Switch, 2 = GShard / ST-MoE).
+      capacity: C from `expert_capacity`, or None for dropless routing (nothing dropped).
+      gate_norm: "raw" uses p[e] as the gate (Switch; the router learns through the gate's scale);
+        "normalized" divides the K chosen probabilities by their sum (GShard top-2, Mixtral).
+        Normalisation happens before capacity: a token whose second choice drops keeps its first
+        gate unchanged, as in GShard, rather than being scaled up to 1.
+      batch_prioritized: claim slots by descending top-1 probability instead of sequence order.
+      random_routing_key: if given and K >= 2, GShard random routing decides whether each token's
+        second choice is used at all (`gshard_keep_second`). None (evaluation) keeps all K choices.
+      random_routing_threshold: see `gshard_keep_second`.
+      rank_major: slot order across choices (see `assign_slots`); False makes in-order routing
+        causal for K >= 2.
+      score_function: "softmax" over experts (Switch, GShard) or an independent "sigmoid" per
+        expert (DeepSeek-V3, usually with gate_norm="normalized"). With sigmoid scores the losses
+        and statistics read them normalised over the experts, s_e / Σ s, as a distribution.
+      routed_scaling_factor: multiplies the gates after normalisation (DeepSeek-V3: 2.5), so
+        that normalised gates do not shrink the routed experts' output against a shared expert.
+      selection_bias: optional float32[E] added to the logits (softmax) or the sigmoid scores for
+        choosing the top K only; the gates are the unbiased scores of the chosen experts (DeepSeek-V3's auxiliary-loss-free
+        balancing, see switchmoe/moe/balancing.py).
+      mask: optional bool[G, S], False at padded positions: they ask for no slot (so they take
+        none from real tokens) and are left out of the losses and statistics.
+
+    Returns:
+      A RoutingResult with K choices per token.
+    """
+    G, S, E = logits.shape
+    if not 1 <= num_selected <= E:
+        raise ValueError(f"num_selected (k) must be in [1, num_experts={E}]; got {num_selected}.")
+    if gate_norm not in GATE_NORMS:
+        raise ValueError(f"gate_norm must be one of {GATE_NORMS}; got {gate_norm!r}.")
+    if score_function not in SCORE_FUNCTIONS:
+        raise ValueError(
+            f"score_function must be one of {SCORE_FUNCTIONS}; got {score_function!r}."
+        )
+    if score_function == "softmax":
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    if selection_bias is None:
+        top_p, expert = jax.lax.top_k(scores, num_selected)  # [G, S, K] each, descending.
+    else:
+        # DeepSeek-V3 adds the bias to its sigmoid scores. A softmax's top K are the logits' top
+        # K, and its probabilities scale as 1/E, so there the bias is added to the logits: one
+        # update speed then means the same at every E.
+        ranked = logits if score_function == "softmax" else scores
+        _, expert = jax.lax.top_k(ranked + selection_bias.astype(ranked.dtype), num_selected)
+        top_p = jnp.take_along_axis(scores, expert, axis=-1)
+    expert = expert.astype(jnp.int32)
+    normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    gate = normalized if gate_norm == "normalized" else top_p
+    if routed_scaling_factor != 1.0:
+        gate = gate * routed_scaling_factor
+
+    requested = jnp.ones((G, S, num_selected), bool)
+    if random_routing_key is not None and num_selected >= 2:
+        # GShard's g2 is the second gate normalised over the top-2, whatever gate_norm says.
+        g2 = top_p[..., 1] / (top_p[..., 0] + top_p[..., 1])
+        keep2 = gshard_keep_second(random_routing_key, g2, random_routing_threshold)
+        requested = requested.at[..., 1].set(keep2)
+    if mask is not None:
+        requested = requested & mask[..., None]
+
+    order = priority_order(probs, batch_prioritized)
+    slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major)
+    gate = jnp.where(slot >= 0, gate, 0.0)
+    causal = not batch_prioritized and (num_selected == 1 or not rank_major or capacity is None)
+    return build_result(
+        expert, slot, gate, probs, logits,
+        capacity=capacity, causal=causal,
+        losses=losses_lib.router_losses(logits, probs, expert, mask),
+        requested=requested, overflow=overflow, mask=mask,
+    )  # fmt: skip
+
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+def token_choice_causal_reason(settings, dropless: bool) -> Optional[str]:
+    """Why a token-choice router over these settings is not causal, or None.
+
+    Batch prioritized routing is refused in every decoder on its own (config validation)."""
+    rank_major = not settings.causal_routing and settings.num_selected >= 2
+    if rank_major and not dropless:  # with no capacity, the slot order drops nothing
+        return (
+            f"model.moe.causal_routing=False with num_selected={settings.num_selected} places "
+            "every first choice before any second choice, so later tokens can displace an "
+            "earlier token's second choice"
+        )
+    return None
+
+
+class TopK(Router):
+    """Switch / GShard / ST-MoE token choice over the router's softmax."""
+
+    name = "top_k"
+    supports_batch_prioritized = True
+    supports_granularity = True
+    options = {
+        "score_function": Option(
+            "softmax",
+            "'softmax' over experts (Switch, GShard) or 'sigmoid' per expert (DeepSeek-V3, with "
+            "gate_norm='normalized')",
+            str,
+        ),
+        "routed_scaling_factor": Option(
+            1.0, "multiplies the routed experts' gates after normalisation (DeepSeek-V3: 2.5)"
+        ),
+    }
+
+    def noncausal_reason(self):
+        return token_choice_causal_reason(self.settings, self.dropless)
+
+    def streams(self, train):
+        extra = ("random_routing",) if train and self.settings.random_routing else ()
+        return super().streams(train) + extra
+
+    def check(self, prefix="", tokens_per_group=None):
+        super().check(prefix, tokens_per_group)
+        s = self.settings
+        if s.gate_norm not in GATE_NORMS:
+            raise ValueError(f"{prefix}gate_norm must be one of {GATE_NORMS}; got {s.gate_norm!r}.")
+        if self.option("score_function") not in SCORE_FUNCTIONS:
+            raise ValueError(
+                f"{prefix}score_function must be one of {SCORE_FUNCTIONS}; "
+                f"got {self.option('score_function')!r}."
+            )
+        if not self.option("routed_scaling_factor") > 0:
+            raise ValueError(
+                f"{prefix}routed_scaling_factor must be > 0; "
+                f"got {self.option('routed_scaling_factor')!r}."
+            )
+        if s.random_routing and s.num_selected < 2:
+            raise ValueError(
+                f"{prefix}random_routing (GShard second-expert routing) needs "
+                f"{prefix}num_selected >= 2; got {prefix}num_selected={s.num_selected}."
+            )
+
+    supports_selection_bias = True
+
+    def route(self, layer, groups, token_ids, keys, train, mask=None, selection_bias=None):
+        s = self.settings
+        logits, _ = self.learned_logits(layer, groups, keys)
+        return top_k_route(
+            logits,
+            num_selected=s.num_selected,
+            capacity=self.capacity(groups.shape[1], train),
+            gate_norm=s.gate_norm,
+            batch_prioritized=s.batch_prioritized,
+            random_routing_key=keys.get("random_routing"),
+            random_routing_threshold=s.random_routing_threshold,
+            rank_major=not s.causal_routing,
+            score_function=self.option("score_function"),
+            routed_scaling_factor=self.option("routed_scaling_factor"),
+            selection_bias=selection_bias,
+            mask=mask,
+        )

@@ -1,0 +1,52 @@
+"""What the train step is composed from (the seams are in training/seams.py): a training
+feature is its own module plus one line here.
+
+    OBJECTIVES       the first that applies to a config gives the step's objective; else the
+                     language-model loss (seams.Objective)
+    AFTER_OPTIMIZER  every one that applies updates the parameters after the optimizer, in order
+    RUN_CHECKS       run in order before a run writes or compiles anything
+
+Each entry of the first two is a `for_config(config)` that returns the part, or None when the
+config does not use it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from switchmoe.moe import balancing
+from switchmoe.runs import compatibility
+from switchmoe.training import distillation, init_from, seams
+
+OBJECTIVES = (distillation.Distillation.for_config,)
+AFTER_OPTIMIZER = (balancing.BiasRule.for_config,)
+RUN_CHECKS: tuple[seams.RunCheck, ...] = (
+    distillation.check_before_run,  # a teacher that reads the student's batches
+    compatibility.check_trainable,  # int8 experts: evaluation only
+    compatibility.check_workdir_compatible,  # a resumed checkpoint of the same model
+    init_from.check_before_run,  # a first start's source fits this model
+)
+
+
+def objective_for(config: ml_collections.ConfigDict, abstract: bool = False) -> seams.Objective:
+    """The objective of `config`; `abstract`: parameters read beside the batch (a teacher's)
+    are shapes from a config.json, not restored values (for memory estimates)."""
+    for make in OBJECTIVES:
+        objective = make(config, abstract=abstract)
+        if objective is not None:
+            return objective
+    return seams.Objective(config)
+
+
+def after_optimizer(config: ml_collections.ConfigDict) -> list[seams.AfterOptimizer]:
+    return [part for part in (make(config) for make in AFTER_OPTIMIZER) if part is not None]
+
+
+def step_loads(config: ml_collections.ConfigDict) -> balancing.StepLoads:
+    """How the step collects the MoE layers' loads (for the global-batch loss and the bias)."""
+    return balancing.StepLoads(config)
+
+
+def check_before_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    for check in RUN_CHECKS:
+        check(config, workdir)

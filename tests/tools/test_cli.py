@@ -1,0 +1,82 @@
+"""Bad command lines get one clear message: the setting, what is allowed, exit status 2, no
+traceback and nothing written; `--debug` shows the traceback."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (arguments after the entry point, what the message must say)
+BAD = {
+    "typo_in_a_config_key": (
+        ["--config=configs/demo.py", "--config.model.moe.num_expert=4"],
+        "--config.model.moe.num_expert: no such setting; did you mean num_experts?",
+    ),
+    "variant_with_an_underscore": (
+        ["--config=configs/switch.py:base_8"],
+        "unknown variant 'base_8'; allowed: base8, base16",
+    ),
+    "a_variant_not_listed": (["--config=configs/switch.py:base7"], "unknown variant 'base7'"),
+    "config_without_py": (
+        ["--config=configs/switch"],
+        "--config=configs/switch: no such config file. Did you mean configs/switch.py?",
+    ),
+    "config_key_as_a_flag": (
+        ["--config=configs/demo.py", "--num_train_steps=3"],
+        "did you mean --config.num_train_steps?",
+    ),
+    "unknown_router": (
+        ["--config=configs/demo.py", "--config.model.moe.router=foo"],
+        "model.moe.router must be one of ('top_k'",
+    ),
+    "not_a_number": (
+        ["--config=configs/demo.py", "--config.model.moe.num_experts=abc"],
+        "--config.model.moe.num_experts=abc: invalid literal",
+    ),
+    "bad_value": (
+        ["--config=configs/demo.py", "--config.model.moe.group_size=0"],
+        "model.moe.group_size must be > 0; got 0.",
+    ),
+}
+
+
+def run(module, args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, **(env or {})}, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_bad_command_line_gets_one_clear_message(tmp_path):
+    # All cases at once (each is a fresh interpreter importing JAX): the suite's time budget.
+    procs = {
+        case: subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", *args, f"--workdir={tmp_path / case}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )  # fmt: skip
+        for case, (args, _) in BAD.items()
+    }
+    for case, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out = (stdout + stderr).strip().splitlines()
+        assert proc.returncode == 2, (case, out)
+        assert len(out) <= 5, (case, out)
+        assert "Traceback" not in stderr, case
+        assert any(BAD[case][1] in line for line in out), (case, out)
+        assert not (tmp_path / case).exists(), case
+
+
+def test_debug_shows_the_traceback_and_other_entry_points_report_alike(tmp_path):
+    args, _ = BAD["variant_with_an_underscore"]
+    proc = run("experiments.train", [*args, f"--workdir={tmp_path}", "--debug"])
+    assert "Traceback" in proc.stderr and proc.returncode != 0
+    proc = run("experiments.train", [*args, f"--workdir={tmp_path}"], {"SWITCHMOE_DEBUG": "1"})
+    assert "Traceback" in proc.stderr
+    proc = run("experiments.param_count", ["--config=configs/switch"])
+    assert proc.returncode == 2 and "Did you mean configs/switch.py?" in proc.stderr
+    proc = run("experiments.report", [f"--workdir={tmp_path / 'none'}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

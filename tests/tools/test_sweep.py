@@ -1,0 +1,77 @@
+"""Smoke test of the sweep launcher and the report: 2 tiny trials, skip and resume, outputs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from switchmoe import sweeps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(module, *args, env):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+def test_trial_names_come_from_overrides():
+    assert sweeps.trial_name({"model.moe.num_experts": 8, "model.moe.random_routing": True}) == (
+        "num_experts=8,random_routing=true"
+    )
+    assert sweeps.override_flags({"model.d_ff": 256}) == ["--config.model.d_ff=256"]
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_and_report(tmp_path):
+    env = {
+        **os.environ,
+        "SWITCHMOE_TEST_DATA_DIR": str(tmp_path / "tfds"),
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.path.join(ROOT, "tests"),
+    }
+    sweep_dir = str(tmp_path / "sweep")
+    config = "tests/sweep_config.py"
+    first = run(
+        "experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", "--parallel=2", env=env
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    names = ["train_capacity_factor=0.5", "train_capacity_factor=2.0"]
+    assert all(sweeps.is_finished(os.path.join(sweep_dir, n)) for n in names)
+
+    again = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", env=env)
+    assert again.stdout.count("[skip]") == 2, again.stdout
+
+    timed = run("experiments.step_time", f"--workdir={sweep_dir}", "--steps=2", env=env)
+    assert timed.returncode == 0, timed.stdout + timed.stderr
+    report = run("experiments.report", f"--workdir={sweep_dir}", env=env)
+    assert report.returncode == 0, report.stdout + report.stderr
+    out = os.path.join(sweep_dir, "report")
+    step_times = json.load(open(os.path.join(out, "step_times.json")))
+    assert step_times["machine"]["platform"] == jax.default_backend()
+    assert sorted(step_times["trials"]) == names
+    for name in (
+        "results.csv",
+        "results.md",
+        "eval_curves.png",
+        "capacity_train.png",
+        "capacity_eval.csv",
+        "capacity_eval.png",
+    ):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    assert [r["trial"] for r in rows] == names
+    assert float(rows[0]["train_dropped_pct"]) > float(rows[1]["train_dropped_pct"])
+    for r in rows:  # the re-timed step is the one step_time.json holds
+        t = step_times["trials"][r["trial"]]
+        assert float(r["quiet_step_ms"]) == pytest.approx(t["median_ms"], rel=1e-3)
+        assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"]
+    cap = list(csv.DictReader(open(os.path.join(out, "capacity_eval.csv"))))
+    assert len(cap) == 2 * 5  # each checkpoint at 4 eval factors and dropless
+    dropless = [r for r in cap if r["eval_cf"] == "dropless"]
+    assert all(float(r["eval_dropped_pct"]) == 0 for r in dropless)
