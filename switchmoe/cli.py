@@ -11,6 +11,7 @@ setting, what was given, what is allowed, a suggestion for near-misses — and e
 from __future__ import annotations
 
 import difflib
+import linecache
 import os
 import re
 import sys
@@ -47,6 +48,33 @@ def innermost(error: BaseException) -> BaseException:
     return chain(error)[-1]
 
 
+# Where the project's own code lives: the package, and a checkout's configs and entry points.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_DIRS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("switchmoe", "configs", "experiments"))
+
+
+def raised_by_project(error: BaseException) -> bool:
+    """Whether a `raise` statement of the project's code raised `error` (its message is then
+    the project's, written for the user), not the system or a library (an OSError from open()
+    in the project's code counts as the system's: it is raised by the call, not a `raise`)."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    if not filename.startswith(PROJECT_DIRS):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def message(error: BaseException) -> str:
+    """An exception's text as written (a KeyError's str() is the repr of its key: quoted)."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        return error.args[0].strip()
+    return str(error).strip()
+
+
 def _config_keys() -> set[str]:
     keys = set()
 
@@ -61,9 +89,12 @@ def _config_keys() -> set[str]:
 
 
 def describe(error: BaseException, argv) -> str:
-    """One paragraph for a user's error."""
+    """One paragraph for a user's error: the message of the outermost exception the project
+    raised (else the innermost of the chain), with an OS error it was raised from as a second
+    line."""
     inner = innermost(error)
-    text = str(inner).strip().strip("'\"").replace("\\n", "\n")
+    ours = next((e for e in chain(error) if raised_by_project(e)), None)
+    text = message(ours or inner).replace("\\n", "\n")
     if isinstance(error, flags.UnrecognizedFlagError) or "Unknown command line flag" in str(error):
         name = getattr(error, "flagname", None) or _quoted(str(error))
         hint = ""
@@ -98,7 +129,11 @@ def describe(error: BaseException, argv) -> str:
         hint = f" Did you mean {path}.py?" if path and os.path.exists(path + ".py") else ""
         if path and not os.path.exists(path):
             return f"--config={path}: no such config file.{hint}"
-    return " ".join(text.split()) if "\n" in text and len(text) < 400 else text
+    text = " ".join(text.split()) if "\n" in text and len(text) < 400 else text
+    cause = None if ours is None else (ours.__cause__ or ours.__context__)
+    if isinstance(cause, OSError) and (cause.strerror or message(cause)) not in text:
+        text += f"\n  cause: {message(cause)}"
+    return text
 
 
 def _quoted(text: str) -> Optional[str]:

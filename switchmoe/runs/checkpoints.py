@@ -3,7 +3,8 @@
 Layout of a run's workdir:
   config.json              the resolved config (written once, at the first start;
                            switchmoe/runs/config_files.py reads and writes it)
-  config_history.jsonl     settings a later start changed (allowed on resume), with its step
+  config_history.jsonl     settings a later start changed (allowed on resume), with the step
+                           of the first checkpoint trained under them
   metrics.jsonl            one JSON object per logged step
   events.out.tfevents.*    TensorBoard
   checkpoints/<step>/      Orbax items: params, opt_state, meta (JSON: step, data position,

@@ -9,6 +9,7 @@ the data and MoE modules that the checkpoint code does not need.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -16,6 +17,7 @@ from typing import Optional
 import ml_collections
 
 from switchmoe.config import with_defaults
+from switchmoe.runs.workdir_lock import WorkdirWriteError
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"  # settings changed on resume, one line per start
@@ -24,27 +26,64 @@ HISTORY_FILE = "config_history.jsonl"  # settings changed on resume, one line pe
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     path = os.path.join(workdir, CONFIG_FILE)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
+    try:
+        with open(tmp, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WorkdirWriteError.of(path, e) from e
 
 
-def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
-    """config.json is written once, by a run's first start, and never rewritten: it is what the
-    checkpoints were trained with from step 0. A later start with other settings (those allowed
-    on resume) appends {"step", "changes": {key: [old, new]}} to config_history.jsonl."""
+def setting_changes(workdir: str, config: ml_collections.ConfigDict) -> dict[str, list]:
+    """{dotted key: [what the latest start trained with, what `config` says]} for every setting
+    that differs (fields added to switchmoe since config.json was written count at their
+    default: a field that only gained its default is no change)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        write_config(workdir, config)
-        return
+        return {}
     new = json.loads(config.to_json_best_effort())
-    # What the latest start trained with, fields added to switchmoe since then defaulted: a
-    # field that only gained its default is no change.
     current = dict(flat_items(json.loads(read_config(workdir).to_json_best_effort())))
-    changes = {k: [current.get(k), v] for k, v in flat_items(new) if current.get(k) != v}
-    if changes:
-        with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-            f.write(json.dumps({"step": int(step), "changes": changes}, sort_keys=True) + "\n")
+    return {k: [current.get(k), v] for k, v in flat_items(new) if current.get(k) != v}
+
+
+class History:
+    """The settings a resumed start changes (those allowed on resume), recorded truthfully.
+
+    config.json is written once, by a run's first start, and never rewritten: it is what the
+    checkpoints were trained with from step 0. A later start with other settings appends
+    {"step": S, "since_step": R, "changes": {key: [old, new]}} to config_history.jsonl: R is
+    the checkpoint it resumed from, S the first checkpoint it trained under the new settings.
+    The line is written only once checkpoint S exists on disk (`settle`), so a start that trains
+    nothing (a finished run rerun) or dies before its first save leaves no line, and the
+    settings `read_config(workdir, step=N)` reports are those that trained checkpoint N.
+    """
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict, resumed_from: int):
+        self.workdir, self.since = workdir, int(resumed_from)
+        self.changes = setting_changes(workdir, config)
+        self.first_save: Optional[int] = None
+
+    def saved(self, step: int) -> None:
+        """A checkpoint of this start was requested (it may still be written asynchronously)."""
+        if self.first_save is None:
+            self.first_save = int(step)
+
+    def settle(self, newest_on_disk: Optional[int]) -> None:
+        """Records the changes once this start's first checkpoint is on disk."""
+        if not self.changes or self.first_save is None:
+            return
+        if newest_on_disk is None or newest_on_disk < self.first_save:
+            return
+        history = os.path.join(self.workdir, HISTORY_FILE)
+        line = {"step": self.first_save, "since_step": self.since, "changes": self.changes}
+        try:
+            with open(history, "a") as f:
+                f.write(json.dumps(line, sort_keys=True) + "\n")
+        except OSError as e:
+            raise WorkdirWriteError.of(history, e) from e
+        self.changes = {}
 
 
 def _lines(path: str) -> list[str]:
@@ -64,11 +103,13 @@ def flat_items(tree: dict, prefix: str = ""):
 
 
 def read_config(
-    workdir: str, *, as_first_written: bool = False
+    workdir: str, *, as_first_written: bool = False, step: Optional[int] = None
 ) -> Optional[ml_collections.ConfigDict]:
     """The run's config: config.json with the changes later starts recorded in
     config_history.jsonl applied in order (what the latest start trained with), or config.json
-    alone with `as_first_written`. Fields added to switchmoe since it was written are defaulted."""
+    alone with `as_first_written`; with `step`, only the changes that trained checkpoint `step`
+    (those of starts that resumed before it). Fields added to switchmoe since config.json was
+    written are defaulted."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
@@ -77,8 +118,11 @@ def read_config(
     if not as_first_written:
         # Applied over the defaults: a change may name a field (or a block) that config.json,
         # written by an older switchmoe, lacks.
-        for line in _lines(os.path.join(workdir, HISTORY_FILE)):
-            for key, (_, value) in json.loads(line)["changes"].items():
+        for line in map(json.loads, _lines(os.path.join(workdir, HISTORY_FILE))):
+            # Lines written before `since_step` existed were written at the resume step.
+            if step is not None and line.get("since_step", line["step"]) >= step:
+                continue
+            for key, (_, value) in line["changes"].items():
                 *parents, leaf = key.split(".")
                 node = config
                 with config.unlocked():

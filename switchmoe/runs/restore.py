@@ -47,7 +47,7 @@ def restore_run_at(
     warning naming it; a damaged `step` raises ValueError listing the intact steps. Nothing in
     the workdir is changed.
     """
-    config = config_files.read_config(workdir)
+    config = config_files.read_config(workdir, step=step)
     if config is None:
         raise FileNotFoundError(f"{os.path.join(workdir, config_files.CONFIG_FILE)} not found.")
     ckpt = checkpoints.Checkpointer(workdir)
@@ -71,7 +71,7 @@ def restore_run_at(
             except integrity.DamagedCheckpoint as e:
                 warnings.warn(f"{e}; using an earlier checkpoint.", stacklevel=2)
                 continue
-            return config, params, candidate
+            return config_files.read_config(workdir, step=candidate), params, candidate
         raise ValueError(f"no intact checkpoint under {ckpt.directory} (steps {sorted(steps)}).")
     finally:
         ckpt.close()

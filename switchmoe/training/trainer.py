@@ -482,13 +482,14 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     # The newest intact checkpoint: a damaged newer one is reported and set aside.
     restored = ckpt.restore_latest(*trainer.abstract_state(), log=log)
     start = 0
+    history = None  # the settings a resumed start changed, recorded once it has a checkpoint
     if restored:
         start, params, opt_state, meta = restored
         if meta["data_step"] != start:
             raise ValueError(f"checkpoint {start} records data position {meta['data_step']}.")
         log(f"Resumed from {ckpt.directory}/{start}.")
         if lead:
-            config_files.record_config(workdir, config, start)
+            history = config_files.History(workdir, config, start)
     else:
         params, opt_state = trainer.init()
         if config.get("init_from"):
@@ -563,6 +564,9 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                     done, params, opt_state, {"step": done, "data_step": done},
                     data_state=batches.get_state(),
                 )  # fmt: skip
+                if history:
+                    history.saved(done)
+                    history.settle(checkpoints.latest_saved_step(workdir))
             if record and writer:
                 try:
                     writer.write(done, record)
@@ -586,6 +590,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
         batches.close()
         ckpt.close()
     finally:
+        if history:  # after close: every save of this start that completed is on disk
+            history.settle(checkpoints.latest_saved_step(workdir))
         if writer:
             try:
                 writer.close()

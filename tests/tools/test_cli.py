@@ -1,9 +1,17 @@
 """Bad command lines get one clear message: the setting, what is allowed, exit status 2, no
 traceback and nothing written; `--debug` shows the traceback."""
 
+import contextlib
 import os
 import subprocess
 import sys
+
+import pytest
+
+from switchmoe import cli
+from switchmoe.config import default_config, validate_config
+from switchmoe.runs import config_files
+from switchmoe.runs.workdir_lock import WorkdirLock, WorkdirLocked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,3 +88,70 @@ def test_debug_shows_the_traceback_and_other_entry_points_report_alike(tmp_path)
     assert proc.returncode == 2 and "Did you mean configs/switch.py?" in proc.stderr
     proc = run("experiments.report", [f"--workdir={tmp_path / 'none'}"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+# -- The line each refusal prints: the project's own message (cli.describe on the real errors) --
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(options) -> a fresh tmpfs directory mounted with them (needs root: else skipped)."""
+    mounted = []
+
+    def make(options):
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True)  # fmt: skip
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_a_refusal_prints_the_projects_own_message_with_its_quotes(tmp_path):
+    with WorkdirLock(str(tmp_path)):
+        with pytest.raises(WorkdirLocked) as held:
+            WorkdirLock(str(tmp_path)).acquire()
+    assert cli.describe(held.value, []) == (
+        f"workdir {tmp_path} is held by a running trainer: process {os.getpid()} on this host "
+        f"(since {held.value.args[0].split('(since ')[1].split(')')[0]}). Wait for it, stop it, "
+        "or use another workdir."
+    )
+    config = default_config()
+    config.model.moe.group_size = 0
+    with pytest.raises(ValueError) as bad:
+        validate_config(config)
+    assert cli.describe(bad.value, []) == "model.moe.group_size must be > 0; got 0."
+    missing = FileNotFoundError(2, "No such file or directory", "/no/such/file")
+    assert cli.describe(missing, []) == "[Errno 2] No such file or directory: '/no/such/file'"
+
+
+def test_an_unwritable_or_full_workdir_is_named_and_nothing_is_left_behind(mount):
+    read_only = mount("ro,size=64k")
+    with pytest.raises(OSError) as refused:
+        WorkdirLock(str(read_only / "run")).acquire()
+    assert cli.describe(refused.value, []) == (
+        f"cannot write {read_only}/run/LOCK (Read-only file system): the workdir must be writable"
+    )
+    full = mount("size=64k")
+    fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk to its last block
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, b"x" * 4096)
+    os.close(fd)
+    with pytest.raises(OSError) as no_space:
+        WorkdirLock(str(full)).acquire()
+    assert cli.describe(no_space.value, []) == (
+        f"cannot write {full}/LOCK (No space left on device): the workdir must be writable"
+    )
+    with pytest.raises(OSError) as no_space:
+        config_files.write_config(str(full), default_config())
+    assert cli.describe(no_space.value, []) == (
+        f"cannot write {full}/config.json (No space left on device)"
+    )
+    assert sorted(os.listdir(full)) == ["filler"]  # no lock, no temporary file

@@ -279,27 +279,37 @@ def test_a_resume_with_other_settings_records_them_beside_the_original(data_dir,
     assert open(os.path.join(workdir, "config.json"), "rb").read() == original
     lines = open(os.path.join(workdir, "config_history.jsonl")).read().splitlines()
     (entry,) = [json.loads(line) for line in lines]
-    assert entry["step"] == 10
+    # Resumed from 10; the first checkpoint trained under the new settings is 20.
+    assert (entry["since_step"], entry["step"]) == (10, 20)
     assert entry["changes"] == {
         "num_train_steps": [10, 20],
         "optimizer.learning_rate": [1e-2, 3e-3],
     }
     assert config_files.read_config(workdir).optimizer.learning_rate == 3e-3
     assert config_files.read_config(workdir, as_first_written=True).num_train_steps == 10
-    # The same settings again change nothing.
+    # Each checkpoint reports the settings that trained it.
+    assert restore_run(workdir, step=10)[0].optimizer.learning_rate == 1e-2
+    assert restore_run(workdir, step=20)[0].optimizer.learning_rate == 3e-3
+    # The same settings again change nothing; other settings on a finished run train nothing
+    # and so record nothing.
     train_and_evaluate(tiny_config(data_dir, **longer), workdir, log=quiet)
+    other_rate = {**longer, "optimizer.learning_rate": 5e-3}
+    train_and_evaluate(tiny_config(data_dir, **other_rate), workdir, log=quiet)
     assert len(open(os.path.join(workdir, "config_history.jsonl")).read().splitlines()) == 1
+    assert restore_run(workdir)[0].optimizer.learning_rate == 3e-3
     # A config.json written before a block existed (here `distill`): a resume records what
     # changed, not the fields that only gained their defaults, and the history reads back.
     path = os.path.join(workdir, "config.json")
     older = json.load(open(path))
     del older["distill"]
     json.dump(older, open(path, "w"))
-    train_and_evaluate(
-        tiny_config(data_dir, **longer, **{"distill.temperature": 2.0}), workdir, log=quiet
-    )
+    further = {**longer, "num_train_steps": 30, "distill.temperature": 2.0}
+    train_and_evaluate(tiny_config(data_dir, **further), workdir, log=quiet)
     lines = open(os.path.join(workdir, "config_history.jsonl")).read().splitlines()
-    assert json.loads(lines[-1])["changes"] == {"distill.temperature": [1.0, 2.0]}
+    assert json.loads(lines[-1])["changes"] == {
+        "num_train_steps": [20, 30],
+        "distill.temperature": [1.0, 2.0],
+    }
     assert config_files.read_config(workdir).distill.temperature == 2.0
 
 
