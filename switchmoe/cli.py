@@ -5,7 +5,9 @@ flag or config key, a missing config file, an unknown variant, a bad value, a wo
 another trainer or holding an incompatible or damaged checkpoint) prints `error: <what>` — the
 setting, what was given, what is allowed, a suggestion for near-misses — and exits with status 2.
 `--debug` (or SWITCHMOE_DEBUG=1) shows the traceback instead. Errors that are not the user's
-(a bug, an out-of-memory) keep their traceback.
+(a bug, an out-of-memory) keep their traceback. A run stopped by SIGTERM or SIGINT after saving
+the step it was on (switchmoe/training/preemption.py) prints `preempted: ...` and exits with
+status 75 (PREEMPTED_EXIT); rerunning the same command resumes it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from absl import app, flags
 from switchmoe.config import default_config
 from switchmoe.runs.integrity import DamagedCheckpoint
 from switchmoe.runs.workdir_lock import WorkdirLocked
+from switchmoe.training.preemption import PREEMPTED_EXIT, Preempted
 
 USAGE_EXIT = 2
 # What a user's input raises before anything trains (validation, config loading, the workdir).
@@ -50,7 +53,9 @@ def innermost(error: BaseException) -> BaseException:
 
 # Where the project's own code lives: the package, and a checkout's configs and entry points.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROJECT_DIRS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("switchmoe", "configs", "experiments"))
+PROJECT_DIRS = tuple(
+    os.path.join(_ROOT, d) + os.sep for d in ("switchmoe", "configs", "experiments")
+)
 
 
 def raised_by_project(error: BaseException) -> bool:
@@ -161,6 +166,9 @@ def run(main: Callable, known_only: bool = False) -> None:
     def guarded(args):
         try:
             return main(args)
+        except Preempted as e:  # saved and stopped on a signal: rerunning resumes
+            print(f"preempted: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
         except USER_ERRORS as e:
             if debug:
                 raise

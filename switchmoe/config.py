@@ -202,8 +202,11 @@ def default_config() -> ml_collections.ConfigDict:
     # once, with a bootstrap interval over documents: a run's headline number) or 'sample' (what
     # the periodic evaluations score; quick runs and tests).
     config.final_eval = "split"
-    # Save a checkpoint every N steps (and at the end).
+    # Save a checkpoint every N steps (and at the end, and when preempted: SIGTERM or SIGINT).
     config.checkpoint_every = 500
+    # Also save when this many minutes passed since the last save (0 = off): a long step
+    # interval then cannot lose hours to a crash. Every process agrees on the step.
+    config.checkpoint_every_minutes = 0.0
     # Checkpoints kept (the newest).
     config.keep_checkpoints = 2
     return config
@@ -386,6 +389,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     for name in ("num_train_steps", "log_every", "eval_every", "checkpoint_every"):
         _positive(name, config[name])
     _positive("keep_checkpoints", config.keep_checkpoints)
+    minutes = config.get("checkpoint_every_minutes", 0.0)
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes < 0:
+        raise ValueError(
+            f"checkpoint_every_minutes must be a number >= 0 (0 = off); got {minutes!r}."
+        )
 
 
 def noncausal_reason(moe: ml_collections.ConfigDict) -> str | None:

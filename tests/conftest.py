@@ -51,6 +51,7 @@ LONGEST_FIRST = (
     "test_multiprocess.py",
     "test_expert_parallel.py",
     "test_train.py",
+    "test_preemption.py",
     "test_streaming.py",
     "test_encoder_decoder.py",
     "test_init_from.py",

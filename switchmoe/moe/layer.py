@@ -42,25 +42,19 @@ class MoeLayer(nn.Module):
     Attributes (the settings a config's `model.moe` block sets carry the same names there):
       num_experts: E.
       d_ff: F, hidden width of each expert.
-      num_selected: K, experts per token (1 Switch, 2 GShard/ST-MoE); what it means is the
-        router's (switchmoe/routers).
-      router: a name in `switchmoe.moe.routers.NAMES` (default: Switch's token choice); each
-        router's module in switchmoe/moe/routers/ says what it is and what options it takes.
-      router_options: the router's own settings (its `Router.options`); a config holds them flat
-        in `model.moe`.
+      num_selected: K, experts per token (1 Switch, 2 GShard/ST-MoE); its meaning is the router's.
+      router: a name in `moe.routers.NAMES` (default Switch's; each module there says what it is).
+      router_options: the router's own settings (`Router.options`), flat in a config's `model.moe`.
       backend: "auto" (the platform's faster capacity backend: dispatch.resolve_backend),
         "einsum", "gather" or "dropless" (a token-choice router without capacity: no token is
         dropped, the capacity factors are ignored).
       dropless_implementation, block_size: how "dropless" computes, the same numbers either way:
         "ragged_dot" (GPU/TPU) or "blocked" (XLA:CPU) with rows per block; None: the platform's
         default, and a block size from the tokens per expert (dispatch.auto_block_size).
-      train_capacity_factor, eval_capacity_factor: C = ceil(K·S/E·factor) during training
-        (deterministic=False) and evaluation. Switch: 1.0–1.25 train, 2.0 eval.
+      train_capacity_factor, eval_capacity_factor: C = ceil(K·S/E·factor) (Switch: 1.0–1.25, 2.0).
       min_capacity: lower bound on C (small groups would otherwise get 1-slot experts).
-      group_size: S, tokens per routing group; None routes each sequence as one group. Must divide
-        the number of tokens B·L.
-      gate_norm: "raw" (Switch: the gate is the router probability) or "normalized" over the
-        chosen K (GShard, Mixtral).
+      group_size: S, tokens per routing group (None: each sequence one group); must divide B·L.
+      gate_norm: "raw" (Switch: the router probability) or "normalized" over the K (GShard, Mixtral).
       batch_prioritized: V-MoE batch prioritized routing (not causal: encoders only).
       causal_routing: with K >= 2, each token's choices before the next token's (token-major,
         causal), not GShard's rank-major order (an early token's second choice displaced by later
@@ -78,11 +72,9 @@ class MoeLayer(nn.Module):
         moe/balancing.py): a bias for choosing experts only, moved after each optimizer step.
       expert_dropout: dropout rate on the experts' hidden activations during training.
       shared_d_ff: hidden width of a shared dense FFN applied to every token (0 = none).
-      router_init_scale: router kernel ~ truncated normal with variance scale·1/D (Switch uses 0.1
-        of the default; 0 gives zeros as in Shazeer et al. 2017, every expert equally likely).
+      router_init_scale: router kernel variance scale·1/D (Switch: 0.1; 0: zeros, Shazeer et al.).
       router_bias: add a learned bias to the router logits.
-      router_dtype: precision of the router matmul, "float32" (Switch's selective precision) or
-        "bfloat16" (the ablation it argues against); logits and losses are float32 either way.
+      router_dtype: the router matmul's precision, "float32" (Switch) or "bfloat16" (its ablation).
       init_scale: variance scale of the expert weights' fan-in initialisation (Switch: 0.1).
       activation: "relu", "gelu", "swiglu" or "geglu" (the model's).
       expert_parallelism: None, "jit" (sharding constraints) or "shard_map" (explicit all-to-all):

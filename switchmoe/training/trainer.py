@@ -38,7 +38,7 @@ from switchmoe.models import build_model, dummy_inputs, model_inputs, model_mask
 from switchmoe.moe.experts import is_expert_matrix, layer_order
 from switchmoe.runs import checkpoints, config_files, integrity, workdir_lock
 from switchmoe.runs import metrics as metrics_lib
-from switchmoe.training import features, init_from
+from switchmoe.training import features, init_from, preemption
 
 # MoE statistics that are vectors per layer ([num_moe_layers, E] or [num_moe_layers, K]); they
 # are logged per layer. All other statistics are averaged over the MoE layers.
@@ -506,8 +506,11 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else None
     total = config.num_train_steps
     progress = metrics_lib.Progress(total, config.batch_size * config.data.seq_len, start)
-    pending: list[dict] = []
+    # The steps' metrics since the last logged row (a checkpoint between log rows carries them).
+    pending = preemption.pending_from_json(meta.get(preemption.PENDING_KEY)) if restored else []
     last: dict[str, Any] = {}
+    # SIGTERM / SIGINT: finish the step, save it, stop (training/preemption.py).
+    watch = preemption.PreemptionWatch(log, config.get("checkpoint_every_minutes", 0.0)).install()
     try:
         for step in range(start, total):
             rows = next(batches)
@@ -518,6 +521,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             done = step + 1
             record: dict[str, Any] = {}
             is_last = done == total or done == stop_at
+            preempted, timed = watch.check(done)
             if done == start + 1 and not (done % config.log_every == 0 or is_last):
                 # A first sign of life whatever log_every is (this step includes compilation).
                 first = float(jax.device_get(step_metrics["train/loss"]))
@@ -551,7 +555,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                 # The headline number: every token of the eval split (or, for quick runs, the
                 # sample), with its bootstrap interval over documents.
                 record.update(final_evaluation(trainer, params, pipeline, workdir, log, lead))
-            if done % config.checkpoint_every == 0 or is_last:
+            if done % config.checkpoint_every == 0 or is_last or preempted or timed:
                 # Never save what a non-finite step produced. The loss is computed before the
                 # update, so the parameters and optimizer state themselves are checked.
                 bad = integrity.first_non_finite({"params": params, "opt_state": opt_state})
@@ -560,10 +564,10 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                         f"non-finite values in {bad} after step {done}; not saved. Latest "
                         f"checkpoint: {ckpt.latest_step()}."
                     )
-                ckpt.save(
-                    done, params, opt_state, {"step": done, "data_step": done},
-                    data_state=batches.get_state(),
-                )  # fmt: skip
+                ckpt_meta = {"step": done, "data_step": done,
+                        preemption.PENDING_KEY: preemption.pending_to_json(pending)}  # fmt: skip
+                ckpt.save(done, params, opt_state, ckpt_meta, data_state=batches.get_state())
+                watch.saved()
                 if history:
                     history.saved(done)
                     history.settle(checkpoints.latest_saved_step(workdir))
@@ -577,6 +581,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                         "stopped."
                     ) from e
                 last.update(record)
+            if preempted and done < total:  # closing below waits for the save to complete
+                raise preemption.Preempted(watch.signal_name, done, workdir)
             if stop_at is not None and done >= stop_at:
                 break
     except BaseException:
@@ -590,6 +596,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
         batches.close()
         ckpt.close()
     finally:
+        watch.uninstall()
         if history:  # after close: every save of this start that completed is on disk
             history.settle(checkpoints.latest_saved_step(workdir))
         if writer:

@@ -4,7 +4,7 @@ that has not yet written its details is still a holder.
 The reference for the race is the count itself: after every contender has tried and before any
 releases, the number holding the lock must be 1. The lock that created the file and wrote its
 details a moment later failed this (two or three holders in 23 of
-these 120 trials of three contenders on this machine).
+120 such trials of three contenders on this machine; the test runs 60).
 """
 
 import fcntl
@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_of_trainers_starting_at_once_exactly_one_holds_the_lock():
-    trials, contenders = 120, 3
+    trials, contenders = 60, 3
     out = subprocess.run(
         [sys.executable, os.path.join(HERE, "lock_race.py"), workdir_lock.__file__,
          str(trials), str(contenders)],
