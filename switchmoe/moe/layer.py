@@ -54,7 +54,7 @@ class MoeLayer(nn.Module):
       train_capacity_factor, eval_capacity_factor: C = ceil(K·S/E·factor) (Switch: 1.0–1.25, 2.0).
       min_capacity: lower bound on C (small groups would otherwise get 1-slot experts).
       group_size: S, tokens per routing group (None: each sequence one group); must divide B·L.
-      gate_norm: "raw" (Switch: the router probability) or "normalized" over the K (GShard, Mixtral).
+      gate_norm: "raw" (Switch: the router probability) or "normalized" over K (GShard, Mixtral).
       batch_prioritized: V-MoE batch prioritized routing (not causal: encoders only).
       causal_routing: with K >= 2, each token's choices before the next token's (token-major,
         causal), not GShard's rank-major order (an early token's second choice displaced by later
@@ -172,7 +172,7 @@ class MoeLayer(nn.Module):
             left out of every balance loss, the z-loss, the load counts, the statistics and the
             bias updates (their output is the shared expert's, or 0).
           deterministic: evaluation mode: eval capacity factor, no jitter, no random routing, no
-            expert dropout. When False and any of those is active, the "dropout" PRNG stream is used.
+            expert dropout. When False and any of those is active, the "dropout" stream is used.
           decode: cached decoding (switchmoe/moe/decoding.py): the first call, on the full length T
             (step_index None), creates the cache; each later call routes x[B, 1, D], the new
             position step_index of every row, as a full pass over T positions would have.
