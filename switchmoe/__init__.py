@@ -11,7 +11,7 @@ importing only the ones before it (tests/test_architecture.py holds the order):
   config, optim, presets             settings and their checks
   runs/        checkpoints, config files, integrity, lock, metrics, restore, summary
   interop/     Hugging Face checkpoints in and out
-  training/    trainer, init_from, distillation, memory_fit
+  training/    trainer, seams, features, init_from, distillation, preemption, memory_fit
   generation, compress/, analysis/, sweeps, cli   tools for a trained run
 """
 
