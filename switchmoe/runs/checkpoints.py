@@ -19,6 +19,7 @@ restoring without one fails across device counts and turns optimizer NamedTuples
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Optional
 
@@ -106,9 +107,12 @@ class Checkpointer:
             if not os.path.isdir(self.directory):
                 raise FileNotFoundError(f"{self.directory} no longer exists")
             probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            try:
+                with open(probe, "w") as f:
+                    f.write("ok")
+            finally:  # a full disk creates the file and fails its write: never leave it behind
+                with contextlib.suppress(OSError):
+                    os.remove(probe)
         except Exception as e:  # noqa: BLE001
             raise self._write_error(step, e) from e
 

@@ -10,7 +10,7 @@ import pytest
 
 from switchmoe import cli
 from switchmoe.config import default_config, validate_config
-from switchmoe.runs import config_files
+from switchmoe.runs import checkpoints, config_files
 from switchmoe.runs.workdir_lock import WorkdirLock, WorkdirLocked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,6 +139,7 @@ def test_an_unwritable_or_full_workdir_is_named_and_nothing_is_left_behind(mount
         f"cannot write {read_only}/run/LOCK (Read-only file system): the workdir must be writable"
     )
     full = mount("size=64k")
+    ckpt = checkpoints.Checkpointer(str(full))  # made before the disk fills up
     fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk to its last block
     with contextlib.suppress(OSError):
         while True:
@@ -154,4 +155,13 @@ def test_an_unwritable_or_full_workdir_is_named_and_nothing_is_left_behind(mount
     assert cli.describe(no_space.value, []) == (
         f"cannot write {full}/config.json (No space left on device)"
     )
-    assert sorted(os.listdir(full)) == ["filler"]  # no lock, no temporary file
+    with pytest.raises(OSError) as no_space:
+        ckpt.check_writable(5)
+    assert cli.describe(no_space.value, []) == (
+        f"cannot write checkpoint 5 under {full}/checkpoints (OSError: [Errno 28] No space left "
+        "on device); the latest intact checkpoint: none. Training stopped."
+    )
+    ckpt.close()
+    # No lock, no temporary config, no write probe left behind.
+    assert sorted(os.listdir(full)) == ["checkpoints", "filler"]
+    assert os.listdir(full / "checkpoints") == []
