@@ -149,11 +149,7 @@ class WorkdirLock:
             holder = self.holder() or {}
         if holder.get("pid"):
             where = "this host" if holder.get("host") == socket.gethostname() else holder["host"]
-            raise WorkdirLocked(
-                f"workdir {self.workdir} is held by a running trainer: process {holder['pid']} "
-                f"on {where} (since {holder.get('since')}). Wait for it, stop it, or use another "
-                "workdir."
-            )
+            raise self._held_by(holder, where)
         raise WorkdirLocked(
             f"workdir {self.workdir} is held by a running trainer (it has not written its "
             "details yet). Wait for it, stop it, or use another workdir."
@@ -171,10 +167,13 @@ class WorkdirLock:
                 f"has ended, delete {self.path}; else use another workdir."
             )
         if _alive(pid, holder.get("start_time")):
-            raise WorkdirLocked(
-                f"workdir {self.workdir} is held by a running trainer: process {pid} on this host "
-                f"(since {holder.get('since')}). Wait for it, stop it, or use another workdir."
-            )
+            raise self._held_by(holder, "this host")
+
+    def _held_by(self, holder: dict, where: str) -> WorkdirLocked:
+        return WorkdirLocked(
+            f"workdir {self.workdir} is held by a running trainer: process {holder['pid']} on "
+            f"{where} (since {holder.get('since')}). Wait for it, stop it, or use another workdir."
+        )
 
     def release(self) -> None:
         """Unlinks the file, then drops the flock (in that order, so that whoever opened the old
