@@ -209,6 +209,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_minutes = 0.0
     # Checkpoints kept (the newest).
     config.keep_checkpoints = 2
+    # A checkpoint write that has not finished after this many seconds stops the run with
+    # CheckpointWriteError (a failed write stops it at once). Raise it for a large model on slow
+    # storage.
+    config.checkpoint_timeout_seconds = 120.0
     return config
 
 
@@ -394,6 +398,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         raise ValueError(
             f"checkpoint_every_minutes must be a number >= 0 (0 = off); got {minutes!r}."
         )
+    timeout = config.get("checkpoint_timeout_seconds", 120.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"checkpoint_timeout_seconds must be a number > 0; got {timeout!r}.")
 
 
 def noncausal_reason(moe: ml_collections.ConfigDict) -> str | None:

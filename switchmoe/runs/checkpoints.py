@@ -20,7 +20,9 @@ restoring without one fails across device counts and turns optimizer NamedTuples
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 from typing import Any, Optional
 
 import grain
@@ -32,6 +34,11 @@ from switchmoe.runs import integrity
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged"  # under checkpoints/: steps found damaged, set aside
 ITEMS = ("params", "opt_state", "meta", "data")
+# How long a checkpoint write may take before the run stops with CheckpointWriteError (the
+# config's `checkpoint_timeout_seconds`). A failed write raises at once; this bounds only a write
+# that stalls (a hung network mount). Orbax's own default is 20 minutes, during which a trainer
+# whose save failed in a background thread could not even exit.
+DEFAULT_TIMEOUT_SECONDS = 120.0
 
 
 def abstract_like(tree: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
@@ -49,12 +56,37 @@ class CheckpointWriteError(OSError):
 
 
 class Checkpointer:
-    """Async Orbax checkpoints of (params, opt_state, meta) under `workdir/checkpoints`."""
+    """Async Orbax checkpoints of (params, opt_state, meta) under `workdir/checkpoints`.
 
-    def __init__(self, workdir: str, keep: int = 2):
+    A save returns once the arrays are off the device and writes in a background thread. Every
+    wait for that thread is bounded by `timeout_seconds`, and its failure surfaces in the main
+    thread as CheckpointWriteError naming the step that failed, at the next save or at close().
+    Step directories are created in the main thread (Orbax creates them in the background by
+    default, and a creation that fails there leaves threads waiting for a signal that never comes:
+    the process then cannot exit for 20 minutes). `owner=True` (the trainer, holding the
+    workdir's lock) also removes the temporary directories an interrupted save left behind; a
+    reader must not, since the run it reads may be writing one.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        keep: int = 2,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        owner: bool = False,
+    ):
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self.timeout_seconds = float(timeout_seconds)
+        self._pending: Optional[int] = None  # the step whose async save may still be writing
         self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=owner,
+            async_options=ocp.AsyncOptions(
+                timeout_secs=max(1, math.ceil(self.timeout_seconds)),
+                create_directories_asynchronously=False,
+            ),
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=self._options, item_names=ITEMS
@@ -81,7 +113,9 @@ class Checkpointer:
                 "opt_state": integrity.checksums(opt_state),
             },
         }
+        self.wait_for_pending()
         self.check_writable(step)
+        self._pending = step
         try:
             self.manager.save(
                 step,
@@ -97,6 +131,32 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # noqa: BLE001  (whatever Orbax or the file system raises)
+            self._pending = None
+            raise self._write_error(step, e) from e
+
+    def wait_for_pending(self) -> None:
+        """Waits, at most `timeout_seconds`, for the save in flight; raises CheckpointWriteError
+        naming its step if it failed or did not finish in time."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        deadline = time.monotonic() + self.timeout_seconds
+        while self.manager.is_saving_in_progress():
+            if time.monotonic() > deadline:
+                raise self._write_error(
+                    step,
+                    TimeoutError(
+                        f"the write did not finish within checkpoint_timeout_seconds="
+                        f"{self.timeout_seconds:g}"
+                    ),
+                )
+            time.sleep(0.02)
+        try:
+            # The threads are done: this returns at once, raising what the save's finalize
+            # thread caught (check_for_errors alone sees only the commit thread's errors).
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
             raise self._write_error(step, e) from e
 
     def check_writable(self, step: int) -> None:
@@ -240,17 +300,14 @@ class Checkpointer:
         )
 
     def close(self) -> None:
-        """Waits for the async save in flight; raises CheckpointWriteError if it failed."""
+        """Waits (bounded) for the save in flight; raises CheckpointWriteError if it failed."""
+        # On a failure, Orbax's close is skipped: it would wait on the failed or stalled thread
+        # again (those threads end on their own within the same timeout).
+        self.wait_for_pending()
         try:
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
+            self.manager.close()
         except Exception as e:  # noqa: BLE001
             raise self._write_error(self.manager.latest_step() or 0, e) from e
-        finally:
-            try:
-                self.manager.close()
-            except Exception:  # noqa: BLE001  (already reported above)
-                pass
 
 
 class _IteratorState(grain.DatasetIterator):

@@ -478,7 +478,14 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
         if lead:
             pipeline.prepare()
         multihost_utils.sync_global_devices("switchmoe: data prepared")
-    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(
+        workdir,
+        keep=config.keep_checkpoints,
+        timeout_seconds=config.get(
+            "checkpoint_timeout_seconds", checkpoints.DEFAULT_TIMEOUT_SECONDS
+        ),
+        owner=True,
+    )
     # The newest intact checkpoint: a damaged newer one is reported and set aside.
     restored = ckpt.restore_latest(*trainer.abstract_state(), log=log)
     start = 0

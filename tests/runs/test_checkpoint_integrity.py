@@ -6,8 +6,12 @@ run's final parameters bitwise; `restore_run` must return step 10's parameters w
 and refuse step 20 with a message listing the intact steps.
 """
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -135,3 +139,45 @@ def test_a_workdir_removed_mid_run_stops_it_with_the_path_named(runs, tmp_path):
             workdir,
             log=remove_at_step_10,
         )
+
+
+def can_freeze(tmp_path):
+    """Whether write_moments.py can make a folder read-only here (root needs mount rights)."""
+    if os.geteuid() != 0:
+        return True
+    probe = str(tmp_path / "bind_probe")
+    os.makedirs(probe)
+    done = subprocess.run(["mount", "--bind", probe, probe], capture_output=True)
+    if done.returncode == 0:
+        subprocess.run(["umount", probe], capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_folder_turned_read_only_at_any_moment_stops_the_save_with_its_step(tmp_path):
+    """Each moment of write_moments.py: the failing call raises CheckpointWriteError naming the
+    step that failed and the newest intact checkpoint within its bound, earlier checkpoints stay
+    intact, the resumed run leaves no temporary directory, and the process exits promptly."""
+    if not can_freeze(tmp_path):
+        pytest.skip("cannot bind-mount a folder read-only here (root without mount rights)")
+    script = os.path.join(os.path.dirname(__file__), "write_moments.py")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - start < 120  # no thread left waiting on a failed save
+    rows = {row["moment"]: row for row in map(json.loads, done.stdout.splitlines())}
+    failing_step = {"idle": 30, "after_probe": 30, "pending": 20, "at_close": 20, "stalled": 20}
+    assert set(rows) == set(failing_step)
+    for name, row in rows.items():
+        intact = [10, 20] if failing_step[name] == 30 else [10]
+        assert row["error"] is not None, name
+        assert row["error"].startswith(f"cannot write checkpoint {failing_step[name]} under "), row
+        assert f"the latest intact checkpoint: {max(intact)}." in row["error"], row
+        assert row["steps"] == intact, row
+        assert row["left_behind"] == [], row
+        assert row["in_flight"] == (name in ("pending", "at_close", "stalled")), row
+        if name == "stalled":
+            assert "checkpoint_timeout_seconds=3" in row["error"]
+            assert 3.0 <= row["seconds"] < 10.0, row
+        else:
+            assert row["seconds"] < 3.0, row
