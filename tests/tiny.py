@@ -36,19 +36,39 @@ def apply_overrides(config, overrides: dict):
     return config
 
 
-def train_straight_and_interrupted(config, tmp_path, stop_at=10):
+def train_straight_and_interrupted(config, tmp_path, stop_at=10, signal_after=None):
     """Trains `config` once straight through and once stopped at `stop_at`, then resumed.
 
-    Returns both workdirs, after checking that the interrupted run saved exactly at `stop_at`
-    and that both logged the same metrics (timings aside).
+    With `signal_after=N` the run is preempted instead: SIGTERM arrives while it logs step N
+    (a multiple of log_every), so it stops after step N + 1 and saves that step (see
+    switchmoe/training/preemption.py); `stop_at` is then that step. Returns both workdirs, after
+    checking that the interrupted run saved exactly at `stop_at` and that both logged the same
+    metrics (timings aside).
     """
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
     from switchmoe.runs import checkpoints, metrics  # noqa: PLC0415
+    from switchmoe.training.preemption import Preempted  # noqa: PLC0415
     from switchmoe.training.trainer import train_and_evaluate  # noqa: PLC0415
 
     quiet = lambda line: None
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     train_and_evaluate(config, straight, log=quiet)
-    train_and_evaluate(config, interrupted, stop_at=stop_at, log=quiet)
+    if signal_after is None:
+        train_and_evaluate(config, interrupted, stop_at=stop_at, log=quiet)
+    else:
+
+        def preempt(line):
+            if line.startswith(f"step {signal_after}/"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        try:
+            train_and_evaluate(config, interrupted, log=preempt)
+            raise AssertionError("the signalled run was not preempted")
+        except Preempted as e:
+            stop_at = e.step
+        assert stop_at == signal_after + 1
     assert checkpoints.Checkpointer(interrupted).all_steps() == [stop_at]
     train_and_evaluate(config, interrupted, log=quiet)
     drop_timing = lambda rs: [{k: v for k, v in r.items() if "per_second" not in k} for r in rs]

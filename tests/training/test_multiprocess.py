@@ -1,7 +1,9 @@
 """Two processes on localhost (jax.distributed, gloo CPU collectives) train with the experts split
-across them and reproduce the single-process losses."""
+across them, are preempted (one of them gets SIGTERM: both save the step they agree on), resume,
+and reproduce the single-process losses."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,15 +14,16 @@ import pytest
 from tiny import tiny_config
 
 from switchmoe.data.pipeline import corpus_statistics
-from switchmoe.runs import metrics
+from switchmoe.runs import checkpoints, metrics
+from switchmoe.training.preemption import PREEMPTED_EXIT, SYNC_EVERY
 from switchmoe.training.trainer import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = {
-    "num_train_steps": 4,
+    "num_train_steps": 12,
     "log_every": 1,
-    "eval_every": 4,
-    "checkpoint_every": 4,
+    "eval_every": 12,
+    "checkpoint_every": 12,
     "model.moe.num_experts": 4,
     "model.moe.num_selected": 2,
 }
@@ -41,7 +44,7 @@ def flag_value(value):
 # test_process_slices_concatenate_to_the_global_batch). Each variant costs ~45 s of the suite.
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["stream"])
-def test_two_processes_match_one(tmp_path, pipeline):
+def test_two_processes_preempted_and_resumed_match_one(tmp_path, pipeline):
     data_dir = str(tmp_path / "tfds")
     config = tiny_config(data_dir, **OVERRIDES, **{"data.pipeline": pipeline})
     corpus_statistics(config.data)  # build the corpus before the processes start
@@ -69,43 +72,65 @@ def test_two_processes_match_one(tmp_path, pipeline):
         "model.moe.group_size": 32,
         "data.pipeline": pipeline,
     }
-    port = free_port()
     workdir = str(tmp_path / "two")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "experiments.train",
-                "--config=configs/demo.py",
-                f"--workdir={workdir}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ]
-            + [f"--config.{k}={flag_value(v)}" for k, v in settings.items()],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=400)[0])
-        finally:
-            p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+
+    def launch():
+        port = free_port()
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
+               "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        return [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "experiments.train",
+                    "--config=configs/demo.py",
+                    f"--workdir={workdir}",
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ]
+                + [f"--config.{k}={flag_value(v)}" for k, v in settings.items()],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+
+    def finish(procs, head=""):
+        outputs = []
+        for p in procs:
+            try:
+                outputs.append(p.communicate(timeout=400)[0])
+            finally:
+                p.kill()
+        return [p.returncode for p in procs], [head + outputs[0], outputs[1]]
+
+    # Preempted: SIGTERM to process 1 only, once process 0 has logged step 2. The processes
+    # agree at step SYNC_EVERY = 10, both save it and exit with PREEMPTED_EXIT.
+    procs = launch()
+    head = ""
+    for line in procs[0].stdout:
+        head += line
+        if line.startswith("step 2/"):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    codes, outputs = finish(procs, head)
+    assert codes == [PREEMPTED_EXIT] * 2, outputs[0][-3000:] + outputs[1][-3000:]
+    assert checkpoints.Checkpointer(workdir).all_steps() == [SYNC_EVERY]
+    # Rerun: both resume from step 10 and finish.
+    codes, outputs = finish(launch())
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     losses = lambda w: [r["train/loss"] for r in metrics.read_metrics(w)]
-    assert len(losses(workdir)) == 4
+    assert len(losses(workdir)) == OVERRIDES["num_train_steps"]
+    # A wrong data position or a lost optimizer state after the resume changes the loss by far
+    # more than the collectives' rounding.
     np.testing.assert_allclose(losses(workdir), losses(single), rtol=1e-5)
     # Each process saved its own data iterator state beside the shared checkpoint.
-    saved = sorted(os.listdir(os.path.join(workdir, "checkpoints", "4", "data")))
+    saved = sorted(os.listdir(os.path.join(workdir, "checkpoints", str(SYNC_EVERY), "data")))
     assert [f for f in saved if f.endswith(".json")] == [
         "process_0-of-2.json",
         "process_1-of-2.json",
