@@ -21,7 +21,7 @@ from switchmoe import optim, sharding
 from switchmoe.data import pipeline as data_pipeline
 from switchmoe.data import span_corruption
 from switchmoe.data.tokenizers import make_tokenizer
-from switchmoe.models.decoder import REMAT_POLICIES
+from switchmoe.models.decoder import ATTENTION_BIASES, QK_NORMS, REMAT_POLICIES
 from switchmoe.models.factory import sequence_lengths
 from switchmoe.moe import experts, routers
 from switchmoe.moe.layer import SETTINGS as MOE_SETTINGS
@@ -52,6 +52,9 @@ def default_moe_config() -> ml_collections.ConfigDict:
     moe.expert_d_ff = config_dict.placeholder(int)
     # Every moe_every-th block is an MoE block (Switch/GShard: 2, ST-MoE: 4, all blocks: 1).
     moe.moe_every = 2
+    # The MoE blocks as an explicit tuple of block indices (0-based), in place of moe_every:
+    # DeepSeek's dense first blocks, Qwen's mlp_only_layers. Decoder-only models.
+    moe.moe_layers = config_dict.placeholder(tuple)
     # Fine-grained experts (DeepSeekMoE): split each expert into `granularity` experts of width
     # F/granularity and route each token to granularity·num_selected of them (the same expert
     # parameters and FLOPs; token-choice routers). 1: ordinary experts.
@@ -111,6 +114,20 @@ def default_config() -> ml_collections.ConfigDict:
     model.num_heads = 4
     # Width per head; None: d_model // num_heads.
     model.head_dim = config_dict.placeholder(int)
+    # Key/value heads (grouped-query attention: each serves num_heads / num_kv_heads query
+    # heads); None: num_heads.
+    model.num_kv_heads = config_dict.placeholder(int)
+    # Normalisation of queries and keys before the rotary embedding: 'none', 'head' (RMSNorm per
+    # head, Qwen3) or 'projection' (RMSNorm over the whole projection, OLMoE).
+    model.qk_norm = "none"
+    # Attention projections with a bias: 'none', 'qkv' (Qwen2) or 'all' (OLMoE, Qwen3 option).
+    model.attention_bias = "none"
+    # Base of the rotary embedding's frequencies (10000; Mixtral and Qwen3 use 1e6).
+    model.rope_theta = 10000.0
+    # Causal attention to the newest `sliding_window` positions only (Mistral); 0: all.
+    model.sliding_window = 0
+    # Epsilon of every RMSNorm (switchmoe and T5: 1e-6; Mixtral, OLMoE, Qwen: 1e-5 or 1e-6).
+    model.norm_eps = 1e-6
     # Hidden width F of the dense FFN and of each expert.
     model.d_ff = 512
     # 'relu', 'gelu', 'swiglu' or 'geglu' (dense FFN and experts alike).
@@ -255,7 +272,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     `num_devices` is the number of devices the run has (all processes).
     """
     model, moe, opt = config.model, config.model.moe, config.optimizer
-    data_size, expert_size, _ = sharding.mesh_shape(config.mesh, num_devices)
+    data_size, expert_size, model_size = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = data_size * expert_size
     _one_of("mesh.expert_parallelism", config.mesh.expert_parallelism, sharding.EXPERT_PARALLELISM)
     micro = config.get("grad_accum_steps", 1)
@@ -279,6 +296,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         raise ValueError(f"model.dropout_rate must be in [0, 1); got {model.dropout_rate}.")
     if model.get("head_dim") is not None:
         _positive("model.head_dim", model.head_dim)
+    check_attention(config, model_size)
     if model.get("vocab_size") is not None:
         # Only the byte tokenizer's size is known without reading (or training) a model file.
         minimum_vocab = (
@@ -301,7 +319,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         raise ValueError(f"seed must be an integer >= 0; got {config.seed!r}.")
     if moe.num_experts < 0:
         raise ValueError(f"model.moe.num_experts must be >= 0 (0 = dense); got {moe.num_experts}.")
-    if moe.num_experts:
+    if moe.num_experts and moe.get("moe_layers") is not None:
+        check_moe_layers(model)
+    elif moe.num_experts:
         _positive("model.moe.moe_every", moe.moe_every)
         if moe.moe_every > model.num_layers:
             raise ValueError(
@@ -401,6 +421,57 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     timeout = config.get("checkpoint_timeout_seconds", 120.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"checkpoint_timeout_seconds must be a number > 0; got {timeout!r}.")
+
+
+def check_attention(config: ml_collections.ConfigDict, model_size: int = 1) -> None:
+    """The attention settings of the open decoder-only families (decoder.SelfAttention);
+    `model_size`: the mesh's model axis, over which the heads are split."""
+    model = config.model
+    kv_heads = model.get("num_kv_heads")
+    if kv_heads is not None:
+        if not (isinstance(kv_heads, int) and kv_heads >= 1 and model.num_heads % kv_heads == 0):
+            allowed = [d for d in range(1, model.num_heads + 1) if model.num_heads % d == 0]
+            raise ValueError(
+                f"model.num_kv_heads={kv_heads!r} must divide model.num_heads={model.num_heads} "
+                f"(each key/value head serves a group of query heads); allowed: {allowed} or "
+                "None (= num_heads)."
+            )
+        if kv_heads % model_size:
+            raise ValueError(
+                f"model.num_kv_heads={kv_heads} must be divisible by mesh.model={model_size}: "
+                "the key/value heads are split over that axis."
+            )
+    _one_of("model.qk_norm", model.get("qk_norm", "none"), QK_NORMS)
+    _one_of("model.attention_bias", model.get("attention_bias", "none"), ATTENTION_BIASES)
+    _positive("model.rope_theta", model.get("rope_theta", 10000.0))
+    _positive("model.norm_eps", model.get("norm_eps", 1e-6))
+    window = model.get("sliding_window") or 0
+    if not (isinstance(window, int) and not isinstance(window, bool) and window >= 0):
+        raise ValueError(f"model.sliding_window must be an integer >= 0 (0 = off); got {window!r}.")
+    if window and model.arch != "decoder":
+        raise ValueError(
+            f"model.sliding_window={window} applies to the decoder-only LM (model.arch="
+            f"'decoder'); got model.arch={model.arch!r}. Allowed here: 0."
+        )
+
+
+def check_moe_layers(model: ml_collections.ConfigDict) -> None:
+    """`model.moe.moe_layers`: distinct block indices of a decoder-only model."""
+    layers = model.moe.moe_layers
+    if model.arch != "decoder":
+        raise ValueError(
+            f"model.moe.moe_layers lists the MoE blocks of a decoder-only model; got model.arch="
+            f"{model.arch!r}. Use model.moe.moe_every, or None here."
+        )
+    ok = isinstance(layers, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < model.num_layers for i in layers
+    )
+    if not ok or len(set(layers)) != len(layers) or not layers:
+        raise ValueError(
+            f"model.moe.moe_layers must be distinct block indices in [0, model.num_layers="
+            f"{model.num_layers}), at least one; got {layers!r} (or None: model.moe.moe_every "
+            "places the MoE blocks)."
+        )
 
 
 def noncausal_reason(moe: ml_collections.ConfigDict) -> str | None:

@@ -222,6 +222,11 @@ def _exportable(config: ml_collections.ConfigDict) -> None:
         problems.append(f"model.arch={m.get('arch')!r} (allowed: 'encoder_decoder')")
     if m.activation not in EXPORTED_ACTIVATIONS:
         problems.append(f"model.activation={m.activation!r} (allowed: relu, gelu)")
+    for name, allowed in (("num_kv_heads", None), ("qk_norm", "none"), ("attention_bias", "none"),
+                          ("norm_eps", 1e-6)):  # fmt: skip
+        value = m.get(name, allowed)
+        if value != allowed and not (name == "num_kv_heads" and value == m.num_heads):
+            problems.append(f"model.{name}={value!r} (allowed: {allowed!r})")
     if moe.num_experts:
         if moe.router != "top_k" or moe.num_selected != 1 or moe.get("granularity", 1) != 1:
             problems.append(

@@ -27,12 +27,21 @@ from switchmoe.moe.layer import MoeLayer
 Array = jax.Array
 
 
-def is_moe_block(index: int, num_experts: int, moe_every: int) -> bool:
-    """Block `index` (0-based) is an MoE block: the last of every `moe_every` blocks.
+def is_moe_block(
+    index: int, num_experts: int, moe_every: int, moe_layers: tuple[int, ...] | None = None
+) -> bool:
+    """Block `index` (0-based) is an MoE block: the last of every `moe_every` blocks, or, when
+    `moe_layers` lists the MoE blocks explicitly, one of them.
 
     With moe_every=2 blocks 1, 3, 5… are MoE (Switch, GShard); with 4, blocks 3, 7, 11… (ST-MoE).
+    An explicit list says what a rule cannot: DeepSeek's first k dense blocks, Qwen's
+    `mlp_only_layers`.
     """
-    return num_experts > 0 and (index + 1) % moe_every == 0
+    if num_experts <= 0:
+        return False
+    if moe_layers is not None:
+        return index in moe_layers
+    return (index + 1) % moe_every == 0
 
 
 def rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
@@ -61,13 +70,28 @@ class RMSNorm(nn.Module):
         return (x * scale).astype(self.dtype)
 
 
+# What `model.qk_norm` normalises before the rotary embedding: nothing, each head's query and key
+# (RMSNorm over Dh, one scale [Dh] shared by the heads: Qwen3) or the whole query and key
+# projections (RMSNorm over H·Dh and Hkv·Dh: OLMoE).
+QK_NORMS = ("none", "head", "projection")
+# Which attention projections carry a bias (`model.attention_bias`): none, the query, key and
+# value projections (Qwen2), or all four (OLMoE and Qwen3's `attention_bias`).
+ATTENTION_BIASES = ("none", "qkv", "all")
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention, softmax in float32: causal self-attention with rotary positions
     (the decoder-only LM), or, with `rotary=False`, attention over `kv` with an additive
     position `bias` (T5's relative buckets; encoder–decoder self- and cross-attention).
 
+    Grouped-query attention: `num_kv_heads` Hkv < H key/value heads, query head h reading
+    key/value head h // (H/Hkv) (Ainslie et al. 2023; Mixtral, Qwen). `qk_norm` (QK_NORMS),
+    `attention_bias` (ATTENTION_BIASES), `rope_theta` (the rotary base) and `sliding_window`
+    (a query attends to the `sliding_window` newest positions, itself included; 0: all) are the
+    settings the open decoder-only MoE families use.
+
     With `decode=True` a causal self-attention reads and writes a key/value cache (collection
-    "cache": `cached_key` and `cached_value` [B, T, H, Dh]): the first call, on the full [B, T]
+    "cache": `cached_key` and `cached_value` [B, T, Hkv, Dh]): the first call, on the full [B, T]
     length (`step_index` None), only creates it (switchmoe/generation.py initialises it as
     zeros from its shapes); each later call takes one position per row, writes its key and
     value at `step_index` (the model's DecodePosition) and attends to positions 0..step_index,
@@ -80,6 +104,12 @@ class SelfAttention(nn.Module):
     causal: bool = True
     dtype: Any = jnp.float32
     rotary: bool = True
+    num_kv_heads: int | None = None
+    rope_theta: float = 10000.0
+    qk_norm: str = "none"
+    attention_bias: str = "none"
+    sliding_window: int = 0
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(
@@ -99,21 +129,36 @@ class SelfAttention(nn.Module):
         (one decoding step: [1|B, H, 1, T] over the whole cache).
         """
         D = x.shape[-1]
+        H, Dh = self.num_heads, self.head_dim
+        Hkv = self.num_kv_heads or H
         kv = x if kv is None else kv
-        dense = lambda name, axes, shape_out, in_axes=-1: nn.DenseGeneral(
-            shape_out,
-            axis=in_axes,
-            dtype=self.dtype,
-            use_bias=False,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-            name=name,
-        )
-        heads = (self.num_heads, self.head_dim)
-        q = dense("query", ("embed", "heads", "kv"), heads)(x)
-        k = dense("key", ("embed", "heads", "kv"), heads)(kv)
-        v = dense("value", ("embed", "heads", "kv"), heads)(kv)
+
+        def dense(name, axes, shape_out, in_axes=-1, use_bias=False, bias_axes=()):
+            return nn.DenseGeneral(
+                shape_out,
+                axis=in_axes,
+                dtype=self.dtype,
+                use_bias=use_bias,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes),
+                name=name,
+            )
+
+        qkv_bias = self.attention_bias in ("qkv", "all")
+        projection = lambda name, heads, inputs: dense(
+            name, ("embed", "heads", "kv"), (heads, Dh), use_bias=qkv_bias,
+            bias_axes=("heads", "kv"),
+        )(inputs)  # fmt: skip
+        q = projection("query", H, x)
+        k = projection("key", Hkv, kv)
+        v = projection("value", Hkv, kv)
+        if self.qk_norm != "none":
+            norm = lambda name, t: RMSNorm(self.norm_eps, self.dtype, name=name)(
+                t if self.qk_norm == "head" else t.reshape(*t.shape[:-2], -1)
+            ).reshape(t.shape)
+            q, k = norm("query_norm", q), norm("key_norm", k)
         if self.rotary:
-            q, k = rope(q, positions), rope(k, positions)
+            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         step = decode and self.causal and step_index is not None
         if decode and self.causal:
             cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
@@ -124,21 +169,39 @@ class SelfAttention(nn.Module):
             i = step_index
             cached_k.value = k = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k, i, 1)
             cached_v.value = v = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v, i, 1)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
+        B, Lq, Lk = x.shape[0], x.shape[1], k.shape[1]
+        if Hkv == H:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        else:  # query heads in Hkv groups of H/Hkv, each group reading one key/value head
+            qg = q.reshape(B, Lq, Hkv, H // Hkv, Dh)
+            scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k).reshape(B, H, Lq, Lk)
+        scores = scores.astype(jnp.float32) / jnp.sqrt(Dh)
         if bias is not None:
             scores = scores + bias
-        allowed = jnp.ones((1, 1, x.shape[1], k.shape[1]), bool)
+        allowed = jnp.ones((1, 1, Lq, Lk), bool)
+        query_pos = jnp.arange(Lq)[:, None]
         if step:  # the cached positions so far: row i of the causal mask
-            allowed = (jnp.arange(k.shape[1]) <= i)[None, None, None, :]
+            allowed = (jnp.arange(Lk) <= i)[None, None, None, :]
+            query_pos = i
         elif self.causal:
             allowed = jnp.tril(allowed)
+        if self.sliding_window:
+            allowed = allowed & (query_pos - jnp.arange(Lk)[None, :] < self.sliding_window)
         if mask is not None:
             allowed = allowed & mask
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return dense("out", ("heads", "kv", "embed"), D, in_axes=(-2, -1))(out)
+        if Hkv == H:
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            pg = probs.reshape(B, Hkv, H // Hkv, Lq, Lk)
+            out = jnp.einsum("bhgqk,bkhd->bqhgd", pg, v).reshape(B, Lq, H, Dh)
+        out_bias = self.attention_bias == "all"
+        return dense(
+            "out", ("heads", "kv", "embed"), D, in_axes=(-2, -1), use_bias=out_bias,
+            bias_axes=("embed",),
+        )(out)  # fmt: skip
 
 
 class DecodePosition(nn.Module):
@@ -211,6 +274,7 @@ class Block(nn.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        eps = cfg.get("norm_eps", 1e-6)
         attention = lambda name: SelfAttention(
             cfg.num_heads,
             head_dim(cfg),
@@ -219,17 +283,18 @@ class Block(nn.Module):
             dtype,
             rotary=self.rotary,
             name=name,
+            **attention_settings(cfg),
         )
-        h = RMSNorm(dtype=dtype, name="attention_norm")(x)
+        h = RMSNorm(eps, dtype=dtype, name="attention_norm")(x)
         h = attention("attention")(
             h, positions, mask, deterministic, bias=bias, decode=decode, step_index=step_index
         )
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         if self.cross_attention:
-            h = RMSNorm(dtype=dtype, name="cross_attention_norm")(x)
+            h = RMSNorm(eps, dtype=dtype, name="cross_attention_norm")(x)
             h = attention("cross_attention")(h, None, encoded_mask, deterministic, kv=encoded)
             x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        h = RMSNorm(dtype=dtype, name="ffn_norm")(x)
+        h = RMSNorm(eps, dtype=dtype, name="ffn_norm")(x)
         aux = None
         if self.moe:
             overrides = {}
@@ -296,6 +361,19 @@ def head_dim(cfg: ml_collections.ConfigDict) -> int:
     return cfg.head_dim if cfg.get("head_dim") else cfg.d_model // cfg.num_heads
 
 
+def attention_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The SelfAttention settings a `model` block sets beyond heads and widths (defaults for a
+    config written before they existed)."""
+    return {
+        "num_kv_heads": cfg.get("num_kv_heads"),
+        "rope_theta": cfg.get("rope_theta", 10000.0),
+        "qk_norm": cfg.get("qk_norm", "none"),
+        "attention_bias": cfg.get("attention_bias", "none"),
+        "sliding_window": cfg.get("sliding_window") or 0,
+        "norm_eps": cfg.get("norm_eps", 1e-6),
+    }
+
+
 def sum_aux(auxes: list[dict]) -> dict[str, Any]:
     """Combines the per-layer MoE aux dicts: losses summed, statistics stacked per layer.
 
@@ -349,7 +427,7 @@ class DecoderLM(nn.Module):
                 positions = jnp.broadcast_to(index, tokens.shape)
         auxes = []
         for i in range(cfg.num_layers):
-            moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every)
+            moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every, cfg.moe.get("moe_layers"))
             block = block_class(cfg)(
                 cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}"
             )
@@ -359,7 +437,7 @@ class DecoderLM(nn.Module):
             )  # fmt: skip
             if aux is not None:
                 auxes.append(aux)
-        x = RMSNorm(dtype=jnp.float32, name="final_norm")(x)
+        x = RMSNorm(cfg.get("norm_eps", 1e-6), dtype=jnp.float32, name="final_norm")(x)
         return output_logits(cfg, embed, logits_head(cfg), x), sum_aux(auxes)
 
 

@@ -72,6 +72,8 @@ class MoeLayer(nn.Module):
         moe/balancing.py): a bias for choosing experts only, moved after each optimizer step.
       expert_dropout: dropout rate on the experts' hidden activations during training.
       shared_d_ff: hidden width of a shared dense FFN applied to every token (0 = none).
+      shared_gate: scale the shared FFN's output per token by sigmoid(x·w_gate), w_gate [D]
+        (Qwen2-MoE's shared_expert_gate); False: the shared output is added as it is (DeepSeek).
       router_init_scale: router kernel variance scale·1/D (Switch: 0.1; 0: zeros, Shazeer et al.).
       router_bias: add a learned bias to the router logits.
       router_dtype: the router matmul's precision, "float32" (Switch) or "bfloat16" (its ablation).
@@ -110,6 +112,7 @@ class MoeLayer(nn.Module):
     bias_update_speed: float = 0.0
     expert_dropout: float = 0.0
     shared_d_ff: int = 0
+    shared_gate: bool = False
     router_init_scale: float = 0.1
     router_bias: bool = False
     router_dtype: str = "float32"
@@ -228,7 +231,7 @@ class MoeLayer(nn.Module):
         ).reshape(B, L, D)  # fmt: skip
 
         if self.shared_d_ff:
-            y = y + DenseFFN(
+            shared = DenseFFN(
                 self.shared_d_ff,
                 self.activation,
                 self.dtype,
@@ -236,6 +239,16 @@ class MoeLayer(nn.Module):
                 param_dtype=self.param_dtype,
                 name="shared",
             )(x)
+            if self.shared_gate:
+                w = self.param(
+                    "shared_gate",
+                    nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                    (D,),
+                    self.param_dtype,
+                )
+                gate = jax.nn.sigmoid(jnp.einsum("bld,d->bl", x.astype(self.dtype), w))
+                shared = shared * gate[..., None].astype(shared.dtype)
+            y = y + shared
 
         return y.astype(self.dtype), router.aux_outputs(routing)
 

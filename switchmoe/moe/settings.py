@@ -63,6 +63,11 @@ def check_settings(s, prefix: str = "", tokens_per_group: Optional[int] = None) 
     for name in nonnegative:
         if not getattr(s, name) >= 0:
             raise ValueError(f"{prefix}{name} must be >= 0; got {getattr(s, name)!r}.")
+    if getattr(s, "shared_gate", False) and not s.shared_d_ff:
+        raise ValueError(
+            f"{prefix}shared_gate gates the shared expert: it needs {prefix}shared_d_ff > 0; "
+            f"got {prefix}shared_d_ff={s.shared_d_ff}."
+        )
     _positive(prefix + "init_scale", s.init_scale)
     _positive(prefix + "random_routing_threshold", s.random_routing_threshold)
     if not 0.0 <= s.expert_dropout < 1.0:

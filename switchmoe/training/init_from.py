@@ -2,8 +2,8 @@
 
 `init_from='<workdir>[:step]'` (default: its newest intact checkpoint) gives a new run the
 other run's parameters in place of a fresh initialisation (`init_from='hf:<dir>'`: those of a
-Hugging Face Switch Transformers checkpoint, switchmoe/interop/hf_switch.py); the optimizer state, the data and
-the step count start anew. It applies to the first start only: once the new run has a
+Hugging Face checkpoint of any supported model_type, switchmoe/interop/hf.py); the optimizer
+state, the data and the step count start anew. It applies to the first start only: once the new run has a
 checkpoint, it resumes from its own.
 
 The two parameter trees must match leaf for leaf (the same path, the same shape); the first
@@ -25,8 +25,6 @@ Freezing parameters for fine-tuning (`optimizer.freeze`) is the optimizer's (swi
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from typing import Any
 
 import jax
@@ -35,14 +33,14 @@ import numpy as np
 from flax import traverse_util
 
 from switchmoe import runs
-from switchmoe.interop import hf_switch
+from switchmoe.interop import hf
 from switchmoe.models import abstract_params, build_model, resolve
 from switchmoe.moe.experts import EXPERT_MATRICES
 from switchmoe.runs import checkpoints, config_files
 
-HF_PREFIX = (
-    "hf:"  # init_from='hf:<dir>': a Hugging Face Switch checkpoint (switchmoe/interop/hf_switch.py)
-)
+# init_from='hf:<dir>': a Hugging Face checkpoint of any supported model_type
+# (switchmoe/interop/hf.py: Switch Transformers, Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE).
+HF_PREFIX = "hf:"
 
 
 def parse_init_from(value: str) -> tuple[str, int | None]:
@@ -54,7 +52,7 @@ def parse_init_from(value: str) -> tuple[str, int | None]:
 
 
 def _hf_directory(value: str) -> str | None:
-    """The directory of `init_from='hf:<dir>'` (a Hugging Face Switch checkpoint), else None."""
+    """The directory of `init_from='hf:<dir>'` (a Hugging Face checkpoint), else None."""
     return value[len(HF_PREFIX) :] if value.startswith(HF_PREFIX) else None
 
 
@@ -63,7 +61,7 @@ def _source(config: ml_collections.ConfigDict):
     directory = _hf_directory(config.init_from)
     if directory is not None:
         try:
-            return hf_switch.load(directory)
+            return hf.load(directory)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"init_from={config.init_from!r}: {e}") from None
     workdir, step = parse_init_from(config.init_from)
@@ -159,14 +157,10 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         )
     directory = _hf_directory(value)
     if directory is not None:
-        path = os.path.join(directory, hf_switch.CONFIG_FILE)
-        if not os.path.exists(path):
-            raise ValueError(f"init_from={value!r}: {path} not found")
-        with open(path) as f:
-            try:
-                source_config = hf_switch.config_from_hf(json.load(f))
-            except ValueError as e:
-                raise ValueError(f"init_from={value!r}: {e}") from None
+        try:
+            source_config = hf.config_from_directory(directory)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"init_from={value!r}: {e}") from None
     else:
         workdir, _ = parse_init_from(value)
         source_config = config_files.read_config(workdir)

@@ -233,6 +233,13 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
             {"model.moe.router": "hash", "model.moe.bias_update_speed": 1e-3},
             r"bias_update_speed \(auxiliary-loss-free balancing\) applies to the routers",
         ),
+        # The open families' attention and block settings:
+        ({"model.num_kv_heads": 3}, r"model.num_kv_heads=3 must divide model.num_heads=2.*\[1, 2\]"),
+        ({"model.qk_norm": "layer"}, r"model.qk_norm must be one of \('none', 'head', 'projec"),
+        ({"model.attention_bias": "q"}, r"model.attention_bias must be one of \('none', 'qkv', "),
+        ({"model.sliding_window": -2}, r"model.sliding_window must be an integer >= 0"),
+        ({"model.moe.moe_layers": (0, 5)}, r"model.moe.moe_layers must be distinct block indices"),
+        ({"model.moe.shared_gate": True}, r"shared_gate gates the shared expert: it needs"),
     ],
 )
 def test_bad_settings_raise_before_anything_is_written(data_dir, tmp_path, overrides, message):

@@ -1,0 +1,195 @@
+"""Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE checkpoints in and out, checked against transformers:
+tiny random models of each family (every tensor drawn at random, norms and biases included, so a
+swapped or dropped tensor changes the logits), saved with save_pretrained, imported, and compared
+on logits, on cached greedy generation, and after an export (transformers loads it back with the
+same tensors)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from switchmoe.generation import LMGenerator  # noqa: E402
+from switchmoe.interop import hf_decoders  # noqa: E402
+from switchmoe.interop.hf_switch import read_weights  # noqa: E402
+from switchmoe.models import build_model, resolve  # noqa: E402
+
+B, L = 3, 11
+COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              num_experts_per_tok=2)  # fmt: skip
+# Several configurations per family: GQA and not, windows, biases, shared experts, dense blocks.
+CASES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_local_experts=4, rope_theta=1e6)),
+    "mixtral_window_mha": ("MixtralConfig", "MixtralForCausalLM",
+                           dict(num_local_experts=3, num_key_value_heads=4, sliding_window=4)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, norm_topk_prob=False)),
+    "olmoe_bias_normalized": ("OlmoeConfig", "OlmoeForCausalLM",
+                              dict(num_experts=5, norm_topk_prob=True, attention_bias=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=24, mlp_only_layers=[1])),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=6, moe_intermediate_size=16, head_dim=12, norm_topk_prob=True,
+                       decoder_sparse_step=1, mlp_only_layers=[0])),
+}  # fmt: skip
+
+
+def random_hf(tmp_path, case, **overrides):
+    """A tiny random model of `case`, every parameter drawn at random, saved to disk."""
+    config_cls, model_cls, settings = CASES[case]
+    config = getattr(transformers, config_cls)(**{**COMMON, **settings, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # norms drawn around 1, not left at 1
+                p.copy_(0.5 + torch.rand(p.shape, generator=generator))
+            else:  # routers wide enough that the top-k is never a near-tie
+                scale = 1.0 if name.endswith("gate.weight") else 0.2
+                p.copy_(scale * torch.randn(p.shape, generator=generator))
+    path = tmp_path / case
+    model.save_pretrained(path, max_shard_size="20KB" if case == "qwen2_moe" else "5GB")
+    return model, str(path)
+
+
+def tokens(seed, length=L):
+    return np.random.default_rng(seed).integers(0, COMMON["vocab_size"], (B, length))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def our_logits(config, params, ids):
+    logits, _ = build_model(resolve(config)).apply({"params": params}, ids, deterministic=True)
+    return np.asarray(logits)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_imported_logits_equal_transformers(tmp_path, case):
+    model, path = random_hf(tmp_path, case)
+    config, params = hf_decoders.load(path)
+    ids = tokens(0)
+    np.testing.assert_allclose(
+        our_logits(config, params, ids), hf_logits(model, ids), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("case", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
+def test_cached_greedy_generation_equals_transformers_generate(tmp_path, case):
+    model, path = random_hf(tmp_path, case)
+    config, params = hf_decoders.load(path)
+    T, prompt = 14, tokens(1, 4)
+    generator = LMGenerator(config, max_length=T)
+    ours = generator(params, list(prompt))
+    eos, pad = generator.tokenizer.eos_id, generator.tokenizer.pad_id
+    with torch.no_grad():
+        theirs = model.generate(
+            input_ids=torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=int),
+            max_new_tokens=T - 4, do_sample=False, num_beams=1, eos_token_id=eos,
+            pad_token_id=pad,
+        ).numpy()  # fmt: skip
+    np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+
+
+@pytest.mark.parametrize("case", ["mixtral_window_mha", "olmoe_bias_normalized", "qwen2_moe",
+                                  "qwen3_moe"])  # fmt: skip
+def test_export_then_import_is_the_identity_and_transformers_loads_it(tmp_path, case):
+    model, path = random_hf(tmp_path, case)
+    config, params = hf_decoders.load(path)
+    out = str(tmp_path / "exported")
+    hf_decoders.save(config, params, out, max_shard_bytes=30_000)
+    again, params_again = hf_decoders.load(out)
+    assert again.to_dict() == config.to_dict()
+    flat = lambda p: {
+        "/".join(k): v for k, v in __import__("flax").traverse_util.flatten_dict(p).items()
+    }
+    a, b = flat(params), flat(params_again)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    # transformers reads the export: the same tensors as the original, the same logits.
+    _, model_cls, _ = CASES[case]
+    loaded = getattr(transformers, model_cls).from_pretrained(out).eval()
+    original, exported = read_weights(path), read_weights(out)
+    assert original.keys() == exported.keys()
+    for k in original:
+        np.testing.assert_array_equal(original[k], exported[k], err_msg=k)
+    ids = tokens(2)
+    np.testing.assert_allclose(hf_logits(loaded, ids), hf_logits(model, ids), rtol=0, atol=0)
+
+
+REFUSED = [
+    ("mixtral", dict(head_dim=8, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6,
+                     "factor": 4.0, "original_max_position_embeddings": 32}), "RoPE scaling"),
+    ("olmoe", dict(clip_qkv=2.0), "clip_qkv=2.0"),
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4), "use_sliding_window=True"),
+    ("qwen3_moe", dict(tie_word_embeddings=True), "tie_word_embeddings=True"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,overrides,named", REFUSED)
+def test_a_setting_switchmoe_does_not_build_is_refused_by_name(tmp_path, case, overrides, named):
+    _, path = random_hf(tmp_path, case, **overrides)
+    with pytest.raises(ValueError, match=named):
+        hf_decoders.load(path)
+
+
+def test_deepseek_and_unknown_families_are_refused_by_name():
+    with pytest.raises(ValueError, match="deepseek_v3.*latent attention"):
+        hf_decoders.config_from_hf({"model_type": "deepseek_v3"})
+    with pytest.raises(ValueError, match="model_type='llama'; supported: "):
+        hf_decoders.config_from_hf({"model_type": "llama"})
+
+
+def test_what_a_family_cannot_express_is_refused_on_export(tmp_path):
+    _, path = random_hf(tmp_path, "olmoe")
+    config, params = hf_decoders.load(path)
+    with pytest.raises(ValueError, match="mixtral cannot express: model.qk_norm='projection'"):
+        hf_decoders.save(config, params, str(tmp_path / "out"), model_type="mixtral")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_import_hf_writes_a_run_and_init_from_reads_the_checkpoint(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import flax
+    import jax
+
+    from switchmoe.runs import restore_run
+    from switchmoe.training import init_from
+
+    _, path = random_hf(tmp_path, "qwen2_moe")
+    config, params = hf_decoders.load(path)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    workdir = str(tmp_path / "run")
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.import_hf", f"--hf_dir={path}", f"--workdir={workdir}"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    restored_config, restored = restore_run(workdir)
+    as_json = lambda c: json.loads(json.dumps(c.model.to_dict()))  # tuples read back as lists
+    assert as_json(restored_config) == as_json(resolve(config))
+    flat = flax.traverse_util.flatten_dict
+    expected = flat(params)
+    assert flat(restored).keys() == expected.keys()
+    for key, value in flat(restored).items():
+        np.testing.assert_array_equal(np.asarray(value), expected[key], err_msg="/".join(key))
+
+    # init_from='hf:<dir>' starts a run from the same parameters.
+    config.init_from = f"hf:{path}"
+    config = resolve(config)
+    init_from.check_init_from(config)
+    fresh = build_model(config).init(jax.random.key(0), tokens(0))
+    start = init_from.initial_params(config, flax.linen.meta.unbox(fresh["params"]))
+    for key, value in flat(start).items():
+        np.testing.assert_array_equal(np.asarray(value), expected[key], err_msg="/".join(key))
