@@ -7,10 +7,11 @@ importing only the ones before it (tests/test_architecture.py holds the order):
   data/        corpus, tokenizers, packed batches, what an evaluation scores
   moe/         routing, routers/, losses, balancing, dispatch, experts, expert_parallel,
                settings, layer (the MoE core)
-  models/      decoder, encoder_decoder, factory (the model of a config)
+  models/      rotary, normalization, latent_attention, decoder, encoder_decoder, factory
+               (the model of a config)
   config, optim, presets             settings and their checks
   runs/        checkpoints, config files, integrity, lock, metrics, restore, summary
-  interop/     Hugging Face checkpoints in and out
+  interop/     Hugging Face checkpoints in and out (Switch, Mixtral, OLMoE, Qwen-MoE, DeepSeek-V3)
   training/    trainer, seams, features, init_from, distillation, preemption, memory_fit
   generation, compress/, analysis/, sweeps, cli   tools for a trained run
 """

@@ -36,6 +36,7 @@ OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 ARCHITECTURES = ("decoder", "encoder_decoder")
+ATTENTIONS = ("standard", "latent")
 # What the evaluation at the end of training scores (switchmoe/data/eval_set.py).
 FINAL_EVALS = ("split", "sample")
 
@@ -124,10 +125,32 @@ def default_config() -> ml_collections.ConfigDict:
     model.attention_bias = "none"
     # Base of the rotary embedding's frequencies (10000; Mixtral and Qwen3 use 1e6).
     model.rope_theta = 10000.0
+    # YaRN's longer-context rotary embedding (switchmoe/models/rotary.py; DeepSeek-V3: factor 40
+    # over 4096 positions, mscale = mscale_all_dim = 1); factor 0: plain rotary.
+    yarn = model.yarn = ml_collections.ConfigDict()
+    yarn.factor = 0.0
+    yarn.original_length = 4096
+    yarn.beta_fast = 32.0
+    yarn.beta_slow = 1.0
+    yarn.mscale = 0.0
+    yarn.mscale_all_dim = 0.0
+    yarn.truncate = True
     # Causal attention to the newest `sliding_window` positions only (Mistral); 0: all.
     model.sliding_window = 0
     # Epsilon of every RMSNorm (switchmoe and T5: 1e-6; Mixtral, OLMoE, Qwen: 1e-5 or 1e-6).
     model.norm_eps = 1e-6
+    # 'standard' (multi-head, grouped key/value heads with num_kv_heads) or 'latent' (DeepSeek's
+    # multi-head latent attention, switchmoe/models/latent_attention.py, with the five sizes
+    # below; decoder-only).
+    model.attention = "standard"
+    # Latent attention: the query latent's rank (0: one full query projection), the key-value
+    # latent's rank, the no-rope and rope widths of a query/key head, and a value head's width
+    # (DeepSeek-V3: 1536, 512, 128, 64, 128).
+    model.q_lora_rank = 0
+    model.kv_lora_rank = 64
+    model.qk_nope_head_dim = 32
+    model.qk_rope_head_dim = 16
+    model.v_head_dim = 32
     # Hidden width F of the dense FFN and of each expert.
     model.d_ff = 512
     # 'relu', 'gelu', 'swiglu' or 'geglu' (dense FFN and experts alike).
@@ -445,6 +468,48 @@ def check_attention(config: ml_collections.ConfigDict, model_size: int = 1) -> N
     _one_of("model.attention_bias", model.get("attention_bias", "none"), ATTENTION_BIASES)
     _positive("model.rope_theta", model.get("rope_theta", 10000.0))
     _positive("model.norm_eps", model.get("norm_eps", 1e-6))
+    yarn = model.get("yarn") or {}
+    factor = yarn.get("factor", 0.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+        raise ValueError(f"model.yarn.factor must be a number >= 0 (0 = off); got {factor!r}.")
+    if factor:
+        _positive("model.yarn.original_length", yarn.get("original_length"))
+        for name in ("beta_fast", "beta_slow"):
+            _positive(f"model.yarn.{name}", yarn.get(name))
+        for name in ("mscale", "mscale_all_dim"):
+            if not yarn.get(name, 0.0) >= 0:
+                raise ValueError(f"model.yarn.{name} must be >= 0; got {yarn.get(name)!r}.")
+        if model.arch != "decoder":
+            raise ValueError("model.yarn applies to rotary positions: model.arch='decoder'.")
+    kind = model.get("attention", "standard")
+    _one_of("model.attention", kind, ATTENTIONS)
+    if kind == "latent":
+        if model.arch != "decoder":
+            raise ValueError(
+                f"model.attention='latent' applies to the decoder-only LM; got model.arch="
+                f"{model.arch!r}. Allowed here: 'standard'."
+            )
+        if not (isinstance(model.q_lora_rank, int) and model.q_lora_rank >= 0):
+            raise ValueError(
+                f"model.q_lora_rank must be an integer >= 0 (0: a full query projection); "
+                f"got {model.q_lora_rank!r}."
+            )
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _positive(f"model.{name}", model[name])
+        rope_dim = model.qk_rope_head_dim
+        if not (isinstance(rope_dim, int) and rope_dim > 0 and rope_dim % 2 == 0):
+            raise ValueError(
+                f"model.qk_rope_head_dim must be a positive even integer (rotary pairs); got "
+                f"{rope_dim!r}."
+            )
+        unused = [n for n, d in (("num_kv_heads", None), ("qk_norm", "none"),
+                                 ("attention_bias", "none"), ("sliding_window", 0))
+                  if (model.get(n) or d) != d]  # fmt: skip
+        if unused:
+            raise ValueError(
+                f"model.attention='latent' does not read {', '.join('model.' + n for n in unused)}"
+                " (settings of the standard attention); leave them at their defaults."
+            )
     window = model.get("sliding_window") or 0
     if not (isinstance(window, int) and not isinstance(window, bool) and window >= 0):
         raise ValueError(f"model.sliding_window must be an integer >= 0 (0 = off); got {window!r}.")

@@ -22,7 +22,8 @@ from switchmoe.training.trainer import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
-NOTEBOOKS = ("restore_and_evaluate", "expert_analysis", "sweep_results", "fill_in_the_blanks")
+NOTEBOOKS = ("restore_and_evaluate", "expert_analysis", "sweep_results", "fill_in_the_blanks",
+             "imported_routing")  # fmt: skip
 KERNEL = "switchmoe-test"
 
 quiet = lambda line: None
@@ -104,6 +105,8 @@ def test_every_notebook_is_executed_here():
         ("expert_analysis", ["block_1: H(expert)", "expert  3"]),
         ("sweep_results", ["num_experts=0", "num_experts=4"]),
         ("fill_in_the_blanks", ["greedy token accuracy", "decoder_1: first-choice tokens"]),
+        # Unset SWITCHMOE_HF_DIR: a tiny random OLMoE-style checkpoint, exported then imported.
+        ("imported_routing", ["2 blocks, 8 experts, top-2", "block_1: H(expert)", "dropless"]),
     ],
 )
 def test_notebook_executes(name, expected, runs, kernel_dirs):

@@ -97,6 +97,8 @@ def evaluate_at_capacities(
     for factor in factors:
         c = ml_collections.ConfigDict(config.to_dict())
         c.model.moe.eval_capacity_factor = float(factor)
+        if c.model.moe.backend == "dropless":  # a dropless run (an HF import) gets capacity
+            c.model.moe.backend = "auto"
         settings.append((float(factor), c))
     if dropless and config.model.moe.router != "expert_choice":
         c = ml_collections.ConfigDict(config.to_dict())

@@ -79,8 +79,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     # so every run of a study is scored on the same documents (switchmoe/data/eval_set.py).
     config.eval_sample_fraction = 0.35
     config.eval_sample_seed = 0
-    # Tokenizer: 'byte' (ids 0..255 are UTF-8 bytes, then pad/bos/eos, then sentinels) or
-    # 'sentencepiece' (a given spm_model_path, or one trained here with spm_vocab_size pieces).
+    # Tokenizer: 'byte' (ids 0..255 are UTF-8 bytes, then pad/bos/eos, then sentinels),
+    # 'sentencepiece' (a given spm_model_path, or one trained here with spm_vocab_size pieces) or
+    # 't5' (spm_model_path in T5's id layout: no BOS, decoder start = pad 0, sentinels counted
+    # down from the top as T5's <extra_id_i>; released Switch checkpoints).
     config.tokenizer = "byte"
     # SentencePiece .model file (local path or gs://), for tokenizer='sentencepiece' only.
     config.spm_model_path = config_dict.placeholder(str)
@@ -126,6 +128,8 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     c = data_config
     if c.tokenizer not in TOKENIZER_KINDS:
         raise ValueError(f"data.tokenizer={c.tokenizer!r}; allowed: {TOKENIZER_KINDS}")
+    if c.tokenizer == "t5" and not c.spm_model_path:
+        raise ValueError("data.tokenizer='t5' needs data.spm_model_path (T5's spiece.model).")
     if c.tokenizer == "sentencepiece" and not (c.spm_model_path or c.get("spm_vocab_size")):
         raise ValueError(
             "data.tokenizer='sentencepiece' needs data.spm_model_path (a .model file) or "

@@ -17,6 +17,12 @@ so `vocab_size == 259 + S`. Unlike ByT5, bytes keep their own values (id == byte
 not 0: code that masks padding must read the pipeline's `weights`, never compare ids with 0.
 The vocabulary is not rounded up to a hardware-friendly multiple here; a model that wants that
 pads its embedding table itself.
+
+T5's layout (`data.tokenizer='t5'`: a SentencePiece model with pad 0, eos 1, unk 2 and no BOS,
+as T5's and the released Switch checkpoints' spiece.model): no id is added for the missing BOS;
+the decoder starts from pad (`bos_id == pad_id == 0`, HF's decoder_start_token_id) and sentinel i
+is `num_pieces + S - 1 - i` (`<extra_id_i>` at 32099 - i for S = 100), so a released checkpoint
+fine-tunes through switchmoe's span corruption with the ids it was trained with.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 
 from switchmoe.data import spm_training
 
-TOKENIZER_KINDS = ("byte", "sentencepiece")
+TOKENIZER_KINDS = ("byte", "sentencepiece", "t5")
 
 
 @runtime_checkable
@@ -135,7 +141,7 @@ class SentencePieceTokenizer:
       ImportError: when the `sentencepiece` package is not installed.
     """
 
-    def __init__(self, model_path: str, num_sentinels: int = 0):
+    def __init__(self, model_path: str, num_sentinels: int = 0, t5_layout: bool = False):
         sentencepiece = _import_sentencepiece()
         from etils import epath  # pylint: disable=g-import-not-at-top  (a TFDS dependency)
 
@@ -156,8 +162,18 @@ class SentencePieceTokenizer:
             next_id += 1
             return next_id - 1
 
+        self.t5_layout = t5_layout
+        if t5_layout:
+            ids = (self._sp.pad_id(), self._sp.eos_id())
+            if min(ids) < 0 or self._sp.bos_id() >= 0:
+                raise ValueError(
+                    f"data.tokenizer='t5' needs a SentencePiece model in T5's layout (pad and eos "
+                    f"defined, no bos); {model_path} has pad {ids[0]}, eos {ids[1]}, bos "
+                    f"{self._sp.bos_id()}. Use data.tokenizer='sentencepiece' for it."
+                )
         self.pad_id = special(self._sp.pad_id())
-        self.bos_id = special(self._sp.bos_id())
+        # T5: the decoder starts from pad, and no id is added for the BOS the model lacks.
+        self.bos_id = self.pad_id if t5_layout else special(self._sp.bos_id())
         self.eos_id = special(self._sp.eos_id())
         self.num_sentinels = int(num_sentinels)
         self.vocab_size = next_id + self.num_sentinels
@@ -204,7 +220,11 @@ class SentencePieceTokenizer:
         return lengths
 
     def __repr__(self) -> str:
-        return f"SentencePieceTokenizer({self.model_path!r}, num_sentinels={self.num_sentinels})"
+        layout = ", t5_layout=True" if self.t5_layout else ""
+        return (
+            f"SentencePieceTokenizer({self.model_path!r}, num_sentinels={self.num_sentinels}"
+            f"{layout})"
+        )
 
 
 def make_tokenizer(data_config) -> Tokenizer:
@@ -219,6 +239,11 @@ def make_tokenizer(data_config) -> Tokenizer:
     num_sentinels = data_config.get("num_sentinels", 0)
     if kind == "byte":
         return ByteTokenizer(num_sentinels=num_sentinels)
+    if kind == "t5":
+        path = data_config.get("spm_model_path")
+        if not path:
+            raise ValueError("data.tokenizer='t5' needs data.spm_model_path (T5's spiece.model).")
+        return SentencePieceTokenizer(path, num_sentinels=num_sentinels, t5_layout=True)
     if kind == "sentencepiece":
         path = data_config.get("spm_model_path")
         if not path and data_config.get("spm_vocab_size"):

@@ -48,15 +48,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
+import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from switchmoe import sharding
 from switchmoe.config import default_config
-from switchmoe.interop.hf_switch import CONFIG_FILE, WEIGHTS_FILE, read_weights
+from switchmoe.interop.hf_switch import CONFIG_FILE, WEIGHTS_FILE
+from switchmoe.interop.lazy_weights import LazyWeights
 from switchmoe.models.decoder import head_dim, is_moe_block
+from switchmoe.models.factory import build_model, dummy_inputs, resolve
+from switchmoe.moe.balancing import BIAS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +92,14 @@ FAMILIES = {
     "qwen3_moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", "mlp",
                         ("gate_proj", "up_proj", "down_proj"), "num_experts", "head",
                         "attention_bias", "all", True, False, None),
+    "deepseek_v3": Family("deepseek_v3", "DeepseekV3ForCausalLM", "mlp",
+                          ("gate_proj", "up_proj", "down_proj"), "n_routed_experts", "none", None,
+                          "none", False, False, None),
 }  # fmt: skip
 # Families whose checkpoints are recognised and refused, with what is missing.
 NOT_BUILT = {
-    "deepseek_v3": "multi-head latent attention and group-limited routing are not built yet",
-    "deepseek_v2": "multi-head latent attention and group-limited routing are not built yet",
+    "deepseek_v2": "DeepSeek-V2's softmax group routing (the group's best score, not its two "
+    "best summed) is not built; DeepSeek-V3's is",
 }
 EXPERTS = ("w_gate", "w_in", "w_out")
 
@@ -111,25 +119,45 @@ def family_of(hf: dict) -> Family:
 # -- Configs --------------------------------------------------------------------------------
 
 
-def _rope_theta(hf: dict) -> float:
-    """The rotary base, refusing any scaling (transformers 5 writes `rope_parameters`; earlier
-    versions `rope_theta` and `rope_scaling`)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    kind = params.get("rope_type", "default")
-    if kind != "default" or (
-        scaling and scaling.get("rope_type", scaling.get("type")) != "default"
-    ):
-        shown = params if kind != "default" else scaling
+def _rope(hf: dict) -> tuple[float, Optional[dict]]:
+    """(the rotary base, model.yarn's values or None), refusing scalings other than YaRN
+    (transformers 5 writes `rope_parameters`; earlier versions `rope_theta` and `rope_scaling`)."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    if scaling and params.get("rope_type", "default") == "default":
+        params = {**params, **scaling}
+        params.setdefault("rope_type", scaling.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn" or params.get("attention_factor") is not None:
         raise ValueError(
-            f"config.json: RoPE scaling {shown!r} is not built in switchmoe (its rotary embedding "
-            "is the unscaled one: rope_type 'default')."
+            f"config.json: RoPE scaling {params!r} is not built in switchmoe (built: the plain "
+            "rotary embedding and YaRN with its attention factor derived from mscale)."
         )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or hf["max_position_embeddings"] / original
+    yarn = {
+        "factor": float(factor), "original_length": int(original),
+        "beta_fast": float(params.get("beta_fast") or 32.0),
+        "beta_slow": float(params.get("beta_slow") or 1.0),
+        "mscale": float(params.get("mscale") or 0.0),
+        "mscale_all_dim": float(params.get("mscale_all_dim") or 0.0),
+        "truncate": bool(params.get("truncate", True)),
+    }  # fmt: skip
+    return theta, yarn
 
 
 def num_experts(hf: dict) -> int:
-    return hf.get("num_local_experts") or hf.get("num_experts") or 0
+    return hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts") or 0
+
+
+def rope_order(dim: int) -> np.ndarray:
+    """DeepSeek's interleaved rotary pairs (0, 1), (2, 3), … as switchmoe's halves: the even
+    dimensions first, then the odd ones (an exact change of basis, applied to the rows that
+    make both the queries' and the keys' rope parts)."""
+    return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
 
 
 def _refuse(hf: dict, family: Family) -> None:
@@ -142,6 +170,15 @@ def _refuse(hf: dict, family: Family) -> None:
             "tie_word_embeddings=True (switchmoe's tied logits are scaled by 1/sqrt(D); HF's "
             "are not)"
         )
+    if family.model_type == "deepseek_v3":
+        if hf.get("attention_bias"):
+            problems.append("attention_bias=True (latent attention without biases is built)")
+        if hf.get("n_group", 1) > 1 and num_experts(hf) % hf["n_group"]:
+            problems.append(f"n_group={hf['n_group']} not dividing the experts")
+        if hf.get("scoring_func", "sigmoid") != "sigmoid":
+            problems.append(f"scoring_func={hf['scoring_func']!r} (built: 'sigmoid')")
+        if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+            problems.append(f"topk_method={hf['topk_method']!r} (built: 'noaux_tc')")
     if hf.get("clip_qkv") is not None:
         problems.append(f"clip_qkv={hf['clip_qkv']!r} (built: None)")
     if hf.get("use_sliding_window"):
@@ -156,7 +193,7 @@ def _refuse(hf: dict, family: Family) -> None:
     elif hf.get("num_experts_per_tok", 1) > num_experts(hf):
         problems.append("num_experts_per_tok exceeds the number of experts")
     try:
-        _rope_theta(hf)
+        _rope(hf)
     except ValueError as e:
         problems.append(str(e).removeprefix("config.json: ").rstrip("."))
     if problems:
@@ -189,7 +226,9 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     m.dropout_rate = 0.0
     m.tie_embeddings = False
     m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-    m.rope_theta = _rope_theta(hf)
+    m.rope_theta, yarn = _rope(hf)
+    if yarn:
+        m.yarn.update(yarn)
     m.qk_norm = family.qk_norm
     m.attention_bias = family.bias_kind if family.bias_key and hf.get(family.bias_key) else "none"
     if family.model_type == "qwen2_moe" and "qkv_bias" not in hf:
@@ -222,7 +261,38 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     if family.shared_expert:
         moe.shared_d_ff = hf["shared_expert_intermediate_size"]
         moe.shared_gate = True
+    if family.model_type == "deepseek_v3":
+        _deepseek_settings(hf, config)
     return config
+
+
+def _deepseek_settings(hf: dict, config: ml_collections.ConfigDict) -> None:
+    """DeepSeek-V3: latent attention, sigmoid scores with a selection bias, group-limited
+    top-k, routed scaling, shared experts without a gate, dense first blocks."""
+    m, moe = config.model, config.model.moe
+    m.attention = "latent"
+    m.num_kv_heads = None
+    m.head_dim = None
+    m.q_lora_rank = hf.get("q_lora_rank") or 0
+    m.kv_lora_rank = hf["kv_lora_rank"]
+    m.qk_nope_head_dim = hf["qk_nope_head_dim"]
+    m.qk_rope_head_dim = hf["qk_rope_head_dim"]
+    m.v_head_dim = hf["v_head_dim"]
+    moe.score_function = "sigmoid"
+    moe.gate_norm = "normalized" if hf.get("norm_topk_prob", True) else "raw"
+    moe.routed_scaling_factor = float(hf.get("routed_scaling_factor", 1.0))
+    moe.expert_groups = hf.get("n_group") or 1
+    moe.groups_selected = hf.get("topk_group") or 1
+    # The checkpoint's e_score_correction_bias is switchmoe's selection bias, which exists with
+    # bias balancing on: DeepSeek-V3's update speed (the paper's gamma; HF's config has none).
+    moe.bias_update_speed = 1e-3
+    moe.load_balancing_weight = 0.0
+    moe.sequence_balance_weight = 1e-4  # DeepSeek-V3's complementary sequence-wise loss
+    shared = hf.get("n_shared_experts") or 0
+    moe.shared_d_ff = shared * moe.expert_d_ff
+    first_dense = hf.get("first_k_dense_replace") or 0
+    moe.moe_layers = tuple(range(first_dense, m.num_layers)) if first_dense else None
+    moe.moe_every = 1
 
 
 def moe_blocks(config: ml_collections.ConfigDict) -> list[int]:
@@ -238,6 +308,8 @@ def infer_model_type(config: ml_collections.ConfigDict) -> str:
     projection q/k norms, Qwen3-MoE for per-head ones, Qwen2-MoE for a gated shared expert,
     Mixtral otherwise."""
     m = config.model
+    if m.get("attention", "standard") == "latent":
+        return "deepseek_v3"
     if m.get("qk_norm", "none") == "projection":
         return "olmoe"
     if m.get("qk_norm", "none") == "head":
@@ -249,6 +321,7 @@ def infer_model_type(config: ml_collections.ConfigDict) -> str:
 
 def _exportable(config: ml_collections.ConfigDict, family: Family) -> None:
     m, moe = config.model, config.model.moe
+    deepseek = family.model_type == "deepseek_v3"
     problems = []
     want = lambda name, value, allowed: problems.append(
         f"{name}={value!r} (allowed: {allowed})"
@@ -259,6 +332,9 @@ def _exportable(config: ml_collections.ConfigDict, family: Family) -> None:
         want("model.activation", m.activation, "'swiglu'")
     if m.get("tie_embeddings", True):
         want("model.tie_embeddings", True, "False")
+    attention = m.get("attention", "standard")
+    if attention != ("latent" if deepseek else "standard"):
+        want("model.attention", attention, "'latent'" if deepseek else "'standard'")
     if m.get("qk_norm", "none") != family.qk_norm:
         want("model.qk_norm", m.get("qk_norm", "none"), repr(family.qk_norm))
     bias = m.get("attention_bias", "none")
@@ -269,27 +345,56 @@ def _exportable(config: ml_collections.ConfigDict, family: Family) -> None:
         want("model.sliding_window", m.sliding_window, "0")
     if not moe.num_experts:
         want("model.moe.num_experts", 0, ">= 1")
-    if moe.router != "top_k" or moe.get("score_function", "softmax") != "softmax":
-        want("model.moe.router", moe.router, "'top_k' with softmax scores")
+    scores = "sigmoid" if deepseek else "softmax"
+    if moe.router != "top_k" or moe.get("score_function", "softmax") != scores:
+        want("model.moe.router", moe.router, f"'top_k' with {scores} scores")
     if moe.get("granularity", 1) != 1:
         want("model.moe.granularity", moe.granularity, "1")
     if family.top_k_norm and moe.gate_norm != family.top_k_norm:
         want("model.moe.gate_norm", moe.gate_norm, repr(family.top_k_norm))
-    if moe.get("routed_scaling_factor", 1.0) != 1.0:
-        want("model.moe.routed_scaling_factor", moe.routed_scaling_factor, "1.0")
-    if moe.router_bias or moe.bias_update_speed:
-        problems.append("a router bias or a selection bias (HF's routers have neither)")
-    if bool(moe.shared_d_ff) != family.shared_expert or (
-        family.shared_expert and not moe.get("shared_gate")
-    ):
-        want("model.moe.shared_d_ff/shared_gate", (moe.shared_d_ff, moe.get("shared_gate")),
-             "a gated shared expert" if family.shared_expert else "no shared expert")  # fmt: skip
-    if not family.sparse_step and len(moe_blocks(config)) != m.num_layers:
-        want("the MoE blocks", moe_blocks(config), "every block")
+    if not deepseek:
+        if moe.get("routed_scaling_factor", 1.0) != 1.0:
+            want("model.moe.routed_scaling_factor", moe.routed_scaling_factor, "1.0")
+        if moe.get("expert_groups", 1) != 1:
+            want("model.moe.expert_groups", moe.expert_groups, "1")
+        if moe.bias_update_speed:
+            problems.append("a selection bias (model.moe.bias_update_speed; HF's router has none)")
+    if moe.router_bias:
+        want("model.moe.router_bias", True, "False")
+    if deepseek:
+        width = moe.get("expert_d_ff") or m.d_ff
+        if moe.shared_d_ff % width or moe.get("shared_gate"):
+            want("model.moe.shared_d_ff/shared_gate", (moe.shared_d_ff, moe.get("shared_gate")),
+                 f"a multiple of the expert width {width}, ungated")  # fmt: skip
+        blocks = moe_blocks(config)
+        if blocks != list(range(m.num_layers - len(blocks), m.num_layers)):
+            want("the MoE blocks", blocks, "the last blocks after the first dense ones")
+    else:
+        if bool(moe.shared_d_ff) != family.shared_expert or (
+            family.shared_expert and not moe.get("shared_gate")
+        ):
+            want("model.moe.shared_d_ff/shared_gate", (moe.shared_d_ff, moe.get("shared_gate")),
+                 "a gated shared expert" if family.shared_expert else "no shared expert")  # fmt: skip
+        if not family.sparse_step and len(moe_blocks(config)) != m.num_layers:
+            want("the MoE blocks", moe_blocks(config), "every block")
     if problems:
         raise ValueError(
             f"Hugging Face's {family.model_type} cannot express: " + "; ".join(problems) + "."
         )
+
+
+def _rope_parameters(m: ml_collections.ConfigDict) -> dict:
+    theta = m.get("rope_theta", 10000.0)
+    yarn = m.get("yarn") or {}
+    if not yarn.get("factor"):
+        return {"rope_type": "default", "rope_theta": theta}
+    return {
+        "rope_type": "yarn", "rope_theta": theta, "factor": yarn["factor"],
+        "original_max_position_embeddings": yarn["original_length"],
+        "beta_fast": yarn["beta_fast"], "beta_slow": yarn["beta_slow"],
+        "mscale": yarn["mscale"] or None, "mscale_all_dim": yarn["mscale_all_dim"] or None,
+        "truncate": yarn["truncate"],
+    }  # fmt: skip
 
 
 def hf_config(config: ml_collections.ConfigDict, model_type: Optional[str] = None) -> dict:
@@ -298,19 +403,21 @@ def hf_config(config: ml_collections.ConfigDict, model_type: Optional[str] = Non
     family = FAMILIES[model_type or infer_model_type(config)]
     _exportable(config, family)
     m, moe = config.model, config.model.moe
+    expert_width = moe.get("expert_d_ff") or m.d_ff
+    dense_width = m.d_ff if family.sparse_step or family.model_type == "deepseek_v3" else None
     out = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
-        "intermediate_size": m.d_ff if family.sparse_step else moe.get("expert_d_ff") or m.d_ff,
+        "intermediate_size": dense_width or expert_width,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads,
         "num_key_value_heads": m.get("num_kv_heads") or m.num_heads,
         "head_dim": head_dim(m),
         "hidden_act": "silu",
         "rms_norm_eps": m.get("norm_eps", 1e-6),
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.get("rope_theta", 10000.0)},
+        "rope_parameters": _rope_parameters(m),
         "tie_word_embeddings": False,
         "max_position_embeddings": max(config.data.seq_len, 4096),
         "attention_dropout": 0.0,
@@ -325,7 +432,7 @@ def hf_config(config: ml_collections.ConfigDict, model_type: Optional[str] = Non
         out["router_jitter_noise"] = moe.jitter_eps
     else:
         out["norm_topk_prob"] = moe.gate_norm == "normalized"
-        out["moe_intermediate_size"] = moe.get("expert_d_ff") or m.d_ff
+        out["moe_intermediate_size"] = expert_width
     if family.bias_key:
         out[family.bias_key] = m.get("attention_bias", "none") != "none"
     if family.model_type == "olmoe":
@@ -341,19 +448,33 @@ def hf_config(config: ml_collections.ConfigDict, model_type: Optional[str] = Non
         out["use_sliding_window"] = False
     if family.shared_expert:
         out["shared_expert_intermediate_size"] = moe.shared_d_ff
+    if family.model_type == "deepseek_v3":
+        del out["head_dim"]  # DeepSeek's config derives it (the rope width)
+        out.update(
+            q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
+            qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim,
+            v_head_dim=m.v_head_dim, rope_interleave=True, attention_bias=False,
+            n_shared_experts=moe.shared_d_ff // expert_width,
+            routed_scaling_factor=moe.routed_scaling_factor,
+            n_group=moe.expert_groups, topk_group=moe.groups_selected,
+            first_k_dense_replace=m.num_layers - len(moe_blocks(config)),
+            num_nextn_predict_layers=0,
+        )  # fmt: skip
     return out
 
 
 # -- Parameters -----------------------------------------------------------------------------
 
 
-def _table(config: ml_collections.ConfigDict, family: Family) -> list[tuple[Any, tuple, str]]:
-    """(HF name or list of names, switchmoe path, how it converts), for every tensor.
+def _table(config: ml_collections.ConfigDict, family: Family) -> list[tuple]:
+    """(HF name or list of names, switchmoe path, how it converts[, rope offset]), for every
+    tensor.
 
-    Conversions: 'copy'; 'linear' (W[out, in] <-> kernel[in, out]); 'heads_in' (a q/k/v
-    projection [H·Dh, D] <-> [D, H, Dh]); 'heads_bias' ([H·Dh] <-> [H, Dh]); 'heads_out' (the
-    output projection [D, H·Dh] <-> [H, Dh, D]); 'experts' (E Linear weights <-> one stack
-    [E, in, out]); 'row' ([1, D] <-> [D])."""
+    Conversions: 'copy'; 'linear' (W[out, in] <-> kernel[in, out]); 'heads_in' (a projection
+    into heads [H·X, in] <-> [in, H, X]); 'heads_bias' ([H·X] <-> [H, X]); 'heads_out' (out of
+    heads [D, H·X] <-> [H, X, D]); 'experts' (E Linear weights <-> one stack [E, in, out]);
+    'row' ([1, D] <-> [D]). A rope offset r: the last axis's entries r .. r + Dr are DeepSeek's
+    interleaved rotary pairs, reordered into halves (rope_order)."""
     m, moe = config.model, config.model.moe
     rows = [
         ("model.embed_tokens.weight", ("embed", "embedding"), "copy"),
@@ -362,36 +483,56 @@ def _table(config: ml_collections.ConfigDict, family: Family) -> list[tuple[Any,
     ]
     blocks = set(moe_blocks(config))
     gate, up, down = family.expert_names
+    latent = m.get("attention", "standard") == "latent"
     for i in range(m.num_layers):
         hf, ours = f"model.layers.{i}", f"block_{i}"
+        a = f"{hf}.self_attn"
         rows += [
             (f"{hf}.input_layernorm.weight", (ours, "attention_norm", "scale"), "copy"),
             (f"{hf}.post_attention_layernorm.weight", (ours, "ffn_norm", "scale"), "copy"),
         ]
-        for p, name in (("q", "query"), ("k", "key"), ("v", "value")):
-            rows.append((f"{hf}.self_attn.{p}_proj.weight", (ours, "attention", name, "kernel"),
-                         "heads_in"))  # fmt: skip
-            if m.get("attention_bias", "none") != "none":
-                rows.append((f"{hf}.self_attn.{p}_proj.bias", (ours, "attention", name, "bias"),
-                             "heads_bias"))  # fmt: skip
-        rows.append((f"{hf}.self_attn.o_proj.weight", (ours, "attention", "out", "kernel"),
-                     "heads_out"))  # fmt: skip
-        if m.get("attention_bias", "none") == "all":
-            rows.append((f"{hf}.self_attn.o_proj.bias", (ours, "attention", "out", "bias"),
-                         "copy"))  # fmt: skip
-        if m.get("qk_norm", "none") != "none":
-            for p, name in (("q", "query_norm"), ("k", "key_norm")):
-                rows.append((f"{hf}.self_attn.{p}_norm.weight",
-                             (ours, "attention", name, "scale"), "copy"))  # fmt: skip
+        if latent:
+            att, dn, rkv = (ours, "attention"), m.qk_nope_head_dim, m.kv_lora_rank
+            if m.q_lora_rank:
+                rows += [
+                    (f"{a}.q_a_proj.weight", (*att, "query_down", "kernel"), "linear"),
+                    (f"{a}.q_a_layernorm.weight", (*att, "query_norm", "scale"), "copy"),
+                    (f"{a}.q_b_proj.weight", (*att, "query_up", "kernel"), "heads_in", dn),
+                ]
+            else:
+                rows.append((f"{a}.q_proj.weight", (*att, "query", "kernel"), "heads_in", dn))
+            rows += [
+                (f"{a}.kv_a_proj_with_mqa.weight", (*att, "kv_down", "kernel"), "linear", rkv),
+                (f"{a}.kv_a_layernorm.weight", (*att, "kv_norm", "scale"), "copy"),
+                (f"{a}.kv_b_proj.weight", (*att, "kv_up", "kernel"), "heads_in"),
+                (f"{a}.o_proj.weight", (*att, "out", "kernel"), "heads_out"),
+            ]
+        else:
+            for p, name in (("q", "query"), ("k", "key"), ("v", "value")):
+                rows.append((f"{a}.{p}_proj.weight", (ours, "attention", name, "kernel"),
+                             "heads_in"))  # fmt: skip
+                if m.get("attention_bias", "none") != "none":
+                    rows.append((f"{a}.{p}_proj.bias", (ours, "attention", name, "bias"),
+                                 "heads_bias"))  # fmt: skip
+            rows.append((f"{a}.o_proj.weight", (ours, "attention", "out", "kernel"), "heads_out"))
+            if m.get("attention_bias", "none") == "all":
+                rows.append((f"{a}.o_proj.bias", (ours, "attention", "out", "bias"), "copy"))
+            if m.get("qk_norm", "none") != "none":
+                for p, name in (("q", "query_norm"), ("k", "key_norm")):
+                    rows.append((f"{a}.{p}_norm.weight", (ours, "attention", name, "scale"),
+                                 "copy"))  # fmt: skip
         if i in blocks:
             x = f"{hf}.{family.moe_module}"
             rows.append((f"{x}.gate.weight", (ours, "moe", "router_kernel"), "linear"))
+            if moe.bias_update_speed:
+                rows.append((f"{x}.gate.e_score_correction_bias", (ours, "moe", BIAS), "copy"))
             for name, hf_name in zip(EXPERTS, (gate, up, down)):
                 names = [f"{x}.experts.{e}.{hf_name}.weight" for e in range(moe.num_experts)]
                 rows.append((names, (ours, "moe", name), "experts"))
             if moe.shared_d_ff:
+                shared = "shared_experts" if latent else "shared_expert"
                 for name, hf_name in zip(EXPERTS, ("gate_proj", "up_proj", "down_proj")):
-                    rows.append((f"{x}.shared_expert.{hf_name}.weight",
+                    rows.append((f"{x}.{shared}.{hf_name}.weight",
                                  (ours, "moe", "shared", name), "linear"))  # fmt: skip
                 if moe.get("shared_gate"):
                     rows.append((f"{x}.shared_expert_gate.weight", (ours, "moe", "shared_gate"),
@@ -402,49 +543,146 @@ def _table(config: ml_collections.ConfigDict, family: Family) -> list[tuple[Any,
     return rows
 
 
-def params_from_hf(
-    tensors: dict[str, np.ndarray],
+def _heads(config: ml_collections.ConfigDict, path: tuple) -> int:
+    m = config.model
+    if path[-2] in ("key", "value"):
+        return m.get("num_kv_heads") or m.num_heads
+    return m.num_heads
+
+
+def _reorder_rope(value: np.ndarray, offset: int, dim: int, inverse: bool) -> np.ndarray:
+    order = rope_order(dim)
+    order = np.argsort(order) if inverse else order
+    out = value.copy()
+    out[..., offset : offset + dim] = value[..., offset + order]
+    return out
+
+
+def leaf_readers(
+    tensors: Mapping[str, np.ndarray],
     config: ml_collections.ConfigDict,
     model_type: Optional[str] = None,
-) -> dict:
-    """switchmoe parameters (float32 NumPy, nested dicts) from an HF state dict.
+) -> dict[tuple, tuple[tuple[int, ...], Callable[[Any], np.ndarray]]]:
+    """path -> (shape, read), `read(index)` converting only what `index` (a tuple of slices of the
+    switchmoe leaf, or None: all of it) needs: a stacked expert leaf reads only the experts and
+    rows of its slice (from memory-mapped tensors, LazyWeights, nothing else is touched); any
+    other leaf is converted whole (one HF tensor), then sliced.
 
     Raises KeyError naming a missing tensor and ValueError naming a tensor the model does not
-    use (a layout this converter does not know is never half-read)."""
+    use (a layout this converter does not know is never half-read). Tensors of blocks past
+    num_hidden_layers (DeepSeek-V3's multi-token-prediction module, which transformers drops
+    too) are left out."""
     family = FAMILIES[model_type or infer_model_type(config)]
-    m = config.model
-    H, Hkv, Dh, D = m.num_heads, m.get("num_kv_heads") or m.num_heads, head_dim(m), m.d_model
+    latent = config.model.get("attention", "standard") == "latent"
     f32 = lambda name: np.asarray(tensors[name], np.float32)
-    flat, used = {}, set()
-    for hf, path, kind in _table(config, family):
+    readers, used = {}, set()
+    for hf, path, kind, *rope in _table(config, family):
         names = hf if isinstance(hf, list) else [hf]
         missing = [n for n in names if n not in tensors]
         if missing:
             raise KeyError(f"the checkpoint has no tensor {missing[0]!r} ({family.model_type}).")
         used.update(names)
-        heads = H if path[-2] in ("query", "out") else Hkv
-        if kind == "copy":
-            value = f32(hf)
-        elif kind == "linear":
-            value = f32(hf).T
-        elif kind == "heads_in":
-            value = f32(hf).T.reshape(D, heads, Dh)
-        elif kind == "heads_bias":
-            value = f32(hf).reshape(heads, Dh)
-        elif kind == "heads_out":
-            value = f32(hf).T.reshape(H, Dh, D)
-        elif kind == "experts":
-            value = np.stack([f32(n).T for n in names])
-        else:  # row
-            value = f32(hf)[0]
-        flat[path] = value
-    unused = sorted(set(tensors) - used - {"model.rotary_emb.inv_freq"})
+        if kind == "experts":  # HF [out, in] per expert -> [E, in, out], read by slice
+            out_dim, in_dim = tensors[names[0]].shape
+
+            def read(index, names=names):
+                e, i, o = index or (slice(None),) * 3
+                return np.stack([np.asarray(tensors[n][o, i], np.float32).T for n in names[e]])
+
+            readers[path] = ((len(names), in_dim, out_dim), read)
+            continue
+        heads = _heads(config, path)
+        shape = _convert_in(np.empty(tensors[hf].shape, np.float32), kind, heads).shape
+
+        def read(index, hf=hf, kind=kind, heads=heads, rope=rope):
+            value = _convert_in(f32(hf), kind, heads)
+            if rope and latent:
+                value = _reorder_rope(value, rope[0], config.model.qk_rope_head_dim, inverse=False)
+            return value if index is None else value[index]
+
+        readers[path] = (shape, read)
+    past = lambda name: name.startswith("model.layers.") and int(
+        name.split(".")[2]
+    ) >= config.model.num_layers  # fmt: skip
+    unused = sorted(n for n in set(tensors) - used - {"model.rotary_emb.inv_freq"} if not past(n))
     if unused:
         raise ValueError(
             f"the checkpoint holds tensors this {family.model_type} config does not use, e.g. "
             f"{unused[0]!r} ({len(unused)} in all): its config.json and weights disagree."
         )
-    return traverse_util.unflatten_dict(flat)
+    return readers
+
+
+def _convert_in(w: np.ndarray, kind: str, heads: int) -> np.ndarray:
+    if kind == "copy":
+        return w
+    if kind == "linear":
+        return w.T
+    if kind == "heads_in":  # [H·X, in] -> [in, H, X]
+        return w.T.reshape(w.shape[1], heads, w.shape[0] // heads)
+    if kind == "heads_bias":
+        return w.reshape(heads, -1)
+    if kind == "heads_out":  # [D, H·X] -> [H, X, D]
+        return w.T.reshape(heads, w.shape[1] // heads, w.shape[0])
+    return w[0]  # row
+
+
+def params_from_hf(
+    tensors: Mapping[str, np.ndarray],
+    config: ml_collections.ConfigDict,
+    model_type: Optional[str] = None,
+) -> dict:
+    """switchmoe parameters (float32 NumPy, nested dicts) from an HF state dict (see
+    `leaf_readers` for what is refused)."""
+    readers = leaf_readers(tensors, config, model_type)
+    return traverse_util.unflatten_dict({path: read(None) for path, (_, read) in readers.items()})
+
+
+def load_onto_mesh(
+    directory: str, mesh: jax.sharding.Mesh, rules: Optional[tuple] = None
+) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, params) with every parameter placed on `mesh` by the config's logical axis rules
+    (experts split over the "expert" axis) as it is read (`place_on_mesh`). `rules`: default the
+    config's (`mesh.rules`)."""
+    hf = read_hf_config(directory)
+    config = config_from_hf(hf)
+    resolved = resolve(config)
+    boxed = jax.eval_shape(
+        lambda: build_model(resolved).init(jax.random.key(0), *dummy_inputs(resolved))
+    )["params"]
+    shardings = sharding.param_shardings(
+        boxed, mesh, rules or sharding.logical_rules(resolved.mesh)
+    )
+    return config, place_on_mesh(directory, config, shardings, hf["model_type"])
+
+
+def place_on_mesh(
+    directory: str, config: ml_collections.ConfigDict, shardings: Any, model_type: str
+) -> dict:
+    """The parameters of the checkpoint at `directory`, each leaf placed with its sharding (a
+    tree like the parameters) as it is read from the memory-mapped files: a routed expert stack
+    per device (the experts that device holds, nothing else), any other leaf as one HF tensor
+    converted once and copied to each device's slice. The host holds one leaf's conversion (for
+    the expert stacks, one device's experts) at a time."""
+    flat = traverse_util.flatten_dict(shardings)
+    readers = leaf_readers(LazyWeights(directory), config, model_type)
+    placed = {}
+    for path, (shape, read) in readers.items():
+        per_device = path[-1] in EXPERTS and "moe" in path and "shared" not in path
+        placed[path] = _place(shape, flat[path], read, per_device)
+    return traverse_util.unflatten_dict(placed)
+
+
+def _place(shape, where: jax.sharding.Sharding, read, per_device: bool) -> jax.Array:
+    """The leaf on `where`'s devices, each device's slice copied from a host array that is
+    released once copied (may_alias=False: on CPU devices JAX would otherwise keep the host
+    array as the device buffer, which is fine, but hides what staging costs)."""
+    whole = None if per_device else read(None)
+    shards = [
+        jax.device_put(read(index) if per_device else whole[index], device, may_alias=False)
+        for device, index in where.addressable_devices_indices_map(shape).items()
+    ]
+    return jax.make_array_from_single_device_arrays(shape, where, shards)
 
 
 def params_to_hf(
@@ -453,23 +691,20 @@ def params_to_hf(
     """The HF state dict (float32 NumPy) of switchmoe parameters; inverts `params_from_hf`."""
     family = FAMILIES[model_type or infer_model_type(config)]
     _exportable(config, family)
-    m = config.model
-    H, Hkv, Dh, D = m.num_heads, m.get("num_kv_heads") or m.num_heads, head_dim(m), m.d_model
     flat = traverse_util.flatten_dict(params)
     out = {}
-    for hf, path, kind in _table(config, family):
+    for hf, path, kind, *rope in _table(config, family):
         value = np.asarray(flat[path], np.float32)
-        heads = H if path[-2] in ("query", "out") else Hkv
+        if rope and config.model.get("attention", "standard") == "latent":
+            value = _reorder_rope(value, rope[0], config.model.qk_rope_head_dim, inverse=True)
         if kind == "copy":
             out[hf] = value
         elif kind == "linear":
             out[hf] = value.T
-        elif kind == "heads_in":
-            out[hf] = value.reshape(D, heads * Dh).T
-        elif kind == "heads_bias":
-            out[hf] = value.reshape(heads * Dh)
+        elif kind in ("heads_in", "heads_bias"):
+            out[hf] = value.reshape(value.shape[0], -1).T if kind == "heads_in" else value.ravel()
         elif kind == "heads_out":
-            out[hf] = value.reshape(H * Dh, D).T
+            out[hf] = value.reshape(-1, value.shape[-1]).T
         elif kind == "experts":
             for e, name in enumerate(hf):
                 out[name] = value[e].T
@@ -494,7 +729,7 @@ def load(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
     checked (and refused by name) before any weight is read."""
     hf = read_hf_config(directory)
     config = config_from_hf(hf)
-    return config, params_from_hf(read_weights(directory), config, hf["model_type"])
+    return config, params_from_hf(LazyWeights(directory), config, hf["model_type"])
 
 
 def save(

@@ -1,5 +1,7 @@
-"""The models: the decoder-only LM (`decoder`), the T5-style encoder–decoder
-(`encoder_decoder`), and the factory that builds either from a config (`factory`).
+"""The models: the decoder-only LM (`decoder`, with DeepSeek's latent attention in
+`latent_attention` and RoPE/YaRN and RMSNorm in `rotary` and `normalization`), the T5-style
+encoder–decoder (`encoder_decoder`), and the factory that builds either from a config
+(`factory`).
 
 The factory's names are re-exported here, so `from switchmoe.models import build_model` reads
 as what it is: the model of a config.

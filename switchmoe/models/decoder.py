@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from switchmoe.models.latent_attention import LatentAttention
+from switchmoe.models.normalization import RMSNorm
+from switchmoe.models.rotary import rope
 from switchmoe.moe.experts import DenseFFN
 from switchmoe.moe.layer import MoeLayer
 
@@ -42,32 +46,6 @@ def is_moe_block(
     if moe_layers is not None:
         return index in moe_layers
     return (index + 1) % moe_every == 0
-
-
-def rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
-    """Rotary position embedding (Su et al. 2021) on x[B, L, H, Dh], positions int[B, L]."""
-    half = x.shape[-1] // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[..., None, None].astype(jnp.float32) * freq  # [B, L, 1, half]
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (no mean subtraction, no bias), computed in float32."""
-
-    eps: float = 1e-6
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
-        )
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return (x * scale).astype(self.dtype)
 
 
 # What `model.qk_norm` normalises before the rotary embedding: nothing, each head's query and key
@@ -110,6 +88,7 @@ class SelfAttention(nn.Module):
     attention_bias: str = "none"
     sliding_window: int = 0
     norm_eps: float = 1e-6
+    yarn: Any = None  # a FrozenDict of model.yarn when its factor is set (rotary.frequencies)
 
     @nn.compact
     def __call__(
@@ -158,7 +137,8 @@ class SelfAttention(nn.Module):
             ).reshape(t.shape)
             q, k = norm("query_norm", q), norm("key_norm", k)
         if self.rotary:
-            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+            q = rope(q, positions, self.rope_theta, self.yarn)
+            k = rope(k, positions, self.rope_theta, self.yarn)
         step = decode and self.causal and step_index is not None
         if decode and self.causal:
             cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
@@ -286,9 +266,14 @@ class Block(nn.Module):
             **attention_settings(cfg),
         )
         h = RMSNorm(eps, dtype=dtype, name="attention_norm")(x)
-        h = attention("attention")(
-            h, positions, mask, deterministic, bias=bias, decode=decode, step_index=step_index
-        )
+        if cfg.get("attention", "standard") == "latent":
+            h = latent_attention(cfg, dtype)(
+                h, positions, mask, deterministic, decode=decode, step_index=step_index
+            )
+        else:
+            h = attention("attention")(
+                h, positions, mask, deterministic, bias=bias, decode=decode, step_index=step_index
+            )
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         if self.cross_attention:
             h = RMSNorm(eps, dtype=dtype, name="cross_attention_norm")(x)
@@ -361,6 +346,31 @@ def head_dim(cfg: ml_collections.ConfigDict) -> int:
     return cfg.head_dim if cfg.get("head_dim") else cfg.d_model // cfg.num_heads
 
 
+def latent_attention(cfg: ml_collections.ConfigDict, dtype) -> LatentAttention:
+    """The multi-head latent attention of a `model` block with attention='latent'."""
+    return LatentAttention(
+        num_heads=cfg.num_heads,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        rope_theta=cfg.get("rope_theta", 10000.0),
+        yarn=yarn_settings(cfg),
+        dropout_rate=cfg.dropout_rate,
+        dtype=dtype,
+        name="attention",
+    )
+
+
+def yarn_settings(cfg: ml_collections.ConfigDict) -> flax.core.FrozenDict | None:
+    """model.yarn as a module field (hashable), or None when its factor is 0 (plain rotary)."""
+    yarn = cfg.get("yarn")
+    if not yarn or not yarn.get("factor"):
+        return None
+    return flax.core.FrozenDict(yarn.to_dict())
+
+
 def attention_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The SelfAttention settings a `model` block sets beyond heads and widths (defaults for a
     config written before they existed)."""
@@ -371,6 +381,7 @@ def attention_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         "attention_bias": cfg.get("attention_bias", "none"),
         "sliding_window": cfg.get("sliding_window") or 0,
         "norm_eps": cfg.get("norm_eps", 1e-6),
+        "yarn": yarn_settings(cfg),
     }
 
 

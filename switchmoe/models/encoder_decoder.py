@@ -34,7 +34,6 @@ import ml_collections
 
 from switchmoe.models.decoder import (
     DecodePosition,
-    RMSNorm,
     block_class,
     decoding_step,
     embedding,
@@ -43,6 +42,7 @@ from switchmoe.models.decoder import (
     output_logits,
     sum_aux,
 )
+from switchmoe.models.normalization import RMSNorm
 
 Array = jax.Array
 

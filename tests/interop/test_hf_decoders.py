@@ -4,6 +4,7 @@ swapped or dropped tensor changes the logits), saved with save_pretrained, impor
 on logits, on cached greedy generation, and after an export (transformers loads it back with the
 same tensors)."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -19,7 +20,8 @@ B, L = 3, 11
 COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               num_experts_per_tok=2)  # fmt: skip
-# Several configurations per family: GQA and not, windows, biases, shared experts, dense blocks.
+# Several configurations per family: GQA and not, windows, biases, shared experts, dense blocks,
+# YaRN.
 CASES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(num_local_experts=4, rope_theta=1e6)),
@@ -33,7 +35,27 @@ CASES = {
                        shared_expert_intermediate_size=24, mlp_only_layers=[1])),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(num_experts=6, moe_intermediate_size=16, head_dim=12, norm_topk_prob=True,
-                       decoder_sparse_step=1, mlp_only_layers=[0])),
+                       decoder_sparse_step=1, mlp_only_layers=[0],
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0,
+                                        "original_max_position_embeddings": 16})),
+    # DeepSeek-V3: latent attention with and without a query latent, 8 experts in 4 groups of
+    # which a token uses 2, a shared expert, dense first blocks; routed scaling, sigmoid scores.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=1,
+                         n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=12,
+                         kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+                         num_key_value_heads=4,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                          "original_max_position_embeddings": 32, "mscale": 1.0,
+                                          "mscale_all_dim": 0.5, "beta_fast": 32,
+                                          "beta_slow": 1})),
+    "deepseek_v3_no_q_latent": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                dict(n_routed_experts=6, moe_intermediate_size=8,
+                                     n_shared_experts=2, n_group=1, topk_group=1,
+                                     first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=8,
+                                     qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=7,
+                                     num_key_value_heads=4, norm_topk_prob=False,
+                                     routed_scaling_factor=1.5)),
 }  # fmt: skip
 
 
@@ -51,6 +73,9 @@ def random_hf(tmp_path, case, **overrides):
             else:  # routers wide enough that the top-k is never a near-tie
                 scale = 1.0 if name.endswith("gate.weight") else 0.2
                 p.copy_(scale * torch.randn(p.shape, generator=generator))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's selection bias
+                b.copy_(0.2 * torch.randn(b.shape, generator=generator))
     path = tmp_path / case
     model.save_pretrained(path, max_shard_size="20KB" if case == "qwen2_moe" else "5GB")
     return model, str(path)
@@ -80,7 +105,26 @@ def test_imported_logits_equal_transformers(tmp_path, case):
     )
 
 
-@pytest.mark.parametrize("case", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
+def test_a_bfloat16_checkpoint_imports_its_values_exactly(tmp_path):
+    """A checkpoint saved in bfloat16: every tensor imports as the float32 of its bfloat16 value
+    (exact), so the logits equal those transformers computes from the same checkpoint in float32,
+    to the float32 tolerance 1e-4 (comparing with transformers' own bfloat16 arithmetic instead
+    would measure bfloat16 rounding, ~1e-2, not the converter)."""
+    model, path = random_hf(tmp_path, "olmoe")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config, params = hf_decoders.load(str(tmp_path / "bf16"))
+    upcast = (
+        getattr(transformers, CASES["olmoe"][1])
+        .from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+        .eval()
+    )
+    ids = tokens(3)
+    np.testing.assert_allclose(
+        our_logits(config, params, ids), hf_logits(upcast, ids), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("case", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_cached_greedy_generation_equals_transformers_generate(tmp_path, case):
     model, path = random_hf(tmp_path, case)
     config, params = hf_decoders.load(path)
@@ -98,7 +142,7 @@ def test_cached_greedy_generation_equals_transformers_generate(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["mixtral_window_mha", "olmoe_bias_normalized", "qwen2_moe",
-                                  "qwen3_moe"])  # fmt: skip
+                                  "qwen3_moe", "deepseek_v3", "deepseek_v3_no_q_latent"])  # fmt: skip
 def test_export_then_import_is_the_identity_and_transformers_loads_it(tmp_path, case):
     model, path = random_hf(tmp_path, case)
     config, params = hf_decoders.load(path)
@@ -125,11 +169,12 @@ def test_export_then_import_is_the_identity_and_transformers_loads_it(tmp_path, 
 
 
 REFUSED = [
-    ("mixtral", dict(head_dim=8, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6,
-                     "factor": 4.0, "original_max_position_embeddings": 32}), "RoPE scaling"),
+    ("mixtral", dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}),
+     "RoPE scaling"),
     ("olmoe", dict(clip_qkv=2.0), "clip_qkv=2.0"),
     ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4), "use_sliding_window=True"),
     ("qwen3_moe", dict(tie_word_embeddings=True), "tie_word_embeddings=True"),
+    ("deepseek_v3", dict(attention_bias=True), "attention_bias=True"),
 ]  # fmt: skip
 
 
@@ -140,9 +185,9 @@ def test_a_setting_switchmoe_does_not_build_is_refused_by_name(tmp_path, case, o
         hf_decoders.load(path)
 
 
-def test_deepseek_and_unknown_families_are_refused_by_name():
-    with pytest.raises(ValueError, match="deepseek_v3.*latent attention"):
-        hf_decoders.config_from_hf({"model_type": "deepseek_v3"})
+def test_deepseek_v2_and_unknown_families_are_refused_by_name():
+    with pytest.raises(ValueError, match="deepseek_v2.*softmax group routing"):
+        hf_decoders.config_from_hf({"model_type": "deepseek_v2"})
     with pytest.raises(ValueError, match="model_type='llama'; supported: "):
         hf_decoders.config_from_hf({"model_type": "llama"})
 
@@ -193,3 +238,45 @@ def test_import_hf_writes_a_run_and_init_from_reads_the_checkpoint(tmp_path):
     start = init_from.initial_params(config, flax.linen.meta.unbox(fresh["params"]))
     for key, value in flat(start).items():
         np.testing.assert_array_equal(np.asarray(value), expected[key], err_msg="/".join(key))
+
+
+def test_import_onto_a_mesh_places_each_tensor_as_it_is_read(tmp_path):
+    """On 8 fake devices with the experts split over them: the placed parameters equal the
+    host import's, each device holds 1/8 of every expert stack, and the host's peak allocation
+    while reading and placing (NumPy staging, measured by tracemalloc around `place_on_mesh`;
+    the device buffers and the memory-mapped files are not host copies) stays within a few of
+    the checkpoint's largest tensors while the model is many times larger."""
+    import tracemalloc
+
+    import jax
+    from flax import traverse_util
+
+    from switchmoe.interop.lazy_weights import LazyWeights
+    from switchmoe.sharding import make_mesh
+
+    _, path = random_hf(tmp_path, "mixtral", num_local_experts=16, num_hidden_layers=6,
+                        hidden_size=64, intermediate_size=96)  # fmt: skip
+    config, host = hf_decoders.load(path)
+    mesh = make_mesh(ml_collections.ConfigDict({"data": 1, "expert": 8, "model": 1}))
+    _, placed = hf_decoders.load_onto_mesh(path, mesh)  # the whole path, once
+    shardings = jax.tree.map(lambda a: a.sharding, placed)
+    tracemalloc.start()
+    placed = hf_decoders.place_on_mesh(path, config, shardings, "mixtral")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    weights = LazyWeights(path)
+    largest = max(w.nbytes for w in weights.values())
+    model_bytes = sum(w.nbytes for w in weights.values())
+    # The peak: one leaf's conversion (an embedding, or one device's 2 of the 16 experts of a
+    # stack) plus JAX's Python objects for the arrays placed so far (~300 bytes each).
+    assert peak < 8 * largest, (peak, largest, model_bytes)
+    assert model_bytes > 12 * peak, (peak, largest, model_bytes)
+    flat_host, flat_placed = (traverse_util.flatten_dict(p) for p in (host, placed))
+    assert flat_host.keys() == flat_placed.keys()
+    for key, value in flat_placed.items():
+        np.testing.assert_array_equal(np.asarray(value), flat_host[key], err_msg="/".join(key))
+        if key[-1] in ("w_in", "w_gate", "w_out"):
+            assert len(value.sharding.device_set) == 8
+            for shard in value.addressable_shards:
+                assert shard.data.nbytes == value.nbytes // 8
+    assert len(jax.devices()) == 8

@@ -24,18 +24,28 @@ B, LE, LD = 3, 12, 7
 
 
 def tiny_hf(tmp_path, name="hf", share_stack_embeddings=True, **overrides):
-    """A random HF Switch model (4 + 3 blocks, sparse every other, 4 experts) saved to disk."""
+    """A random HF Switch model (4 + 3 blocks, sparse every other, 4 experts, router biases)
+    saved to disk. The norm weights, router biases and relative-position tables are drawn at
+    random too (transformers initialises norms to 1 and biases to 0, which would let a converter
+    that swaps two norms or drops the router bias pass)."""
     settings = dict(
         vocab_size=61, d_model=32, d_kv=16, d_ff=48, num_layers=4, num_decoder_layers=3,
         num_heads=2, num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=1,
         expert_capacity=LE, relative_attention_num_buckets=8, relative_attention_max_distance=20,
-        dropout_rate=0.0, router_jitter_noise=0.01, router_bias=False,
+        dropout_rate=0.0, router_jitter_noise=0.01, router_bias=True,
     )  # fmt: skip
     settings.update(overrides)
     torch.manual_seed(0)
     model = transformers.SwitchTransformersForConditionalGeneration(
         transformers.SwitchTransformersConfig(**settings)
     ).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=generator))
+            elif name.endswith("bias") or "relative_attention_bias" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=generator))
     if not settings.get("tie_word_embeddings", True) and share_stack_embeddings:
         # transformers >= 5 unties the stacks' embeddings from `shared` along with the output
         # head; T5 v1.1 and the released checkpoints untie only the head.
@@ -224,3 +234,54 @@ def test_cached_greedy_decoding_of_an_import_equals_transformers_generate(tmp_pa
     n = theirs.shape[1] - 1
     np.testing.assert_array_equal(ours[:, :n], theirs[:, 1:])
     assert (ours[:, n:] == 0).all()  # HF stopped: every row had ended (padding after EOS)
+
+
+def test_t5_tokenizer_mode_numbers_tokens_as_t5_and_starts_the_decoder_from_pad(tmp_path, data_dir):
+    """A SentencePiece model built here in T5's id layout (pad 0, eos 1, unk 2, no BOS):
+    data.tokenizer='t5' gives transformers' T5 tokenizer's ids (pieces, eos, <extra_id_i>), and
+    span-corruption batches start the decoder from pad 0 with those sentinels."""
+    import io
+
+    import sentencepiece
+
+    from switchmoe.config import default_config
+    from switchmoe.data import span_corruption
+    from switchmoe.data.pipeline import load_texts
+    from switchmoe.data.tokenizers import make_tokenizer
+
+    config = default_config()
+    config.data.data_dir = data_dir
+    config.data.max_files = 40
+    text = "\n".join(t.decode() if isinstance(t, bytes) else t
+                     for t in load_texts(config.data, config.data.train_split))  # fmt: skip
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=300,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+    )  # fmt: skip
+    path = tmp_path / "spiece.model"
+    path.write_bytes(model.getvalue())
+    config.data.tokenizer, config.data.spm_model_path, config.data.num_sentinels = (
+        "t5",
+        str(path),
+        100,
+    )
+    ours = make_tokenizer(config.data)
+    theirs = transformers.T5Tokenizer.from_pretrained(str(tmp_path), extra_ids=100)
+    assert ours.vocab_size == len(theirs) == 400
+    assert (ours.pad_id, ours.eos_id, ours.bos_id) == (theirs.pad_token_id, theirs.eos_token_id, 0)
+    for i in (0, 1, 57, 99):
+        assert ours.sentinel_id(i) == theirs.convert_tokens_to_ids(f"<extra_id_{i}>") == 399 - i
+    sample = "def parse(self, value):\n    return value.strip()  # bytes\n"
+    np.testing.assert_array_equal(
+        ours.encode(sample), theirs(sample, add_special_tokens=False).input_ids
+    )
+
+    config.model.arch = "encoder_decoder"
+    config.data.seq_len = 64
+    pipeline = span_corruption.SpanCorruptionPipeline(config.data, 4, tokenizer=ours)
+    batch = next(iter(pipeline.train_batches(0)))
+    assert (batch["decoder_inputs"][:, 0] == 0).all()  # HF's decoder_start_token_id
+    first_sentinel = batch["targets"][:, 0]
+    assert (first_sentinel == 399).all()  # <extra_id_0>
+    assert (batch["targets"] == 1).any(axis=1).all()  # each target ends with eos 1

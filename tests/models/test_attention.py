@@ -29,8 +29,9 @@ def rotary(x, theta):
 def reference(x, p, kv_heads, qk_norm, bias, theta, window, eps):
     """One row x[L, D], every query head by a loop: head h reads key/value head h // (H/Hkv)."""
     get = lambda *k: np.asarray(p["/".join(k)], np.float64)
-    project = lambda name: np.einsum("ld,dhk->lhk", x, get(name, "kernel")) + (
-        get(name, "bias") if bias != "none" else 0.0
+    project = lambda name: (
+        np.einsum("ld,dhk->lhk", x, get(name, "kernel"))
+        + (get(name, "bias") if bias != "none" else 0.0)
     )
     q, k, v = project("query"), project("key"), project("value")
     if qk_norm == "head":

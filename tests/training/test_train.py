@@ -234,7 +234,10 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
             r"bias_update_speed \(auxiliary-loss-free balancing\) applies to the routers",
         ),
         # The open families' attention and block settings:
-        ({"model.num_kv_heads": 3}, r"model.num_kv_heads=3 must divide model.num_heads=2.*\[1, 2\]"),
+        (
+            {"model.num_kv_heads": 3},
+            r"model.num_kv_heads=3 must divide model.num_heads=2.*\[1, 2\]",
+        ),
         ({"model.qk_norm": "layer"}, r"model.qk_norm must be one of \('none', 'head', 'projec"),
         ({"model.attention_bias": "q"}, r"model.attention_bias must be one of \('none', 'qkv', "),
         ({"model.sliding_window": -2}, r"model.sliding_window must be an integer >= 0"),

@@ -52,6 +52,8 @@ def top_k_route(
     routed_scaling_factor: float = 1.0,
     selection_bias: Optional[Array] = None,
     mask: Optional[Array] = None,
+    expert_groups: int = 1,
+    groups_selected: int = 1,
 ) -> RoutingResult:
     """Token-choice routing: each token picks its K highest-scoring experts, subject to capacity.
 
@@ -77,6 +79,10 @@ def top_k_route(
       selection_bias: optional float32[E] added to the logits (softmax) or the sigmoid scores for
         choosing the top K only; the gates are the unbiased scores of the chosen experts (DeepSeek-V3's auxiliary-loss-free
         balancing, see switchmoe/moe/balancing.py).
+      expert_groups, groups_selected: DeepSeek-V3's group-limited routing (sigmoid scores): the
+        E experts form `expert_groups` groups of E/n; a group scores the sum of its two best
+        choice scores (with the selection bias), and a token's K experts come from its
+        `groups_selected` best groups only. 1: no groups.
       mask: optional bool[G, S], False at padded positions: they ask for no slot (so they take
         none from real tokens) and are left out of the losses and statistics.
 
@@ -97,14 +103,18 @@ def top_k_route(
     else:
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    if selection_bias is None:
+    if selection_bias is None and expert_groups == 1:
         top_p, expert = jax.lax.top_k(scores, num_selected)  # [G, S, K] each, descending.
     else:
         # DeepSeek-V3 adds the bias to its sigmoid scores. A softmax's top K are the logits' top
         # K, and its probabilities scale as 1/E, so there the bias is added to the logits: one
         # update speed then means the same at every E.
-        ranked = logits if score_function == "softmax" else scores
-        _, expert = jax.lax.top_k(ranked + selection_bias.astype(ranked.dtype), num_selected)
+        ranked = logits if score_function == "softmax" and selection_bias is not None else scores
+        if selection_bias is not None:
+            ranked = ranked + selection_bias.astype(ranked.dtype)
+        if expert_groups > 1:
+            ranked = limit_to_best_groups(ranked, expert_groups, groups_selected)
+        _, expert = jax.lax.top_k(ranked, num_selected)
         top_p = jnp.take_along_axis(scores, expert, axis=-1)
     expert = expert.astype(jnp.int32)
     normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
@@ -134,6 +144,19 @@ def top_k_route(
 
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+def limit_to_best_groups(choice: Array, num_groups: int, groups_selected: int) -> Array:
+    """choice[G, S, E] with the experts outside each token's `groups_selected` best groups set
+    to -inf (DeepSeek-V3: the experts in `num_groups` consecutive groups of E/n, a group scored
+    by the sum of its two highest choice scores)."""
+    G, S, E = choice.shape
+    grouped = choice.reshape(G, S, num_groups, E // num_groups)
+    group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [G, S, n]
+    _, best = jax.lax.top_k(group_score, groups_selected)  # [G, S, groups_selected]
+    chosen = jnp.any(best[..., None] == jnp.arange(num_groups), axis=-2)  # [G, S, n]
+    allowed = jnp.repeat(chosen, E // num_groups, axis=-1)
+    return jnp.where(allowed, choice, -jnp.inf)
 
 
 def token_choice_causal_reason(settings, dropless: bool) -> Optional[str]:
@@ -166,6 +189,15 @@ class TopK(Router):
         "routed_scaling_factor": Option(
             1.0, "multiplies the routed experts' gates after normalisation (DeepSeek-V3: 2.5)"
         ),
+        "expert_groups": Option(
+            1,
+            "group-limited routing (DeepSeek-V3: 8): the experts in this many groups, a token's "
+            "top-k chosen inside its best groups only (sigmoid scores); 1: no groups",
+            int,
+        ),
+        "groups_selected": Option(
+            1, "the groups a token chooses from with expert_groups > 1 (DeepSeek-V3: 4)", int
+        ),
     }
 
     def noncausal_reason(self):
@@ -195,6 +227,29 @@ class TopK(Router):
                 f"{prefix}random_routing (GShard second-expert routing) needs "
                 f"{prefix}num_selected >= 2; got {prefix}num_selected={s.num_selected}."
             )
+        self._check_groups(prefix)
+
+    def _check_groups(self, prefix):
+        n, m = self.option("expert_groups"), self.option("groups_selected")
+        E, k = self.settings.num_experts, self.settings.num_selected
+        if n == 1:
+            return
+        valid = [d for d in range(2, E // 2 + 1) if E % d == 0]
+        if not (isinstance(n, int) and n in valid):
+            raise ValueError(
+                f"{prefix}expert_groups={n!r} must divide {prefix}num_experts={E} into groups of "
+                f"at least 2 experts; allowed: 1 (no groups) or {valid}."
+            )
+        if self.option("score_function") != "sigmoid":
+            raise ValueError(
+                f"{prefix}expert_groups={n} (DeepSeek-V3's group-limited routing) scores groups "
+                f"by sigmoid scores: set {prefix}score_function='sigmoid'."
+            )
+        if not (isinstance(m, int) and 1 <= m <= n and k <= m * (E // n)):
+            raise ValueError(
+                f"{prefix}groups_selected={m!r} must be in [1, {n}] and leave at least "
+                f"num_selected={k} experts to choose from ({E // n} per group)."
+            )
 
     supports_selection_bias = True
 
@@ -214,4 +269,6 @@ class TopK(Router):
             routed_scaling_factor=self.option("routed_scaling_factor"),
             selection_bias=selection_bias,
             mask=mask,
+            expert_groups=self.option("expert_groups"),
+            groups_selected=self.option("groups_selected"),
         )
