@@ -1,11 +1,15 @@
 """Run every trial of a config's get_sweep(), each in its own sub-workdir; rerun to resume.
 
   python -m experiments.sweep --config=configs/studies.py:expert_count \
-      --workdir=runs/sweeps/expert_count [--seeds=0,1,2] [--parallel=2] [--only=REGEX] [--config.num_train_steps=100 ...]
+      --workdir=runs/sweeps/expert_count [--seeds=0,1,2] [--parallel=2] [--only=REGEX]
+      [--plan=keep|extend|replace] [--config.num_train_steps=100 ...]
 
 Finished trials are skipped, unfinished ones resume from their latest checkpoint. Each trial runs
 as `python -m experiments.train` in a subprocess (--parallel of them at a time), so a crash in one
-trial leaves the others running; its output goes to <trial>/train.log.
+trial leaves the others running; its output goes to <trial>/train.log. The first run writes the
+plan (sweep.json: config, overrides, trials); a rerun whose trials differ from it (other --seeds,
+another grid) is refused with the difference named unless --plan says to extend or replace it,
+and an --only that matches no trial is refused.
 """
 
 import os
@@ -36,6 +40,13 @@ _ONLY = flags.DEFINE_string(
     "Run only the trials whose name matches this regular expression (re.search); the sweep file "
     "still lists every trial, so a later run without --only completes the sweep.",
 )
+_PLAN = flags.DEFINE_enum(
+    "plan",
+    "keep",
+    list(sweeps.PLAN_CHANGES),
+    "When sweep.json plans other trials than this command: 'keep' refuses (naming the "
+    "difference), 'extend' adds this command's new trials, 'replace' writes this plan.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -54,7 +65,10 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unexpected arguments: {unknown}")
     trials = seeds.with_seeds(sweeps.get_sweep(_CONFIG.value), [int(s) for s in _SEEDS.value])
-    sweeps.write_sweep_file(_WORKDIR.value, _CONFIG.value, base, trials)
+    names = [sweeps.trial_name(t) for t in trials]
+    if _ONLY.value is not None and not any(re.search(_ONLY.value, n) for n in names):
+        raise ValueError(f"--only={_ONLY.value!r} matches none of the trials {names}.")
+    trials = sweeps.plan_trials(_WORKDIR.value, _CONFIG.value, base, trials, _PLAN.value)
     jobs = []
     for overrides in trials:
         name = sweeps.trial_name(overrides)

@@ -12,7 +12,7 @@ import json
 import os
 
 import jax
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from switchmoe import cli, distributed
@@ -44,7 +44,6 @@ def main(argv):
     del argv
     import time
 
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     start = time.perf_counter()

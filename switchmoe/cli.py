@@ -7,7 +7,8 @@ setting, what was given, what is allowed, a suggestion for near-misses — and e
 `--debug` (or SWITCHMOE_DEBUG=1) shows the traceback instead. Errors that are not the user's
 (a bug, an out-of-memory) keep their traceback. A run stopped by SIGTERM or SIGINT after saving
 the step it was on (switchmoe/training/preemption.py) prints `preempted: ...` and exits with
-status 75 (PREEMPTED_EXIT); rerunning the same command resumes it.
+status 75 (PREEMPTED_EXIT); rerunning the same command resumes it. Library INFO logging (Orbax,
+JAX) is off unless --debug, so every entry point prints only its own output.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from typing import Callable, Optional
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from switchmoe.config import default_config
 from switchmoe.runs.integrity import DamagedCheckpoint
@@ -164,6 +166,10 @@ def run(main: Callable, known_only: bool = False) -> None:
         fail(describe(e, argv))
 
     def guarded(args):
+        if not debug:
+            # Library INFO lines (Orbax's every save and restore, JAX's backend probing) bury a
+            # command's own output; --debug shows them again.
+            absl_logging.set_verbosity(absl_logging.WARNING)
         try:
             return main(args)
         except Preempted as e:  # saved and stopped on a signal: rerunning resumes

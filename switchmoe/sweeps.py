@@ -104,6 +104,54 @@ def write_sweep_file(sweep_dir: str, config_arg: str, base: list[str], trials: l
     os.replace(tmp, os.path.join(sweep_dir, SWEEP_FILE))
 
 
+# What a rerun of a sweep whose plan (sweep.json) differs from its command does: 'keep' refuses
+# it, naming the difference; 'extend' adds the command's new trials to the plan; 'replace'
+# writes the command's plan over it (the trials' directories stay either way).
+PLAN_CHANGES = ("keep", "extend", "replace")
+
+
+def plan_trials(
+    sweep_dir: str, config_arg: str, base: list[str], trials: list[dict], change: str = "keep"
+) -> list[dict]:
+    """The trials of the sweep at `sweep_dir` after this command, written to its sweep.json:
+    the command's own on a first run or when they equal the plan; otherwise as `change` says
+    (PLAN_CHANGES). Raises ValueError naming the difference for 'keep', before anything runs, so
+    that a rerun with other --seeds or another grid never silently rewrites the plan a plain
+    rerun completes."""
+    if change not in PLAN_CHANGES:
+        raise ValueError(f"--plan={change!r}; allowed: {PLAN_CHANGES}.")
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    if os.path.exists(path) and change != "replace":
+        old = read_sweep_file(sweep_dir)
+        names = [trial_name(t) for t in trials]
+        old_names = [t["name"] for t in old["trials"]]
+        differences = []
+        if old["config"] != config_arg or old["base_overrides"] != base:
+            differences.append(
+                f"the plan runs --config={old['config']} with {old['base_overrides'] or 'no'} "
+                f"overrides; this command --config={config_arg} with {base or 'no'} overrides"
+            )
+        missing = [n for n in old_names if n not in names]
+        added = [n for n in names if n not in old_names]
+        if change == "extend" and not differences:
+            trials = [t["overrides"] for t in old["trials"]] + [
+                t for t in trials if trial_name(t) in added
+            ]
+        elif missing or added or differences:
+            if missing:
+                differences.append(f"trials in the plan but not in this command: {missing}")
+            if added:
+                differences.append(f"trials in this command but not in the plan: {added}")
+            raise ValueError(
+                f"{path} plans another sweep: " + "; ".join(differences) + ". Rerun with the "
+                "plan's settings to complete it, or --plan=extend (add the new trials; same "
+                "config and overrides) or --plan=replace (write this plan; finished trials "
+                "are kept and skipped)."
+            )
+    write_sweep_file(sweep_dir, config_arg, base, trials)
+    return trials
+
+
 def read_sweep_file(sweep_dir: str) -> dict[str, Any]:
     with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
         return json.load(f)

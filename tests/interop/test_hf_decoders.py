@@ -203,6 +203,7 @@ def test_what_a_family_cannot_express_is_refused_on_export(tmp_path):
 def test_import_hf_writes_a_run_and_init_from_reads_the_checkpoint(tmp_path):
     import json
     import os
+    import re
     import subprocess
     import sys
 
@@ -221,6 +222,18 @@ def test_import_hf_writes_a_run_and_init_from_reads_the_checkpoint(tmp_path):
         cwd=root, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    # The entry points print their own output only: no library INFO lines (absl's "I1207 ..."
+    # format; cli.run silences them for every entry point unless --debug).
+    commands = [["experiments.export_hf", f"--workdir={workdir}", f"--out={tmp_path / 'exported'}"]]
+    for command in commands:
+        out = subprocess.run([sys.executable, "-m", *command], cwd=root, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        info = [line for line in (done.stdout + done.stderr + out.stdout + out.stderr).splitlines()
+                if re.match(r"I\d{4} ", line)]  # fmt: skip
+        assert not info, info[:3]
+    exported, _ = hf_decoders.load(str(tmp_path / "exported"))
+    assert exported.model.to_dict() == config.model.to_dict()
     restored_config, restored = restore_run(workdir)
     as_json = lambda c: json.loads(json.dumps(c.model.to_dict()))  # tuples read back as lists
     assert as_json(restored_config) == as_json(resolve(config))

@@ -46,6 +46,13 @@ def test_two_trial_sweep_and_report(tmp_path):
 
     again = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", env=env)
     assert again.stdout.count("[skip]") == 2, again.stdout
+    # A rerun that would change the plan, or select nothing, is refused before anything runs.
+    plan = open(os.path.join(sweep_dir, sweeps.SWEEP_FILE)).read()
+    for flag, message in (("--seeds=1", "plans another sweep"), ("--only=xyz", "matches none")):
+        refused = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", flag,
+                      env=env)  # fmt: skip
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert open(os.path.join(sweep_dir, sweeps.SWEEP_FILE)).read() == plan
 
     timed = run("experiments.step_time", f"--workdir={sweep_dir}", "--steps=2", env=env)
     assert timed.returncode == 0, timed.stdout + timed.stderr
@@ -75,3 +82,21 @@ def test_two_trial_sweep_and_report(tmp_path):
     assert len(cap) == 2 * 5  # each checkpoint at 4 eval factors and dropless
     dropless = [r for r in cap if r["eval_cf"] == "dropless"]
     assert all(float(r["eval_dropped_pct"]) == 0 for r in dropless)
+
+
+def test_a_sweep_plan_changes_only_when_asked(tmp_path):
+    sweep_dir = str(tmp_path)
+    grid = [{"model.moe.num_experts": e} for e in (4, 8)]
+    seeded = lambda seeds: [{**t, "seed": s} for t in grid for s in seeds]
+    names = lambda trials: [sweeps.trial_name(t) for t in trials]
+    assert sweeps.plan_trials(sweep_dir, "c.py", [], seeded([0])) == seeded([0])
+    assert sweeps.plan_trials(sweep_dir, "c.py", [], seeded([0])) == seeded([0])  # a plain rerun
+    with pytest.raises(ValueError, match=r"not in this command: \['num_experts=4,seed=0'"):
+        sweeps.plan_trials(sweep_dir, "c.py", [], seeded([1]))
+    with pytest.raises(ValueError, match="overrides; this command --config=c.py with"):
+        sweeps.plan_trials(sweep_dir, "c.py", ["--config.seed=3"], seeded([0]), "extend")
+    extended = sweeps.plan_trials(sweep_dir, "c.py", [], seeded([1]), "extend")
+    assert names(extended) == names(seeded([0])) + names(seeded([1]))
+    assert [t["name"] for t in sweeps.read_sweep_file(sweep_dir)["trials"]] == names(extended)
+    assert sweeps.plan_trials(sweep_dir, "c.py", [], seeded([2]), "replace") == seeded([2])
+    assert [t["name"] for t in sweeps.read_sweep_file(sweep_dir)["trials"]] == names(seeded([2]))
