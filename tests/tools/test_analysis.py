@@ -346,6 +346,16 @@ def test_evaluate_at_capacities_on_a_tiny_run(tiny_run):
     assert rows[3]["dropped_fraction"] == pytest.approx(result["eval/dropped_fraction"], rel=1e-6)
     for r in rows:
         assert r["bits_per_token"] == pytest.approx(r["eval_loss"] / math.log(2))
+    # The command prints the table and writes the same rows as JSON.
+    out = _run_script("evaluate", f"--workdir={workdir}", "--capacity_factors=0.5,2",
+                      "--dropless", f"--out={workdir}/capacity.json")  # fmt: skip
+    assert "dropless" in out and "capacity factor" in out
+    written = json.load(open(f"{workdir}/capacity.json"))["rows"]
+    assert [r["capacity_factor"] for r in written] == [0.5, 2.0, "dropless"]
+    for got, want in zip(written, [rows[0], rows[3], rows[4]]):
+        assert got.keys() == want.keys()
+        for key in ("eval_loss", "bits_per_token", "bits_per_byte", "dropped_fraction"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), key
 
 
 def test_evaluate_at_capacities_refuses_a_dense_model():
