@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean fmt tensorboard notebook
+.PHONY: test demo install clean fmt tensorboard notebook notebooks-run
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,9 @@ clean:
 fmt: $(STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(PY) -m ruff format --line-length 100 switchmoe tests configs experiments
+
+# Every notebook executed headless, saved with its figures under runs/notebooks/ (the notebook
+# extra installed first; settings from SWITCHMOE_* variables, see each notebook's first cell).
+notebooks-run: $(STAMP)
+	$(PY) -c "import jupytext, nbclient, ipykernel" 2>/dev/null || $(PY) -m pip install --quiet -e '.[notebook]'
+	$(PY) -m experiments.run_notebooks

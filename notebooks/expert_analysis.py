@@ -33,7 +33,10 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()  # grain and tokamax read absl flags on import: mark them parsed
 
-WORKDIR = os.environ.get("SWITCHMOE_WORKDIR", "runs/demo")
+from switchmoe.analysis import in_repository  # noqa: E402
+
+# A relative path is found from the repository root too (a kernel may start in notebooks/).
+WORKDIR = in_repository(os.environ.get("SWITCHMOE_WORKDIR", "runs/demo"))
 
 # %%
 from IPython.display import HTML

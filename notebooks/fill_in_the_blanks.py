@@ -20,7 +20,7 @@
 #
 # **The one setting to change:** `WORKDIR`, a directory written by
 # `python -m experiments.train --config=configs/switch_t5.py` (default `runs/switch_t5`; or set
-# `SWITCHMOE_T5_WORKDIR`). Run the notebook from the repository root. It is kept as a jupytext
+# `SWITCHMOE_T5_WORKDIR`). It is kept as a jupytext
 # `py:percent` file: `jupytext --to ipynb notebooks/fill_in_the_blanks.py` makes a notebook of it.
 
 # %%
@@ -30,7 +30,10 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()  # grain and tokamax read absl flags on import: mark them parsed
 
-WORKDIR = os.environ.get("SWITCHMOE_T5_WORKDIR", "runs/switch_t5")
+from switchmoe.analysis import in_repository  # noqa: E402
+
+# A relative path is found from the repository root too (a kernel may start in notebooks/).
+WORKDIR = in_repository(os.environ.get("SWITCHMOE_T5_WORKDIR", "runs/switch_t5"))
 
 # %%
 import numpy as np

@@ -18,8 +18,7 @@
 # no capacity at all (dropless routing): how much loss do dropped tokens cost (Switch §2.2)?
 #
 # **The one setting to change:** `WORKDIR`, a directory written by `python -m experiments.train`
-# (default `runs/demo`, what `make demo` writes; or set `SWITCHMOE_WORKDIR`). Run the notebook
-# from the repository root. It is kept as a jupytext `py:percent` file:
+# (default `runs/demo`, what `make demo` writes; or set `SWITCHMOE_WORKDIR`).  It is kept as a jupytext `py:percent` file:
 # `jupytext --to ipynb notebooks/restore_and_evaluate.py` makes a notebook of it.
 
 # %%
@@ -29,7 +28,10 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()  # grain and tokamax read absl flags on import: mark them parsed
 
-WORKDIR = os.environ.get("SWITCHMOE_WORKDIR", "runs/demo")
+from switchmoe.analysis import in_repository  # noqa: E402
+
+# A relative path is found from the repository root too (a kernel may start in notebooks/).
+WORKDIR = in_repository(os.environ.get("SWITCHMOE_WORKDIR", "runs/demo"))
 
 # %%
 from switchmoe import analysis

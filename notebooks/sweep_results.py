@@ -30,7 +30,10 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()  # grain and tokamax read absl flags on import: mark them parsed
 
-SWEEP_DIR = os.environ.get("SWITCHMOE_SWEEP_DIR", "runs/sweeps/expert_count")
+from switchmoe.analysis import in_repository  # noqa: E402
+
+# A relative path is found from the repository root too (a kernel may start in notebooks/).
+SWEEP_DIR = in_repository(os.environ.get("SWITCHMOE_SWEEP_DIR", "runs/sweeps/expert_count"))
 
 # %%
 from switchmoe import analysis

@@ -71,7 +71,7 @@ def execute(path: str, env: dict, kernel_dirs: list) -> list:
         km=manager,
         kernel_name=KERNEL,
         timeout=300,
-        resources={"metadata": {"path": ROOT}},
+        resources={"metadata": {"path": NOTEBOOK_DIR}},  # the kernel starts in notebooks/
     )
     client.execute(env=env)
     return notebook.cells

@@ -22,6 +22,7 @@ routing_capture (capture_routing), expert_tables (expert_kind_table and plots), 
 # ruff: noqa: F401  (this package re-exports its modules' public names)
 from switchmoe.analysis.evaluation import (
     Run,
+    in_repository,
     load_run,
     single_device_config,
     evaluate_at_capacities,

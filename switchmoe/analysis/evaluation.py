@@ -19,6 +19,18 @@ from switchmoe.training.trainer import Trainer
 Run = Union[str, os.PathLike, tuple]
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def in_repository(path: str) -> str:
+    """`path` as given when it exists or is absolute; otherwise (a relative default such as
+    "runs/demo") resolved against the repository switchmoe runs from, so that a notebook whose
+    kernel starts in notebooks/ finds what `make demo` wrote in the repository root."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(REPOSITORY, path)
+
+
 def load_run(run: Run, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) of a workdir (at `step`, default latest) or of a (config, params) pair;
     the config resolved, with fields it lacks defaulted (`with_defaults`)."""

@@ -460,3 +460,13 @@ def test_diagnose_script_on_a_tiny_sweep(tiny_run, tmp_path):
     report = (tmp_path / "sweep" / "report" / "diagnosis_summary.md").read_text()
     assert "num_experts=4" in report or "4 experts" in report
     assert (tmp_path / "sweep" / "report" / "diagnosis.csv").exists()
+
+
+def test_a_relative_default_path_is_found_from_the_repository(tmp_path, monkeypatch):
+    # A notebook kernel starts in notebooks/ (here: anywhere else): "runs/demo" means the
+    # repository's; a path that exists where the kernel is, or an absolute one, stays as given.
+    monkeypatch.chdir(tmp_path)
+    assert analysis.in_repository("runs/demo") == os.path.join(ROOT, "runs", "demo")
+    (tmp_path / "mine").mkdir()
+    assert analysis.in_repository("mine") == "mine"
+    assert analysis.in_repository("/abs/run") == "/abs/run"
