@@ -3,6 +3,11 @@
   python -m experiments.train --config=configs/demo.py --workdir=runs/demo \
       [--config.model.moe.num_experts=16 ...]
 
+A rerun on a workdir that holds a run trains with that run's recorded config (config.json and its
+history) and changes only the settings named on its command line: `--config=configs/demo.py
+--config.num_train_steps=2000` continues a run started with other overrides without repeating
+them. A named change that alters what the checkpoint stores (the model) is refused.
+
 Writes under the workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints/, and the
 final evaluation's per-document sums (final_eval_documents.npz). With --results=DIR, also what the
 run reached as a results file (DIR/summary.json, summary.md).
@@ -10,13 +15,14 @@ run reached as a results file (DIR/summary.json, summary.md).
 
 import json
 import os
+import sys
 
 import jax
 from absl import flags
 from ml_collections import config_flags
 
 from switchmoe import cli, distributed
-from switchmoe.runs import checkpoints
+from switchmoe.runs import checkpoints, config_files
 from switchmoe.runs.summary import results_record, results_table, summary
 from switchmoe.training.trainer import train_and_evaluate
 
@@ -48,12 +54,23 @@ def main(argv):
 
     start = time.perf_counter()
     start_step = checkpoints.latest_saved_step(_WORKDIR.value) or 0
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    keys = config_files.overridden_keys(sys.argv)
+    resumed = None
+    if checkpoints.has_checkpoint(_WORKDIR.value):  # a start that saved nothing is a new run
+        resumed = config_files.resume_config(_WORKDIR.value, config, keys)
+    if resumed is not None:  # a rerun: the recorded settings, and only the ones named here
+        config = resumed
+        if jax.process_index() == 0:
+            named = ", ".join(keys) if keys else "none"
+            print(f"Rerun of {_WORKDIR.value}: its recorded config, with the settings given here "
+                  f"({named}).", flush=True)  # fmt: skip
+    result = train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
         seconds = time.perf_counter() - start
-        print(summary(_CONFIG.value, _WORKDIR.value, result, seconds, start_step))
+        print(summary(config, _WORKDIR.value, result, seconds, start_step))
         if _RESULTS.value:
-            record = results_record(_CONFIG.value, _WORKDIR.value, result, seconds, start_step)
+            record = results_record(config, _WORKDIR.value, result, seconds, start_step)
             os.makedirs(_RESULTS.value, exist_ok=True)
             with open(os.path.join(_RESULTS.value, "summary.json"), "w") as f:
                 json.dump(record, f, indent=2)

@@ -132,3 +132,36 @@ def read_config(
                         node = node[part]
                     node[leaf] = value
     return config
+
+
+def overridden_keys(argv: list[str], flag: str = "config") -> list[str]:
+    """The dotted keys a command line sets with `--config.KEY=VALUE` (or `--config.KEY VALUE`),
+    in order."""
+    prefix = f"--{flag}."
+    return [arg[len(prefix) :].split("=", 1)[0] for arg in argv if arg.startswith(prefix)]
+
+
+def resume_config(
+    workdir: str, given: ml_collections.ConfigDict, keys: list[str]
+) -> Optional[ml_collections.ConfigDict]:
+    """The config a rerun on `workdir` trains with: the run's recorded config (`read_config`:
+    what its latest start trained with) with only `keys` taken from `given` (the command line's
+    config, whose values the flag parser has already typed), or None for a new run. A config
+    file edited since the first start changes nothing; a setting named on the command line does
+    (and a change that alters what the checkpoint stores is still refused by the trainer)."""
+    recorded = read_config(workdir)
+    if recorded is None:
+        return None
+    config = ml_collections.ConfigDict(recorded.to_dict())
+    for key in keys:
+        *parents, leaf = key.split(".")
+        source, target = given, config
+        for part in parents:
+            source = source[part]
+            if part not in target:
+                with target.unlocked():
+                    target[part] = ml_collections.ConfigDict()
+            target = target[part]
+        with target.unlocked():
+            target[leaf] = source[leaf]
+    return config

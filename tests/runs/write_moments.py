@@ -1,6 +1,7 @@
-"""A checkpoint folder turns read-only at each moment of a save: `python write_moments.py <root>`
-prints one JSON line per moment, then exits (the test bounds how long that takes: a save that
-failed in Orbax's background thread used to keep the process from exiting for 20 minutes).
+"""A checkpoint folder turns read-only at each moment of a save: `python write_moments.py <root>
+<moment>` prints that moment's JSON line, then exits (the test bounds how long that takes: a save
+that failed in Orbax's background thread used to keep the process from exiting for 20 minutes);
+`python write_moments.py <root> --resume` then restarts every moment's run.
 
 The moments, each in its own workdir under <root> with one intact checkpoint (step 10) first:
   idle         between saves: nothing in flight when the folder turns read-only
@@ -12,9 +13,11 @@ The moments, each in its own workdir under <root> with one intact checkpoint (st
 "Read-only" is what an operator or a full quota does to a folder the trainer is writing: as root
 the folder is bind-mounted read-only over itself (files already open stay writable, as they would
 after a chmod); otherwise it is chmod-ed 555. Each line holds the exception's message, the step
-it names, the seconds the failing call took and the steps intact afterwards.
+it names and the seconds the failing call took; a --resume line the steps intact afterwards and
+any temporary file left behind.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -27,12 +30,21 @@ import numpy as np
 from switchmoe.runs import checkpoints
 
 
+MOMENTS = ("idle", "after_probe", "pending", "at_close", "stalled")
+
+
 def freeze(path):
     if os.geteuid() == 0:
-        for args in (["--bind", path, path], ["-o", "remount,bind,ro", path]):
-            subprocess.run(["mount", *args], check=True, capture_output=True)
-    else:
-        os.chmod(path, 0o555)
+        subprocess.run(["mount", "--bind", path, path], check=True, capture_output=True)
+        # The remount fails (busy) while a file opened through the new mount is being written;
+        # Orbax's writes are short, so it is retried for up to a second.
+        for _ in range(200):
+            done = subprocess.run(["mount", "-o", "remount,bind,ro", path], capture_output=True)
+            if done.returncode == 0:
+                return
+            time.sleep(0.005)
+        raise OSError(f"could not remount {path} read-only: {done.stderr.decode().strip()}")
+    os.chmod(path, 0o555)
 
 
 def thaw(path):
@@ -84,17 +96,36 @@ def moment(root, name):
         took = time.monotonic() - start
     finally:
         thaw(frozen)
-    # The resumed run: it lists the intact steps, and its first save removes the temporary
-    # directories the failed one left.
+        # Let the first checkpointer's real background threads end before the next moment (in
+        # the stalled moment the save was only reported in progress): a thread still writing at
+        # interpreter exit fails on the executor Python has shut down.
+        if name == "stalled":
+            del ckpt.manager.is_saving_in_progress
+        with contextlib.suppress(Exception):
+            ckpt.manager.wait_until_finished()
+    return {"moment": name, "error": err, "seconds": took, "in_flight": in_flight}
+
+
+def resumed(root, name):
+    """The restarted run of a moment: it lists the intact steps, and its first save removes
+    the temporary directories the failed one left."""
+    workdir = os.path.join(root, name)
     reopened = checkpoints.Checkpointer(workdir, owner=True)
     steps = reopened.all_steps()
     reopened.save(40, *state(40), {"step": 40})
     reopened.close()
-    left = sorted(f for f in os.listdir(frozen) if "tmp" in f or f.startswith("."))
-    return {"moment": name, "error": err, "seconds": took, "in_flight": in_flight,
-            "steps": steps, "left_behind": left}  # fmt: skip
+    directory = reopened.directory
+    left = sorted(f for f in os.listdir(directory) if "tmp" in f or f.startswith("."))
+    return {"moment": name, "steps": steps, "left_behind": left}
 
 
 if __name__ == "__main__":
-    for name in ("idle", "after_probe", "pending", "at_close", "stalled"):
-        print(json.dumps(moment(sys.argv[1], name)), flush=True)
+    # One moment per process, as a trainer stopped by the error would be (its process exits, and
+    # so do Orbax's threads still writing elsewhere in the failed save); then, with --resume,
+    # each moment's restart.
+    root, what = sys.argv[1], sys.argv[2]
+    if what == "--resume":
+        for name in MOMENTS:
+            print(json.dumps(resumed(root, name)), flush=True)
+    else:
+        print(json.dumps(moment(root, what)), flush=True)

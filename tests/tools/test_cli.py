@@ -10,7 +10,7 @@ import pytest
 
 from switchmoe import cli
 from switchmoe.config import default_config, validate_config
-from switchmoe.runs import checkpoints, config_files
+from switchmoe.runs import checkpoints, config_files, read_metrics, restore_run
 from switchmoe.runs.workdir_lock import WorkdirLock, WorkdirLocked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,3 +165,24 @@ def test_an_unwritable_or_full_workdir_is_named_and_nothing_is_left_behind(mount
     # No lock, no temporary config, no write probe left behind.
     assert sorted(os.listdir(full)) == ["checkpoints", "filler"]
     assert os.listdir(full / "checkpoints") == []
+
+
+def test_a_rerun_takes_the_recorded_config_and_changes_only_what_it_names(data_dir, tmp_path):
+    # Started with two overrides; the rerun names only the new step count, and trains on with
+    # the recorded expert count (the config file's own would be refused as another model).
+    config = os.path.join(ROOT, "tests", "training", "preempt_config.py")
+    env = {"SWITCHMOE_TEST_DATA_DIR": data_dir,
+           "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), ROOT])}  # fmt: skip
+    workdir = str(tmp_path / "run")
+    common = [f"--config={config}", f"--workdir={workdir}", "--config.final_eval=sample"]
+    first = run("experiments.train", [*common, "--config.num_train_steps=6",
+                                      "--config.model.moe.num_experts=2"], env)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run("experiments.train", [*common, "--config.num_train_steps=8"], env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "its recorded config, with the settings given here (final_eval, num_train_steps)" in (
+        again.stdout
+    )
+    config, _ = restore_run(workdir)
+    assert (config.num_train_steps, config.model.moe.num_experts) == (8, 2)
+    assert [r["step"] for r in read_metrics(workdir)][-1] == 8
