@@ -32,8 +32,15 @@ def main(argv):
     if os.path.exists(spm):
         config.data.tokenizer = "sentencepiece"
         config.data.spm_model_path = os.path.abspath(spm)
-    source = {"hf_dir": os.path.abspath(_HF_DIR.value),
-              "model_type": hf.hf_decoders.read_hf_config(_HF_DIR.value).get("model_type")}  # fmt: skip
+    hf_config = hf.hf_decoders.read_hf_config(_HF_DIR.value)
+    source = {
+        "hf_dir": os.path.abspath(_HF_DIR.value),
+        "model_type": hf_config.get("model_type"),
+        # The checkpoint's own ids: an export of this run without its tokenizer writes them back.
+        "special_ids": {
+            k: hf_config[k] for k in hf.SPECIAL_ID_KEYS if hf_config.get(k) is not None
+        },
+    }
     write_run(_WORKDIR.value, config, params, _STEP.value, derived_from=source)
     print(f"Wrote {_WORKDIR.value} ({source['model_type']}, step {_STEP.value}).")
 

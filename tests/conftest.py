@@ -58,6 +58,7 @@ LONGEST_FIRST = (
     "test_generation.py",
     "test_benchmark.py",
     "test_hf_switch.py",
+    "test_hf_tokenizer.py",
 )
 
 

@@ -738,13 +738,15 @@ def save(
     directory: str,
     model_type: Optional[str] = None,
     max_shard_bytes: Optional[int] = None,
+    special_ids: Optional[Mapping[str, int]] = None,
 ) -> None:
     """Writes config.json and safetensors that `<Family>ForCausalLM.from_pretrained(directory)`
-    loads: one model.safetensors, or shards of at most `max_shard_bytes` with their index."""
+    loads: one model.safetensors, or shards of at most `max_shard_bytes` with their index.
+    config.json carries `special_ids` (pad/bos/eos; `hf.save` passes the run's) when given."""
     from safetensors.numpy import save_file  # noqa: PLC0415  (an optional dependency)
 
     tensors = params_to_hf(params, config, model_type)  # checks before anything is written
-    hf = hf_config(config, model_type)
+    hf = {**hf_config(config, model_type), **(special_ids or {})}
     os.makedirs(directory, exist_ok=True)
     if max_shard_bytes is None:
         save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
@@ -768,6 +770,14 @@ def save(
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(hf, f, indent=2)
+
+
+def weight_files(directory: str) -> list[str]:
+    """The safetensors files (and shard index) of a checkpoint directory, sorted."""
+    return sorted(
+        f for f in os.listdir(directory)
+        if f.endswith(".safetensors") or f == "model.safetensors.index.json"
+    )  # fmt: skip
 
 
 def is_decoder_checkpoint(directory: str) -> bool:

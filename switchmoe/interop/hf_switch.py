@@ -53,7 +53,7 @@ import json
 import math
 import os
 import struct
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import ml_collections
 import numpy as np
@@ -70,6 +70,8 @@ INDEX_FILE = "model.safetensors.index.json"
 ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 EXPORTED_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_new"}
 REFERENCE_LENGTH = 512
+# The ids T5 and the released Switch checkpoints use, and HF's defaults for a Switch config.
+T5_SPECIAL_IDS = {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 
 
 # -- Reading safetensors --------------------------------------------------------------------
@@ -251,8 +253,13 @@ def _exportable(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def hf_config(config: ml_collections.ConfigDict, reference_length: int = REFERENCE_LENGTH) -> dict:
-    """The HF config.json of a switchmoe encoder–decoder config (see `_exportable`)."""
+def hf_config(
+    config: ml_collections.ConfigDict,
+    reference_length: int = REFERENCE_LENGTH,
+    special_ids: Optional[Mapping[str, int]] = None,
+) -> dict:
+    """The HF config.json of a switchmoe encoder–decoder config (see `_exportable`), with
+    `special_ids` (default: T5's pad 0, EOS 1 and decoder start 0; `hf.save` passes the run's)."""
     _exportable(config)
     m, moe = config.model, config.model.moe
     E = moe.num_experts
@@ -289,9 +296,7 @@ def hf_config(config: ml_collections.ConfigDict, reference_length: int = REFEREN
         "dense_act_fn": EXPORTED_ACTIVATIONS[m.activation],
         "tie_word_embeddings": bool(m.tie_embeddings),
         "is_encoder_decoder": True,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "decoder_start_token_id": 0,
+        **(T5_SPECIAL_IDS if special_ids is None else special_ids),
     }
 
 
@@ -449,8 +454,9 @@ def save(
     params: Any,
     directory: str,
     reference_length: int = REFERENCE_LENGTH,
+    special_ids: Optional[Mapping[str, int]] = None,
 ) -> None:
-    """Writes config.json and model.safetensors that
+    """Writes config.json (with `special_ids`, see hf_config) and model.safetensors that
     `SwitchTransformersForConditionalGeneration.from_pretrained(directory)` loads."""
     from safetensors.numpy import save_file  # noqa: PLC0415  (an optional dependency)
 
@@ -458,4 +464,4 @@ def save(
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(hf_config(config, reference_length), f, indent=2)
+        json.dump(hf_config(config, reference_length, special_ids), f, indent=2)

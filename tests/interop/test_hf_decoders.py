@@ -213,7 +213,7 @@ def test_import_hf_writes_a_run_and_init_from_reads_the_checkpoint(tmp_path):
     from switchmoe.runs import restore_run
     from switchmoe.training import init_from
 
-    _, path = random_hf(tmp_path, "qwen2_moe")
+    _, path = random_hf(tmp_path, "qwen2_moe", pad_token_id=7, bos_token_id=8, eos_token_id=9)
     config, params = hf_decoders.load(path)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     workdir = str(tmp_path / "run")
@@ -234,6 +234,14 @@ def test_import_hf_writes_a_run_and_init_from_reads_the_checkpoint(tmp_path):
         assert not info, info[:3]
     exported, _ = hf_decoders.load(str(tmp_path / "exported"))
     assert exported.model.to_dict() == config.model.to_dict()
+    # Imported without a tokenizer: the export keeps the checkpoint's own special ids (import_hf
+    # recorded them), not the byte tokenizer's, and writes no tokenizer.
+    source, back = (
+        json.load(open(os.path.join(d, "config.json"))) for d in (path, tmp_path / "exported")
+    )
+    ids = [k for k in ("pad_token_id", "bos_token_id", "eos_token_id") if source.get(k) is not None]
+    assert ids and all(back[k] == source[k] for k in ids)
+    assert not os.path.exists(tmp_path / "exported" / "tokenizer.json")
     restored_config, restored = restore_run(workdir)
     as_json = lambda c: json.loads(json.dumps(c.model.to_dict()))  # tuples read back as lists
     assert as_json(restored_config) == as_json(resolve(config))
