@@ -84,11 +84,12 @@ def row(trial, quiet: dict | None = None) -> dict:
     pct = lambda v: None if v is None else 100 * v
     eval_loss = trial["final_eval_loss"]
     final = trial.get("final", {})
+    dense = not config.model.moe.num_experts  # no router: its routing settings are unused
     return {
         "trial": trial["name"],
         "experts": config.model.moe.num_experts,
-        "k": config.model.moe.num_selected,
-        "train_cf": config.model.moe.train_capacity_factor,
+        "k": None if dense else config.model.moe.num_selected,
+        "train_cf": None if dense else config.model.moe.train_capacity_factor,
         # A non-causal ablation's eval loss saw later tokens through its routing.
         "causal": "no (ablation)" if is_noncausal_ablation(config) else "yes",
         "eval_loss": eval_loss,
@@ -225,6 +226,17 @@ SEED_METRICS = (
     "eval_loss", "eval_bits_per_byte", "loss_ci_half", "bpb_ci_half", "train_dropped_pct", "eval_dropped_pct", "load_cv",
     "dead_pct", "step_time_ms", "quiet_step_ms",
 )  # fmt: skip
+
+
+# Why a panel can be empty, written across it (a short or partial sweep).
+NO_STEP_TIMES = (
+    "no step times: a trial needs two progress lines after its first\n(log_every below "
+    "num_train_steps / 2), or run experiments.step_time"
+)
+NO_SPEEDUP = (
+    "no speed-up: it needs a finished dense setting (num_experts=0)\nwith eval curves, and an "
+    "MoE setting whose seeds reach its final loss"
+)
 
 
 def dense_setting(setting: str) -> str:
@@ -392,6 +404,8 @@ def seed_figures(table, curves) -> dict:
                 ax.set_xticks(sorted(ticks), ["dense" if x == 0 else str(x) for x in sorted(ticks)])
             if key == "speedup" and plotted:
                 ax.axhline(1.0, color="gray", lw=0.8, ls="--")  # as fast as dense
+            analysis.explain_empty(ax, {"eval_loss": "no finished trial",
+                                        "speedup": NO_SPEEDUP}.get(key, NO_STEP_TIMES))  # fmt: skip
             if plotted > 1:
                 ax.legend(fontsize=7)
             ax.set(xlabel="experts per MoE layer", ylabel=label)
@@ -408,13 +422,15 @@ def seed_figures(table, curves) -> dict:
     for setting, group in curves.items():
         steps, mean, std = seeds_lib.mean_curve(group)
         label = f"{analysis.trial_label(setting)} ({len(group)} seed{'s' * (len(group) > 1)})"
-        (line,) = ax.plot(steps, mean, "-", label=label)
+        # Markers where a curve has few points: one evaluation draws no line, only its marker.
+        marker = "o" if len(steps) < 3 else None
+        (line,) = ax.plot(steps, mean, "-", marker=marker, ms=4, label=label)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         if ax_diff is not None:
             shared = np.isin(steps, dense[0])
             base = dense[1][np.isin(dense[0], steps[shared])]
             diff = mean[shared] - base
-            ax_diff.plot(steps[shared], diff, "-", color=line.get_color())
+            ax_diff.plot(steps[shared], diff, "-", marker=marker, ms=4, color=line.get_color())
             ax_diff.fill_between(
                 steps[shared], diff - std[shared], diff + std[shared], color=line.get_color(),
                 alpha=0.15,
@@ -576,7 +592,7 @@ def main(argv):
     if "model.moe.num_experts" in varied and len(expert_counts) > 1:
         figures["loss_vs_experts.png"] = analysis.plot_loss_vs_experts(trials)
         figures["step_time_vs_experts.png"] = analysis.plot_final_vs(
-            trials, "model.moe.num_experts", y=step_time_ms
+            trials, "model.moe.num_experts", y=step_time_ms, empty_note=NO_STEP_TIMES
         )
     if capacity_study:
         figures["capacity_train.png"] = analysis.plot_capacity_factor(

@@ -66,6 +66,7 @@ from switchmoe.analysis.sweep_results import (
     plot_eval_curves,
     plot_run_curves,
     plot_final_vs,
+    explain_empty,
     plot_loss_vs_experts,
     plot_capacity_factor,
 )

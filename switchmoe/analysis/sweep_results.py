@@ -123,6 +123,14 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _setting_cell(config: ml_collections.ConfigDict, key: str) -> str:
+    """A config value for a table; a dense model's routing settings (it has no router) as '-'."""
+    routing = key.startswith("model.moe.") and key != "model.moe.num_experts"
+    if routing and not config_value(config, "model.moe.num_experts"):
+        return "-"
+    return str(config_value(config, key))
+
+
 def format_sweep_table(
     trials: Sequence[dict], keys: Sequence[str] = ("model.moe.num_experts",)
 ) -> str:
@@ -134,7 +142,7 @@ def format_sweep_table(
         loss = t["final_eval_loss"]
         lines.append(
             f"{t['name']:<{w}}"
-            + "".join(f"{str(config_value(t['config'], k)):>22}" for k in keys)
+            + "".join(f"{_setting_cell(t['config'], k):>22}" for k in keys)
             + f"{t['last_step']:>8}{(f'{loss:.4f}' if loss is not None else '-'):>11}"
             + f"{str(t['finished']):>10}"
         )
@@ -243,15 +251,26 @@ def _groups(trials: Sequence[dict], x_key: str, group_by: Optional[str]):
     return {k: sorted(v, key=lambda p: p[0]) for k, v in groups.items()}
 
 
+def explain_empty(ax, reason: str) -> None:
+    """Writes `reason` across `ax` when nothing was drawn in it, so an empty panel says why."""
+    if not ax.has_data():
+        ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=8,
+                color="0.35", transform=ax.transAxes)  # fmt: skip
+
+
 def plot_final_vs(
     trials: Sequence[dict],
     x_key: str,
     y: Any = "final_eval_loss",
     group_by: Optional[str] = None,
     ax=None,
+    empty_note: Optional[str] = None,
     **plot_kwargs,
 ):
-    """A final value of each trial vs a config value, one line per `group_by` value.
+    """A final value of each trial vs a config value, one line per `group_by` value. Trials at
+    the same x in one line (the seeds of a setting) are drawn as their mean with ± one sample
+    std as error bars, never joined one by one; every point has a marker, so a line of one point
+    shows.
 
     Args:
       trials: from `load_sweep`.
@@ -260,6 +279,7 @@ def plot_final_vs(
         ('train/dropped_fraction'), or a function trial -> value. Trials without it are skipped.
       group_by: dotted config key separating lines.
       ax: draw into this axes (default: a new figure).
+      empty_note: written across the axes when no trial has a value (say why).
     """
     import matplotlib.pyplot as plt
 
@@ -267,15 +287,29 @@ def plot_final_vs(
         _, ax = plt.subplots(figsize=(6, 4))
     get = y if callable(y) else (lambda t: t[y] if y in t else last_value(t["records"], y))
     for label, points in _groups(trials, x_key, group_by).items():
-        xy = [(x, get(t)) for x, t in points if get(t) is not None]
-        if xy:
-            xs, ys = zip(*xy)
-            name = trial_label(f"{group_by.split('.')[-1]}={label}") if group_by else None
-            ax.plot(xs, ys, "o-", label=name, **plot_kwargs)
+        by_x: dict[Any, list[float]] = {}
+        for x, t in points:
+            if (value := get(t)) is not None:
+                by_x.setdefault(x, []).append(float(value))
+        if not by_x:
+            continue
+        xs = sorted(by_x)
+        means = [float(np.mean(by_x[x])) for x in xs]
+        name = trial_label(f"{group_by.split('.')[-1]}={label}") if group_by else None
+        most = max(len(v) for v in by_x.values())
+        if most > 1:
+            stds = [float(np.std(by_x[x], ddof=1)) if len(by_x[x]) > 1 else 0.0 for x in xs]
+            suffix = f"mean ± std over up to {most} seeds"
+            ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3,
+                        label=f"{name}, {suffix}" if name else suffix, **plot_kwargs)  # fmt: skip
+        else:
+            ax.plot(xs, means, "o-", label=name, **plot_kwargs)
     ax.set(xlabel=x_key, ylabel=y if isinstance(y, str) else "")
     ax.grid(alpha=0.3)
-    if group_by and ax.lines:
+    if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=8)
+    if empty_note:
+        explain_empty(ax, empty_note)
     return ax.figure
 
 

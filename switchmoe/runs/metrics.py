@@ -7,12 +7,14 @@ ones. tensorboardX writes event files without TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 # The final evaluation's per-document sums (documents, loss, tokens, bytes) in a workdir:
@@ -89,20 +91,44 @@ def first_non_finite(metrics: dict[str, Any]) -> str | None:
 
 
 class Progress:
-    """One line per log step: step, loss, aux loss, dropped fraction, tokens/s, ETA."""
+    """One line per log step: step, loss, aux loss, dropped fraction, tokens/s, ETA.
+
+    tokens/s is training throughput: the seconds spent inside `paused()` (evaluation, checkpoint
+    writes) since the last line are not counted, and `rebase` after the first step leaves its
+    compilation out. The ETA divides the remaining tokens by that rate, so it does not include
+    the evaluations and saves still to come.
+    """
 
     def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
         self.total, self.tokens_per_step = total_steps, tokens_per_step
-        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.rebase(start_step)
+
+    def rebase(self, step: int) -> None:
+        """Measure from now, as if the last line were at `step`."""
+        self.last_step, self.last_time, self.paused_seconds = step, time.perf_counter(), 0.0
 
     def elapsed(self) -> float:
         """Seconds since the last progress line (or the start)."""
         return time.perf_counter() - self.last_time
 
+    @contextlib.contextmanager
+    def paused(self, pending: Any = None):
+        """Time inside does not count toward tokens/s. `pending` (e.g. the parameters) is waited
+        for first: JAX dispatches asynchronously, so without the wait the training steps still
+        running on the device would be timed as the pause."""
+        if pending is not None:
+            jax.block_until_ready(pending)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
     def tokens_per_second(self, step: int) -> float:
         now = time.perf_counter()
-        rate = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
-        self.last_step, self.last_time = step, now
+        busy = max(now - self.last_time - self.paused_seconds, 1e-9)
+        rate = (step - self.last_step) * self.tokens_per_step / busy
+        self.last_step, self.last_time, self.paused_seconds = step, now, 0.0
         return rate
 
     def line(self, step: int, metrics: dict[str, Any], tokens_per_second: float) -> str:

@@ -58,6 +58,23 @@ def baseline_lines(config, result: dict) -> list[str]:
     return lines
 
 
+def expert_load_lines(loads: np.ndarray) -> list[str]:
+    """Each MoE layer's expert loads [L, E] (fractions of its kept token-expert pairs) in units of
+    the uniform share 1/E, so 1.00 is balanced, with the range and the coefficient of variation."""
+    loads = np.atleast_2d(loads)
+    E = loads.shape[-1]
+    lines = [f"Eval expert load per MoE layer, in units of the uniform share 1/E = 1/{E} "
+             "(1.00 = balanced):"]  # fmt: skip
+    for i, load in enumerate(loads):
+        share = load * E
+        shown = " ".join(f"{x:.2f}" for x in share)
+        lines.append(
+            f"  layer {i}: {shown}  (min {share.min():.2f}, max {share.max():.2f}, "
+            f"CV {share.std() / max(share.mean(), 1e-12):.2f})"
+        )
+    return lines
+
+
 def summary(config, workdir: str, result: dict, seconds: float, start_step: int = 0) -> str:
     """What the run reached, beside the corpus's unigram entropy (the no-context baseline)."""
     config = resolve(config)
@@ -95,8 +112,7 @@ def summary(config, workdir: str, result: dict, seconds: float, start_step: int 
             f"Eval dropped fraction: {100 * result['eval/dropped_fraction']:.2f}% "
             f"(capacity factor {config.model.moe.eval_capacity_factor})"
         )
-        for i, load in enumerate(np.asarray(result["eval/expert_load"])):
-            lines.append(f"  MoE layer {i} expert load: {load}")
+        lines += expert_load_lines(np.asarray(result["eval/expert_load"]))
     lines.append(f"Metrics: {workdir}/metrics.jsonl (TensorBoard: make tensorboard RUN={workdir})")
     lines.append(f"Checkpoints: {workdir}/checkpoints (switchmoe.runs.restore_run('{workdir}'))")
     return "\n".join(lines)

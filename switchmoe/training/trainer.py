@@ -537,6 +537,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                     f"{metrics_lib.format_seconds(progress.elapsed())}; next line at step "
                     f"{min(total, (done // config.log_every + 1) * config.log_every)}"
                 )
+                jax.block_until_ready(params)
+                progress.rebase(done)  # tokens/s without the compilation
             if done % config.log_every == 0 or is_last:
                 # Mean over the steps since the last log; one device->host transfer per log.
                 host = jax.device_get(pending)
@@ -553,7 +555,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                 record["train/tokens_per_second"] = tokens_per_second
                 log(progress.line(done, record, tokens_per_second))
             if done % config.eval_every == 0 or is_last:
-                record.update(trainer.evaluate(params, pipeline))
+                with progress.paused(params):
+                    record.update(trainer.evaluate(params, pipeline))
                 log(
                     f"step {done}: eval loss {record['eval/loss']:.4f} "
                     f"({record['eval/bits_per_token']:.3f} bits/token)"
@@ -561,7 +564,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
             if done == total:
                 # The headline number: every token of the eval split (or, for quick runs, the
                 # sample), with its bootstrap interval over documents.
-                record.update(final_evaluation(trainer, params, pipeline, workdir, log, lead))
+                with progress.paused(params):
+                    record.update(final_evaluation(trainer, params, pipeline, workdir, log, lead))
             if done % config.checkpoint_every == 0 or is_last or preempted or timed:
                 # Never save what a non-finite step produced. The loss is computed before the
                 # update, so the parameters and optimizer state themselves are checked.
@@ -573,7 +577,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                     )
                 ckpt_meta = {"step": done, "data_step": done,
                         preemption.PENDING_KEY: preemption.pending_to_json(pending)}  # fmt: skip
-                ckpt.save(done, params, opt_state, ckpt_meta, data_state=batches.get_state())
+                with progress.paused(params):
+                    ckpt.save(done, params, opt_state, ckpt_meta, data_state=batches.get_state())
                 watch.saved()
                 if history:
                     history.saved(done)

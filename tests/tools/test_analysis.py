@@ -470,3 +470,46 @@ def test_a_relative_default_path_is_found_from_the_repository(tmp_path, monkeypa
     (tmp_path / "mine").mkdir()
     assert analysis.in_repository("mine") == "mine"
     assert analysis.in_repository("/abs/run") == "/abs/run"
+
+
+def test_a_short_seeded_sweep_reports_means_markers_and_empty_panels_with_reasons(tmp_path):
+    """Two seeds per setting, one evaluation each, no step times: the loss-vs-experts points are
+    each setting's mean with its sample std (not the seeds joined one by one), a one-point eval
+    curve draws its marker, the step-time and speed-up panels say why they are empty, and the
+    dense rows show no routing settings."""
+    from experiments import report
+
+    root = tmp_path / "short"
+    finals = {(0, 0): 2.4, (0, 1): 2.6, (8, 0): 2.7, (8, 1): 2.8}  # MoE never reaches dense
+    for (experts, seed), loss in finals.items():
+        _write_trial(root, f"num_experts={experts},seed={seed}", _trial_config(experts),
+                     [{"step": 100, "train/loss": 3.0}, {"step": 100, "eval/loss": loss}])  # fmt: skip
+    trials = analysis.load_sweep(str(root))
+    fig = analysis.plot_loss_vs_experts(trials)
+    ax = fig.axes[0]
+    data = [l for l in ax.lines if l.get_marker() == "o"]
+    assert len(data) == 1
+    np.testing.assert_allclose(data[0].get_xydata(), [[0, 2.5], [8, 2.75]])
+    (bars,) = ax.collections  # the error bars: mean ± sample std of the two seeds
+    segments = bars.get_segments()
+    np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments],
+                               [2 * np.std([2.4, 2.6], ddof=1), 2 * np.std([2.7, 2.8], ddof=1)])  # fmt: skip
+    step_fig = analysis.plot_final_vs(trials, "model.moe.num_experts", y=report.step_time_ms,
+                                      empty_note=report.NO_STEP_TIMES)  # fmt: skip
+    assert [t.get_text() for t in step_fig.axes[0].texts] == [report.NO_STEP_TIMES]
+
+    rows = [report.row(t) for t in trials]
+    dense = [r for r in rows if r["experts"] == 0]
+    assert dense and all(r["k"] is None and r["train_cf"] is None for r in dense)
+    assert all(r["k"] is not None for r in rows if r["experts"])
+    table = analysis.format_sweep_table(trials, ("model.moe.num_experts",
+                                                 "model.moe.train_capacity_factor"))  # fmt: skip
+    dense_line = next(l for l in table.splitlines() if l.startswith("num_experts=0,seed=0"))
+    assert dense_line.split()[1:3] == ["0", "-"]
+
+    _, figures = report.seed_report(trials, rows, str(tmp_path))
+    notes = [t.get_text() for a in figures["by_experts_seeds.png"].axes for t in a.texts]
+    assert report.NO_SPEEDUP in notes and report.NO_STEP_TIMES in notes
+    curves = figures["eval_curves_seeds.png"].axes[0].lines
+    assert curves and all(l.get_marker() == "o" and len(l.get_xydata()) == 1 for l in curves)
+    plt.close("all")
