@@ -8,10 +8,12 @@ this project's expert-count study finds quality improving with the number of exp
 (EXPERIMENTS.md, "Expert-count scaling"). Switch's top-1 with raw gates needs far longer runs
 for many experts to pay off (EXPERIMENTS.md, "the diagnosis").
 
-Reached on this machine (2 CPU cores, 2026-12-01, nothing else running): 800 steps in 2m53s, eval
-1.942 bits/byte on the 65,531 validation bytes it scores, where zlib -9 needs 2.037 and xz -9
-1.923 (validation unigram entropy 4.677); eval dropped fraction 1.04% at capacity factor 2.0.
-`make demo` from a fresh clone took 198 s including the install (pip's cache was warm).
+Reached (experiments/results/demo/summary.json, 2 CPU cores): 1.902 bits/byte [1.776, 2.056]
+on the whole validation split (35 documents, 619,314 bytes), where zlib -9 needs 2.016, xz -9
+1.735 and xz -9 after reading the training split 1.419 (unigram entropy 4.521); eval dropped
+fraction 1.03% at capacity factor 2.0. From a fresh clone on 2026-12-07, `make install` took
+1m25s and `make demo` 10m24s on this 2-core machine class
+(experiments/results/fresh_clone/fresh_clone.json; `python -m experiments.time_fresh_clone`).
 """
 
 from switchmoe.config import default_config

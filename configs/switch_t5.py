@@ -29,15 +29,11 @@ from d_model 1024 up, the dispatch backend for the platform, and C4 streamed thr
       --config.data.spm_model_path=... --config.data.data_dir=...
 Per-device memory of every preset: EXPERIMENTS.md, "Will it fit?".
 
-Measured on this machine, before two changes that move these numbers (so they are a record, not
-what this config gives today): with the one-hot einsum backend that was then the default (now
-`auto`, gather on CPU) and before padding-aware routing (padded positions now take no expert slot,
-which lowers the drops), a 100-step run of the CPU variant (`--config.num_train_steps=100`) took
-1m55s while another training job shared the 2 cores (≈0.85 s/step, so its 1,500 steps take
-roughly 15–20 min), falling from 6.8 to 4.2 bits per target token in training and 3.88 at eval
-after 100 steps, with 28% of tokens dropped (mean of the 4 MoE layers, steps 75–100). Its
-decoder routes each example's 29 target tokens as one group, so each expert has 5 slots
-(ceil(29·1.25/8)) and any imbalance drops; a per-stack group size is the fix (not built yet).
+Not measured at today's defaults (an older record, taken with the one-hot einsum backend and
+before padding-aware routing, was dropped from here with its timings: no results file held it).
+What the shapes alone say: the CPU variant's decoder routes each example's 29 target tokens as one
+group, so each expert has 5 slots (ceil(29·1.25/8)) and any imbalance drops; a per-stack group
+size is the fix (not built yet).
 """
 
 from switchmoe import presets
