@@ -20,7 +20,15 @@ def test_quick_preset_writes_json_and_markdown(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one device, as a user's run has
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", "--preset=quick", f"--out={out}"],
+        # One capacity backend (a checked program) and one dropless: each branch below.
+        [
+            sys.executable,
+            "-m",
+            "experiments.benchmark",
+            "--preset=quick",
+            f"--out={out}",
+            "--backends=gather,dropless_blocked",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -96,7 +96,7 @@ def test_exported_tokenizer_encodes_and_decodes_as_the_runs(data_dir, tmp_path, 
 def test_a_byte_level_decoder_run_generates_in_transformers_as_in_switchmoe(data_dir, tmp_path):
     config = hf_decoders.config_from_hf({
         "model_type": "mixtral", "vocab_size": 262, "hidden_size": 32, "intermediate_size": 32,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_local_experts": 4, "num_experts_per_tok": 2,
     })  # fmt: skip
     config.data = data_config(data_dir, "byte", tmp_path)
@@ -133,7 +133,7 @@ def test_a_sentencepiece_switch_run_generates_in_transformers_as_in_switchmoe(da
     c = data_config(data_dir, "sentencepiece", tmp_path)
     vocab = make_tokenizer(c).vocab_size
     config = hf_switch.config_from_hf({"vocab_size": vocab, "d_model": 32, "d_kv": 8,
-                                       "d_ff": 48, "num_layers": 2, "num_decoder_layers": 2,
+                                       "d_ff": 48, "num_layers": 1, "num_decoder_layers": 1,
                                        "num_heads": 4, "num_experts": 4,
                                        "num_sparse_encoder_layers": 1,
                                        "num_sparse_decoder_layers": 1, "expert_capacity": 64,

@@ -46,12 +46,12 @@ def test_two_trial_sweep_and_report(tmp_path):
 
     again = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", env=env)
     assert again.stdout.count("[skip]") == 2, again.stdout
-    # A rerun that would change the plan, or select nothing, is refused before anything runs.
+    # A rerun that selects nothing is refused before anything runs (a rerun that would change
+    # the plan: test_a_sweep_plan_changes_only_when_asked, in process).
     plan = open(os.path.join(sweep_dir, sweeps.SWEEP_FILE)).read()
-    for flag, message in (("--seeds=1", "plans another sweep"), ("--only=xyz", "matches none")):
-        refused = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", flag,
-                      env=env)  # fmt: skip
-        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    refused = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}", "--only=xyz",
+                  env=env)  # fmt: skip
+    assert refused.returncode == 2 and "matches none" in refused.stderr, refused.stderr
     assert open(os.path.join(sweep_dir, sweeps.SWEEP_FILE)).read() == plan
 
     timed = run("experiments.step_time", f"--workdir={sweep_dir}", "--steps=2", env=env)
