@@ -18,6 +18,8 @@
       --workdir=runs/sweeps/expert_count_switch
   python -m experiments.sweep --config=configs/studies.py:expert_count_switch_d64 \
       --workdir=runs/sweeps/expert_count_switch_d64
+  python -m experiments.sweep --config=configs/studies.py:capacity_rules \
+      --workdir=runs/sweeps/capacity_rules --seeds=0,1
   python -m experiments.report --workdir=runs/sweeps/expert_count      (likewise for the others)
 
 expert_count  Switch Fig. 4 / Table 9: 1 (dense), 2, 4, 8, 16, 32, 64 experts, top-1, the same
@@ -45,6 +47,12 @@ expert_count_switch  Switch Fig. 4 at Switch's protocol: dense, 8 ... 128 expert
               the sweep itself (3 for dense and 64, 2 for the rest; dense also at lr 1e-2).
 expert_count_switch_d64  the same at half the width (d_model 64): the second size of the scaling
               fit (python -m experiments.scaling_fit); 2 seeds.
+capacity_rules  Switch Table 1 extended (issue 34): top-1 with Switch's router at training capacity
+              factors 1.0 and 1.25, where capacity is counted (per sequence: groups of 128
+              tokens; per group of 8 sequences: 1024; per batch: the whole 4,096-token batch of
+              this one-device run) crossed with what happens to overflow (drop, next_choice);
+              plus drop_priority='probability' (Megatron-Core's rule) as the non-causal ablation;
+              --seeds=0,1.
 routing       every router at matched expert FLOPs: Switch top-1, plain top-2, GShard top-2
               (random routing), ST-MoE top-2 + z-loss, expert-choice, noisy top-k, hash (random, balanced), S-BASE, dropless
               top-1, and top-1 with a bfloat16 router (float32 vs bf16 router).
@@ -75,7 +83,12 @@ STUDIES = (
     "granularity",
     "expert_count_switch",
     "expert_count_switch_d64",
+    "capacity_rules",
 )
+# Where capacity is counted, as routing-group sizes of this one-device run (32 sequences of 128
+# tokens per batch): one sequence, 8 sequences, the whole batch.
+CAPACITY_SCOPES = {"sequence": 128, "group": 1024, "batch": 4096}
+CAPACITY_RULE_FACTORS = (1.0, 1.25)
 # The setup the diagnosis chose (EXPERIMENTS.md, "Why 64 experts were no better than 8"):
 # routing groups of 1024 tokens, top-2 with gates normalised over the two, half-width experts.
 SCALING_COUNTS = (0, 2, 4, 8, 16, 32, 64, 128)
@@ -148,6 +161,10 @@ def get_config(study="expert_count"):
         config.eval_every = 100
         config.num_eval_batches = 0  # the whole eval sample (35% of the bytes, whole documents)
         config.checkpoint_every = 400  # a study that spans sessions resumes from here
+    if study == "capacity_rules":
+        switch_routing(config)
+        config.model.moe.init_scale = 0.1
+        config.model.moe.group_size = CAPACITY_SCOPES["group"]
     if study == "expert_count_switch_d64":
         # The scaling fit's second size: half the width (d_model 64, d_ff 256, 2 heads of 32),
         # the same depth, data, protocol and expert counts.
@@ -295,4 +312,18 @@ def get_sweep(study="expert_count"):
         ]
     if study == "routing":
         return ROUTING_TRIALS
+    if study == "capacity_rules":
+        trials = [
+            {"model.moe.train_capacity_factor": factor, "model.moe.group_size": size,
+             "model.moe.overflow": overflow}
+            for factor in CAPACITY_RULE_FACTORS
+            for size in CAPACITY_SCOPES.values()
+            for overflow in ("drop", "next_choice")
+        ]  # fmt: skip
+        # Megatron-Core's probability priority: not causal, so an ablation in this decoder.
+        return trials + [
+            {"model.moe.train_capacity_factor": factor, "model.moe.drop_priority": "probability",
+             "model.moe.noncausal_ablation": True}
+            for factor in CAPACITY_RULE_FACTORS
+        ]  # fmt: skip
     raise ValueError(f"unknown study {study!r}; allowed: {STUDIES}.")

@@ -618,6 +618,14 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
             "and an encoder–decoder's decoder must be, to decode as it trained; allowed here: "
             f"{causal_routers()}."
         )
+    if model.moe.num_experts and model.moe.get("drop_priority", "position") != "position":
+        raise ValueError(
+            f"model.moe.drop_priority={model.moe.drop_priority!r} is not causal (a later token "
+            "with a higher score takes an earlier one's slot), and an encoder–decoder's decoder "
+            "must be, to decode as it trained; allowed here: 'position' (an encoder-only "
+            "setting is not built; model.moe.encoder_batch_prioritized=True gives the encoder "
+            "BPR's confidence order)."
+        )
     lengths = span_corruption.example_lengths(config.data)
     if config.data.num_sentinels < lengths.num_spans:
         raise ValueError(

@@ -13,12 +13,28 @@ def capacity(S, E, k, factor, min_capacity=1):
 
 
 def top_k_route(
-    probs, k, C, gate_norm="raw", batch_prioritized=False, keep_second=None, rank_major=True
+    probs,
+    k,
+    C,
+    gate_norm="raw",
+    batch_prioritized=False,
+    keep_second=None,
+    rank_major=True,
+    overflow="drop",
+    drop_priority="position",
+    mask=None,
 ):
     """Brute-force token-choice routing.
 
     probs: [G, S, E]; C: capacity or None; keep_second: optional bool [G, S] (random routing);
     rank_major: every first choice before any second choice (GShard), else token by token.
+    overflow: "drop", or "next_choice": a choice whose expert is full goes to the token's
+      best-ranked expert past its own k that has room and that it does not hold already
+      (token by token); its gate is that expert's probability (normalised over the token's
+      final k experts for "normalized").
+    drop_priority: "position", or "probability": each expert keeps the C requested pairs with
+      the highest probability (ties: earlier token, then lower rank).
+    mask: optional bool [G, S], False at padded positions (they ask for nothing).
     Returns expert, slot, gate as numpy arrays [G, S, k].
     """
     G, S, E = probs.shape
@@ -30,23 +46,45 @@ def top_k_route(
             order = sorted(range(S), key=lambda s: (-probs[g, s].max(), s))
         else:
             order = list(range(S))
-        ranked = [sorted(range(E), key=lambda e: (-probs[g, s, e], e))[:k] for s in range(S)]
-        used = [0] * E
-        pairs = (
-            [(s, rank) for rank in range(k) for s in order]  # all first choices, then seconds
-            if rank_major
-            else [(s, rank) for s in order for rank in range(k)]  # token by token
+        full = [sorted(range(E), key=lambda e: (-probs[g, s, e], e)) for s in range(S)]
+        ranked = [r[:k] for r in full]
+        wants = lambda s, rank: (
+            (mask is None or mask[g, s])
+            and not (rank == 1 and keep_second is not None and not keep_second[g, s])
         )
-        for s, rank in pairs:
-            e = ranked[s][rank]
-            expert[g, s, rank] = e
-            if rank == 1 and keep_second is not None and not keep_second[g, s]:
-                continue
-            if C is None or used[e] < C:
-                slot[g, s, rank] = used[e]
-                used[e] += 1
         for s in range(S):
-            chosen = [probs[g, s, e] for e in ranked[s]]
+            expert[g, s] = ranked[s]
+        used = [0] * E
+        if drop_priority == "probability" and C is not None:
+            pairs = [(s, r) for s in range(S) for r in range(k) if wants(s, r)]
+            for e in range(E):
+                mine = [(s, r) for s, r in pairs if ranked[s][r] == e]
+                mine.sort(key=lambda p: (-probs[g, p[0], e], p[0], p[1]))
+                for position, (s, r) in enumerate(mine[:C]):
+                    slot[g, s, r] = position
+        else:
+            token_major = not rank_major or overflow == "next_choice"
+            pairs = (
+                [(s, rank) for s in order for rank in range(k)]  # token by token
+                if token_major
+                else [(s, rank) for rank in range(k) for s in order]  # all firsts, then seconds
+            )
+            held = {s: set(ranked[s]) for s in range(S)}
+            for s, rank in pairs:
+                if not wants(s, rank):
+                    continue
+                e = ranked[s][rank]
+                if C is not None and used[e] >= C and overflow == "next_choice":
+                    free = [x for x in full[s][k:] if used[x] < C and x not in held[s]]
+                    if free:
+                        e = free[0]
+                        held[s].add(e)
+                        expert[g, s, rank] = e
+                if C is None or used[e] < C:
+                    slot[g, s, rank] = used[e]
+                    used[e] += 1
+        for s in range(S):
+            chosen = [probs[g, s, e] for e in expert[g, s]]
             total = sum(chosen)
             for rank in range(k):
                 if slot[g, s, rank] >= 0:

@@ -169,6 +169,9 @@ _LABELS = {
     "bias_update_speed": lambda v: f"bias γ {v}",
     "score_function": lambda v: f"{v} scores",
     "granularity": lambda v: f"granularity {v}",
+    "group_size": lambda v: f"groups of {v}",
+    "overflow": lambda v: "next choice" if v == "next_choice" else "overflow dropped",
+    "drop_priority": lambda v: f"{v} priority",
     # optimizer.freeze; trial names turn 're:.' (every parameter) into 're_.'
     "freeze": lambda v: {
         "none": "update all",

@@ -11,7 +11,10 @@ asked for that expert (in-order priority, token-major: routing.assign_slots), wi
 router's capacity for the group. A step routes its token alone (every choice fits a 1-slot
 buffer) and then keeps a choice only if the cached requests of its group leave it a slot.
 Groups are rows (group_size None) or runs of group_size positions within a row. Dropless
-routing needs no counting.
+routing needs no counting. With overflow='next_choice' (routing.place_next_choice) the cache
+holds where each earlier choice was placed instead, -1 where it was dropped, and a step places its
+token's choices from those counts as the full pass does: a full expert's choice moves to the
+token's next-ranked expert with room.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from switchmoe.moe.routing import RoutingResult
+from switchmoe.moe.routing import RoutingResult, chosen_gates, place_next_choice
 
 Array = jax.Array
 
@@ -47,10 +50,13 @@ def decoding_step(
     i = step_index
     expert = routing.expert[:, 0]  # [B, K]
     asked = routing.slot[:, 0] >= 0  # [B, K]
-    requests.value = jax.lax.dynamic_update_slice_in_dim(
-        requests.value, jnp.where(asked, expert, -1)[:, None], i, axis=1
+    record = lambda experts: jax.lax.dynamic_update_slice_in_dim(
+        requests.value, experts[:, None], i, axis=1
     )
     capacity = router.capacity(S, train=False)
+    next_choice = routing.ranking is not None and capacity is not None
+    if not next_choice:
+        requests.value = record(jnp.where(asked, expert, -1))
     if capacity is None:
         return routing
     position = jnp.arange(T)
@@ -59,6 +65,22 @@ def decoding_step(
         None, :, None, None
     ]  # [B, T, K, E]
     counts = jnp.sum(hits, axis=(1, 2), dtype=jnp.int32)  # [B, E]
+    if next_choice:
+        # The cache holds where earlier choices were placed (a moved choice counts where it
+        # went); this token's choices are placed as the full pass places them, from those counts.
+        moved, slot, _ = place_next_choice(
+            routing.ranking, asked[:, None], capacity, jnp.zeros((B, 1), jnp.int32), counts
+        )
+        placed = slot[:, 0] >= 0
+        requests.value = record(jnp.where(placed, moved[:, 0], -1))
+        gate = chosen_gates(routing.scores, moved, layer.gate_norm,
+                            router.option("routed_scaling_factor"))  # fmt: skip
+        plan = routing.plan.replace(
+            expert=moved,
+            slot=jnp.where(placed, 0, -1)[:, None].astype(jnp.int32),
+            gate=jnp.where(placed[:, None], gate, 0.0),
+        )
+        return routing.replace(plan=plan)
     kept = asked & (jnp.take_along_axis(counts, expert, axis=1) < capacity)
     plan = routing.plan.replace(
         slot=jnp.where(kept, 0, -1)[:, None].astype(jnp.int32),

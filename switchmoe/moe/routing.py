@@ -83,6 +83,7 @@ class RoutingResult:
       stats: dict of routing statistics (scalars and [E] / [K] vectors), all float32.
       causal: static; False when a token's routing depends on later tokens of its group
         (expert-choice, batch-prioritized routing), which autoregressive decoding cannot allow.
+      ranking, scores: see below (overflow='next_choice').
     """
 
     plan: DispatchPlan
@@ -91,6 +92,11 @@ class RoutingResult:
     losses: dict[str, Array]
     stats: dict[str, Array]
     causal: bool = flax.struct.field(pytree_node=False, default=True)
+    # overflow='next_choice' only (None otherwise): int32[G, S, E] each token's experts best
+    # first, and float32[G, S, E] the scores its gates are taken from, so that cached decoding
+    # can replay a move with the counts of earlier positions (moe/decoding.py).
+    ranking: Optional[Array] = None
+    scores: Optional[Array] = None
 
     expert = property(lambda self: self.plan.expert)
     slot = property(lambda self: self.plan.slot)
@@ -287,6 +293,133 @@ def assign_slots(
     inverse = jnp.argsort(order, axis=-1)
     untake = lambda a: jnp.take_along_axis(a, inverse[:, :, None], axis=1)
     return untake(unflatten(slot_o)), untake(unflatten(overflow_o))
+
+
+# What happens to a (token, choice) pair that finds its expert full: it is dropped (Switch,
+# GShard), or it moves to the token's next-ranked expert that still has a free slot
+# (`place_next_choice`).
+OVERFLOW_RULES = ("drop", "next_choice")
+# Which pairs an expert keeps when more ask than it has slots: the earliest in priority order
+# (`position`: causal with in-order priority), or those it scores highest (`probability`:
+# Megatron-Core's default drop policy; it looks at the whole group, so it is not causal).
+DROP_PRIORITIES = ("position", "probability")
+
+
+def place_next_choice(
+    ranking: Array,
+    requested: Array,
+    capacity: int,
+    order: Array,
+    used: Optional[Array] = None,
+) -> tuple[Array, Array, Array]:
+    """Token-by-token placement where a choice that finds its expert full moves to the token's
+    next-ranked expert that still has a free slot (overflow='next_choice').
+
+    Tokens claim slots in `order`, each placing its K choices in rank order before the next
+    token does (token-major, so with in-order priority a token's placement depends only on the
+    tokens before it: causal). Choice k asks for ranking[k]; if that expert holds C pairs
+    already, the choice takes the first expert in the token's ranking past its own K choices
+    (ranks K, K+1, ...) that has room and that no other choice of this token holds; if none has
+    room it is dropped. A token never holds one expert twice, and no expert exceeds C.
+
+    The placement is sequential (a moved choice takes a slot a later token could have had), so
+    it is a scan over the S positions: S steps of O(K·E) work per group, where `assign_slots`
+    is one cumulative sum. That is the price of the rule; the MoE layer's FLOPs do not change.
+
+    Args:
+      ranking: int32[G, S, E] each token's experts, best first (the router's ranking).
+      requested: bool[G, S, K] the choices that ask for a slot (False: random routing skipped
+        it, or a padded position).
+      capacity: C.
+      order: int32[G, S] priority order of tokens.
+      used: optional int32[G, E] slots already taken per expert (cached decoding: the earlier
+        positions of the group); default none.
+
+    Returns:
+      expert: int32[G, S, K] where each choice went (its asked expert when it was dropped or
+        not requested).
+      slot: int32[G, S, K] its position in that expert's buffer, -1 when not placed.
+      overflow: bool[G, S, K] requested but placed nowhere (the dropped pairs).
+    """
+    G, S, E = ranking.shape
+    K = requested.shape[-1]
+    take = lambda a: jnp.take_along_axis(a, order.reshape(G, S, 1), axis=1)
+    ranking_o, requested_o = take(ranking).astype(jnp.int32), take(requested)
+    used = jnp.zeros((G, E), jnp.int32) if used is None else used.astype(jnp.int32)
+    pick = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=1)[:, 0]  # a[G, E] at i[G]
+
+    def step(used, xs):
+        rank, asked = xs  # [G, E], [G, K]
+        held = jnp.any(jax.nn.one_hot(rank[:, :K], E, dtype=bool), axis=1)  # [G, E] own K
+        experts, slots, dropped = [], [], []
+        for k in range(K):
+            want = rank[:, k]
+            room = used < capacity  # [G, E]
+            fits = asked[:, k] & pick(room, want)
+            # Free experts in this token's rank order, its own K choices and moves excluded.
+            free_ranked = jnp.take_along_axis(room & ~held, rank, axis=1)
+            alternative = pick(rank, jnp.argmax(free_ranked, axis=1))
+            move = asked[:, k] & ~fits & jnp.any(free_ranked, axis=1)
+            final = jnp.where(move, alternative, want)
+            placed = fits | move
+            slots.append(jnp.where(placed, pick(used, final), -1))
+            used = used + jax.nn.one_hot(final, E, dtype=jnp.int32) * placed[:, None]
+            held = held | (jax.nn.one_hot(alternative, E, dtype=bool) & move[:, None])
+            experts.append(final)
+            dropped.append(asked[:, k] & ~placed)
+        return used, (jnp.stack(experts, -1), jnp.stack(slots, -1), jnp.stack(dropped, -1))
+
+    xs = (jnp.swapaxes(ranking_o, 0, 1), jnp.swapaxes(requested_o, 0, 1))  # scan over S
+    _, outs = jax.lax.scan(step, used, xs)
+    inverse = jnp.argsort(order, axis=-1)
+    back = lambda a: jnp.take_along_axis(jnp.swapaxes(a, 0, 1), inverse[:, :, None], axis=1)
+    expert, slot, overflow = (back(a) for a in outs)
+    return expert.astype(jnp.int32), slot.astype(jnp.int32), overflow
+
+
+def chosen_gates(
+    scores: Array, expert: Array, gate_norm: str, routed_scaling_factor: float = 1.0
+) -> Array:
+    """float32[G, S, K] the gates of the chosen experts: their scores ("raw"), or normalised over
+    the K ("normalized"), times the routed scaling factor. Normalisation happens before
+    capacity: a dropped choice's score stays in the sum (GShard)."""
+    top = jnp.take_along_axis(scores, expert, axis=-1)
+    gate = top / jnp.sum(top, axis=-1, keepdims=True) if gate_norm == "normalized" else top
+    return gate * routed_scaling_factor if routed_scaling_factor != 1.0 else gate
+
+
+def assign_slots_by_score(
+    expert: Array, score: Array, requested: Array, num_experts: int, capacity: int
+) -> tuple[Array, Array]:
+    """Slots by score (drop_priority='probability', Megatron-Core's drop policy): each expert
+    keeps the C requested pairs with the highest `score` among those asking for it, its slot
+    the pair's rank there (ties: earlier position, then lower choice rank). Not causal: a later
+    token with a higher score takes an earlier token's slot.
+
+    Args:
+      expert: int32[G, S, K]; score: float32[G, S, K] the router's probability of each pair's
+        expert; requested: bool[G, S, K]; num_experts: E; capacity: C.
+
+    Returns:
+      slot: int32[G, S, K], -1 where not requested or not among its expert's top C.
+      overflow: bool[G, S, K], requested but not kept.
+    """
+    G, S, K = expert.shape
+    N = S * K
+    e = expert.reshape(G, N)
+    # Unrequested pairs sort last within their expert: they take no rank from requested ones.
+    key = jnp.where(requested, score, -jnp.inf).reshape(G, N)
+    by_score = jnp.argsort(-key, axis=-1, stable=True)  # stable: ties keep (position, rank)
+    by_expert = jnp.argsort(jnp.take_along_axis(e, by_score, axis=-1), axis=-1, stable=True)
+    perm = jnp.take_along_axis(by_score, by_expert, axis=-1)  # expert-major, best score first
+    counts = jnp.sum(jax.nn.one_hot(e, num_experts, dtype=jnp.int32), axis=1)  # [G, E]
+    starts = jnp.cumsum(counts, axis=-1) - counts
+    sorted_e = jnp.take_along_axis(e, perm, axis=-1)
+    rank_sorted = jnp.arange(N) - jnp.take_along_axis(starts, sorted_e, axis=-1)
+    rank = jnp.zeros((G, N), jnp.int32).at[jnp.arange(G)[:, None], perm].set(rank_sorted)
+    rank = rank.reshape(G, S, K)
+    fits = requested & (rank < capacity)
+    return jnp.where(fits, rank, -1).astype(jnp.int32), requested & ~fits
 
 
 def group_tokens(x: Array, group_size: Optional[int]) -> Array:

@@ -57,6 +57,14 @@ ACCEPTED = {
         "model.moe.backend": "einsum",
         "model.moe.group_size": 2 * L,
     },
+    # A full expert's choice moves to the token's next-ranked expert with room, token by token.
+    "top1_next_choice": {"model.moe.overflow": "next_choice"},
+    "top2_next_choice_gather_groups_of_two_rows": {
+        "model.moe.num_selected": 2,
+        "model.moe.overflow": "next_choice",
+        "model.moe.backend": "gather",
+        "model.moe.group_size": 2 * L,
+    },
 }
 
 
@@ -107,6 +115,8 @@ NONCAUSAL = {
     "expert_choice": {"model.moe.router": "expert_choice"},
     "sbase": {"model.moe.router": "sbase"},
     "top2_rank_major": {"model.moe.num_selected": 2, "model.moe.causal_routing": False},
+    # Megatron-Core's drop policy: an expert keeps its highest-scoring tokens, later ones too.
+    "top1_probability_priority": {"model.moe.drop_priority": "probability"},
 }
 
 
@@ -117,8 +127,9 @@ def test_noncausal_routers_are_refused_unless_marked_as_an_ablation(name):
     validate_config(resolve(lm_config(**NONCAUSAL[name], **{"model.moe.noncausal_ablation": True})))
 
 
-def test_the_check_sees_a_leak_when_there_is_one():
-    overrides = {**NONCAUSAL["expert_choice"], "model.moe.noncausal_ablation": True}
+@pytest.mark.parametrize("name", ["expert_choice", "top1_probability_priority"])
+def test_the_check_sees_a_leak_when_there_is_one(name):
+    overrides = {**NONCAUSAL[name], "model.moe.noncausal_ablation": True}
     config = resolve(lm_config(**overrides))
     tokens = jax.random.randint(jax.random.key(2), (ROWS, L), 0, 64)
     before, after, _ = logits_and_drops(config, tokens, deterministic=True)

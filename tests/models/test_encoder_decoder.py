@@ -216,6 +216,8 @@ def test_non_causal_routers_are_refused(data_dir):
     for router in ("expert_choice", "sbase"):
         with pytest.raises(ValueError, match=f"model.moe.router='{router}' is not causal"):
             validate_config(resolve(ed_config(data_dir, **{"model.moe.router": router})))
+    with pytest.raises(ValueError, match="model.moe.drop_priority='probability' is not causal"):
+        validate_config(resolve(ed_config(data_dir, **{"model.moe.drop_priority": "probability"})))
 
 
 def test_tied_and_untied_embeddings(data_dir):

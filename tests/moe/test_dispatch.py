@@ -32,7 +32,9 @@ def routed(x, router, k, C, policy="top_k"):
     logits = routing.router_logits(x, router)
     if policy == "expert_choice":
         return expert_choice.expert_choice_route(logits, capacity=C)
-    return top_k.top_k_route(logits, num_selected=k, capacity=C)
+    rules = {"top_k_next_choice": {"overflow": "next_choice"},
+             "top_k_probability": {"drop_priority": "probability"}}.get(policy, {})  # fmt: skip
+    return top_k.top_k_route(logits, num_selected=k, capacity=C, rank_major=not rules, **rules)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,9 @@ def routed(x, router, k, C, policy="top_k"):
         ("top_k", 2, 0.5),
         ("top_k", 2, 1.0),
         ("expert_choice", 1, 1.0),
+        # The capacity rules (overflow, drop priority) change the plan only: every backend reads it.
+        ("top_k_next_choice", 2, 0.5),
+        ("top_k_probability", 2, 0.5),
     ],
 )
 def test_backends_agree_on_output_and_gradients(policy, k, factor):
@@ -54,8 +59,10 @@ def test_backends_agree_on_output_and_gradients(policy, k, factor):
         return dispatch.moe_forward(backend, x, routed(x, router, k, C, policy), experts)
 
     r = routed(x, router, k, C, policy)
-    if policy == "top_k" and factor < 1:
+    if policy in ("top_k", "top_k_probability") and factor < 1:
         assert (np.asarray(r.slot) < 0).any(), "overflow case must drop tokens"
+    if policy == "top_k_next_choice":  # choices moved off their asked expert
+        assert (np.asarray(r.expert) != np.asarray(r.ranking)[..., :k]).any()
     cotangent = jax.random.normal(jax.random.key(9), (G, S, D))
     loss = lambda backend, *args: jnp.sum(run(backend, *args) * cotangent)
     outs, grads = {}, {}

@@ -2,6 +2,7 @@
 training on a mesh equals single-device training, and checkpoints move between meshes."""
 
 import flax.linen as nn
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,6 +43,25 @@ PAIRWISE = [
 @pytest.mark.parametrize("parallelism,backend,shape", PAIRWISE)
 @pytest.mark.parametrize("router,k", [("top_k", 1), ("top_k", 2), ("expert_choice", 1)])
 def test_expert_parallel_layer_equals_single_device(parallelism, backend, shape, router, k):
+    check_expert_parallel_layer(parallelism, backend, shape, router, k)
+
+
+# The capacity rules change only the dispatch plan; each runs with both parallelisms and both
+# capacity backends (a pairwise design again: four runs instead of eight).
+@pytest.mark.parametrize(
+    "parallelism,backend,shape,rule",
+    [
+        ("shard_map", "gather", (2, 4, 1), {"overflow": "next_choice"}),
+        ("jit", "einsum", (2, 2, 2), {"overflow": "next_choice"}),
+        ("jit", "gather", (2, 2, 2), {"drop_priority": "probability"}),
+        ("shard_map", "einsum", (2, 4, 1), {"drop_priority": "probability"}),
+    ],
+)
+def test_capacity_rules_on_a_mesh_equal_one_device(parallelism, backend, shape, rule):
+    check_expert_parallel_layer(parallelism, backend, shape, "top_k", 2, rule)
+
+
+def check_expert_parallel_layer(parallelism, backend, shape, router, k, router_options=None):
     settings = dict(
         num_experts=8,
         d_ff=8,
@@ -51,6 +71,7 @@ def test_expert_parallel_layer_equals_single_device(parallelism, backend, shape,
         eval_capacity_factor=0.5,
         min_capacity=1,
         activation="swiglu",
+        router_options=flax.core.FrozenDict(router_options or {}),
     )
     reference = MoeLayer(**settings)
     layer = MoeLayer(**settings, expert_parallelism=parallelism)

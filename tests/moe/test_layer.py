@@ -157,6 +157,30 @@ def test_layer_output_equals_loop_reference():
         (dict(random_routing=True), "random_routing .* needs num_selected >= 2"),
         (dict(expert_dropout=1.0), r"expert_dropout must be in \[0, 1\)"),
         (dict(min_capacity=0), "min_capacity must be >= 1"),
+        (
+            dict(router_options={"overflow": "spill"}),
+            r"overflow must be one of \('drop', 'next_choice'\); got 'spill'",
+        ),
+        (
+            dict(router_options={"drop_priority": "random"}),
+            r"drop_priority must be one of \('position', 'probability'\)",
+        ),
+        (
+            dict(backend="dropless", router_options={"overflow": "next_choice"}),
+            r"overflow='next_choice' decide what happens at capacity; a dropless backend",
+        ),
+        (
+            dict(router_options={"overflow": "next_choice", "drop_priority": "probability"}),
+            "overflow='next_choice' places token by token .* needs drop_priority='position'",
+        ),
+        (
+            dict(num_selected=2, causal_routing=False, router_options={"overflow": "next_choice"}),
+            r"with num_selected=2 set causal_routing=True",
+        ),
+        (
+            dict(batch_prioritized=True, router_options={"drop_priority": "probability"}),
+            "two priority rules",
+        ),
     ],
 )
 def test_bad_settings_raise_before_compilation(settings, message):

@@ -58,6 +58,81 @@ def test_top_k_equals_per_token_loop(k, batch_prioritized, factor, gate_norm, ra
     assert result.causal == (not batch_prioritized and (k == 1 or not rank_major))
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+@pytest.mark.parametrize("gate_norm", ["raw", "normalized"])
+@pytest.mark.parametrize("rule", ["next_choice", "probability", "next_choice_bpr"])
+def test_overflow_and_drop_priority_equal_the_per_token_loop(k, factor, gate_norm, rule):
+    """overflow='next_choice' and drop_priority='probability' against the loop: which pairs are
+    kept, in which expert and slot, with which gate; with padding (the last positions of every
+    group ask for nothing) and, for k = 2, random routing skipping some second choices."""
+    logits = skewed_logits(seed=7 + k + int(factor * 10), S=20, E=5)
+    G, S, E = logits.shape
+    C = routing.expert_capacity(S, E, k, factor)
+    mask = np.ones((G, S), bool)
+    mask[:, -3:] = False
+    keep_second = np.random.default_rng(k).random((G, S)) < 0.7 if k == 2 else None
+    key = None
+    if keep_second is not None:  # replay the loop's skips through the router's random routing
+        key = jax.random.key(5)
+        probs = ref.softmax(np.asarray(logits, np.float64))
+        top2 = np.sort(probs, axis=-1)[..., ::-1][..., :2]
+        g2 = top2[..., 1] / top2.sum(-1)
+        u = np.asarray(jax.random.uniform(key, (G, S), jnp.float32))
+        keep_second = u < g2 / 0.5
+    overflow = "next_choice" if rule.startswith("next_choice") else "drop"
+    priority = "probability" if rule == "probability" else "position"
+    bpr = rule.endswith("bpr")
+    result = top_k.top_k_route(
+        logits, num_selected=k, capacity=C, gate_norm=gate_norm, rank_major=False,
+        random_routing_key=key, mask=jnp.asarray(mask), overflow=overflow,
+        drop_priority=priority, batch_prioritized=bpr,
+    )  # fmt: skip
+    probs = ref.softmax(np.asarray(logits, np.float64))
+    expert, slot, gate = ref.top_k_route(
+        probs, k, C, gate_norm, bpr, keep_second, rank_major=False, overflow=overflow,
+        drop_priority=priority, mask=mask,
+    )  # fmt: skip
+    np.testing.assert_array_equal(result.slot, slot)
+    kept = slot >= 0
+    np.testing.assert_array_equal(np.where(kept, result.expert, -1), np.where(kept, expert, -1))
+    np.testing.assert_allclose(result.gate, gate, rtol=1e-5, atol=1e-7)
+    assert (np.asarray(result.slot)[~mask] == -1).all()
+    C_used = np.zeros((G, E), int)
+    for g, s_, r in zip(*np.nonzero(kept)):
+        C_used[g, expert[g, s_, r]] += 1
+    assert C_used.max() <= C
+    for g in range(G):  # a token never holds one expert twice
+        for s_ in range(S):
+            held = [expert[g, s_, r] for r in range(k) if kept[g, s_, r]]
+            assert len(held) == len(set(held))
+    if overflow == "next_choice" and factor == 0.5:
+        moved = kept & (expert != np.asarray(ref.top_k_route(probs, k, None)[0]))
+        assert moved.any(), "some choice must move, or the test proves nothing"
+        asked = mask[..., None] & (np.ones_like(kept) if keep_second is None else
+                                   np.stack([np.ones_like(keep_second), keep_second], -1))  # fmt: skip
+        np.testing.assert_allclose(result.stats["moved_fraction"], moved.sum() / asked.sum(),
+                                   rtol=1e-6)  # fmt: skip
+    if factor == 0.5 and overflow == "drop":
+        assert ((slot < 0) & mask[..., None]).any(), "the low-capacity case must drop"
+    assert result.causal == (priority == "position" and not bpr)
+
+
+def test_next_choice_and_probability_priority_by_hand():
+    # One group, two experts, capacity 1, four tokens all preferring expert 0: token 0 takes
+    # expert 0, token 1 moves to expert 1, tokens 2 and 3 find both full and drop.
+    logits = jnp.asarray([[[3.0, 1.0], [2.0, 1.0], [2.5, 0.0], [1.0, 0.5]]], jnp.float32)
+    r = top_k.top_k_route(logits, num_selected=1, capacity=1, overflow="next_choice")
+    np.testing.assert_array_equal(r.slot[0, :, 0], [0, 0, -1, -1])
+    np.testing.assert_array_equal(r.expert[0, :2, 0], [0, 1])
+    p1 = float(jax.nn.softmax(logits[0, 1])[1])
+    np.testing.assert_allclose(r.gate[0, :, 0], [float(jax.nn.softmax(logits[0, 0])[0]), p1, 0, 0],
+                               rtol=1e-6)  # fmt: skip
+    # Megatron's probability priority keeps the most confident token instead of the first.
+    by_prob = top_k.top_k_route(logits, num_selected=1, capacity=1, drop_priority="probability")
+    np.testing.assert_array_equal(by_prob.slot[0, :, 0], [-1, -1, 0, -1])  # p0: .88 .73 .92 .62
+
+
 def test_batch_prioritized_drops_the_least_confident_tokens():
     # One expert, capacity 2, four tokens: in-order keeps tokens 0 and 1; BPR keeps the two most
     # confident (3 and 2).

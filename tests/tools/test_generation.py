@@ -59,6 +59,9 @@ CASES = {
     "groups_across_rows": {"model.moe.group_size": 2 * T},
     "dropless": {"model.moe.backend": "dropless"},
     "moe_every_block_shared_expert": {"model.moe.moe_every": 1, "model.moe.shared_d_ff": 16},
+    # A full expert's choice moves to the token's next-ranked expert with room: the cache must
+    # replay the moves of earlier positions.
+    "top2_next_choice": {"model.moe.num_selected": 2, "model.moe.overflow": "next_choice"},
 }  # fmt: skip
 
 
@@ -81,6 +84,14 @@ def test_cached_generation_equals_recomputing_the_prefix(case):
         # The reference dropped tokens: the cache must have tracked the experts' slots.
         _, aux = build_model(config).apply({"params": params}, jnp.asarray(ref_tokens))
         assert float(jnp.max(aux["stats"]["dropped_fraction"])) > 0.05
+    if case == "top2_next_choice":  # choices moved in the reference: the cache replayed them
+        drop = lm_config(**{**CASES[case], "model.moe.overflow": "drop"})
+        _, moved = build_model(config).apply({"params": params}, jnp.asarray(ref_tokens))
+        _, dropped = build_model(drop).apply({"params": params}, jnp.asarray(ref_tokens))
+        assert float(jnp.max(dropped["stats"]["dropped_fraction"])) > 0.05
+        assert float(jnp.max(moved["stats"]["dropped_fraction"])) < float(
+            jnp.max(dropped["stats"]["dropped_fraction"])
+        )
 
 
 def test_one_compilation_serves_every_prompt_and_sampling_setting():

@@ -16,10 +16,15 @@ import jax.numpy as jnp
 from switchmoe.moe import losses as losses_lib
 from switchmoe.moe.routers.base import Option, Router
 from switchmoe.moe.routing import (
+    DROP_PRIORITIES,
     GATE_NORMS,
+    OVERFLOW_RULES,
     RoutingResult,
     assign_slots,
+    assign_slots_by_score,
     build_result,
+    chosen_gates,
+    place_next_choice,
     priority_order,
 )
 
@@ -54,6 +59,8 @@ def top_k_route(
     mask: Optional[Array] = None,
     expert_groups: int = 1,
     groups_selected: int = 1,
+    overflow: str = "drop",
+    drop_priority: str = "position",
 ) -> RoutingResult:
     """Token-choice routing: each token picks its K highest-scoring experts, subject to capacity.
 
@@ -85,6 +92,12 @@ def top_k_route(
         `groups_selected` best groups only. 1: no groups.
       mask: optional bool[G, S], False at padded positions: they ask for no slot (so they take
         none from real tokens) and are left out of the losses and statistics.
+      overflow: "drop" (Switch, GShard) or "next_choice": a choice whose expert is full moves
+        to the token's next-ranked expert with a free slot (routing.place_next_choice; token by
+        token, whatever rank_major says), its gate that expert's score, normalised over the
+        token's final K experts when gate_norm="normalized".
+      drop_priority: "position" (slots in priority order) or "probability": each expert keeps
+        the C pairs with the highest score (routing.assign_slots_by_score; not causal).
 
     Returns:
       A RoutingResult with K choices per token.
@@ -103,9 +116,12 @@ def top_k_route(
     else:
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    if selection_bias is None and expert_groups == 1:
-        top_p, expert = jax.lax.top_k(scores, num_selected)  # [G, S, K] each, descending.
-    else:
+    if overflow not in OVERFLOW_RULES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_RULES}; got {overflow!r}.")
+    if drop_priority not in DROP_PRIORITIES:
+        raise ValueError(f"drop_priority must be one of {DROP_PRIORITIES}; got {drop_priority!r}.")
+    ranked = scores
+    if selection_bias is not None or expert_groups > 1:
         # DeepSeek-V3 adds the bias to its sigmoid scores. A softmax's top K are the logits' top
         # K, and its probabilities scale as 1/E, so there the bias is added to the logits: one
         # update speed then means the same at every E.
@@ -114,13 +130,16 @@ def top_k_route(
             ranked = ranked + selection_bias.astype(ranked.dtype)
         if expert_groups > 1:
             ranked = limit_to_best_groups(ranked, expert_groups, groups_selected)
-        _, expert = jax.lax.top_k(ranked, num_selected)
-        top_p = jnp.take_along_axis(scores, expert, axis=-1)
-    expert = expert.astype(jnp.int32)
-    normalized = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    gate = normalized if gate_norm == "normalized" else top_p
-    if routed_scaling_factor != 1.0:
-        gate = gate * routed_scaling_factor
+    next_choice = overflow == "next_choice" and capacity is not None
+    ranking = None
+    if next_choice:  # the whole ranking: where an overflowing choice looks next
+        ranking = jax.lax.top_k(ranked, E)[1].astype(jnp.int32)
+        expert = ranking[..., :num_selected]
+    else:
+        expert = jax.lax.top_k(ranked, num_selected)[1].astype(jnp.int32)  # descending
+    asked = expert
+    top_p = jnp.take_along_axis(scores, expert, axis=-1)  # [G, S, K]
+    gate = chosen_gates(scores, expert, gate_norm, routed_scaling_factor)
 
     requested = jnp.ones((G, S, num_selected), bool)
     if random_routing_key is not None and num_selected >= 2:
@@ -132,15 +151,34 @@ def top_k_route(
         requested = requested & mask[..., None]
 
     order = priority_order(probs, batch_prioritized)
-    slot, overflow = assign_slots(expert, requested, E, capacity, order, rank_major)
+    by_score = drop_priority == "probability" and capacity is not None
+    if next_choice:
+        expert, slot, dropped = place_next_choice(ranking, requested, capacity, order)
+        gate = chosen_gates(scores, expert, gate_norm, routed_scaling_factor)
+    elif by_score:
+        slot, dropped = assign_slots_by_score(expert, top_p, requested, E, capacity)
+    else:
+        slot, dropped = assign_slots(expert, requested, E, capacity, order, rank_major)
     gate = jnp.where(slot >= 0, gate, 0.0)
-    causal = not batch_prioritized and (num_selected == 1 or not rank_major or capacity is None)
-    return build_result(
+    token_major = num_selected == 1 or not rank_major or capacity is None or next_choice
+    causal = not batch_prioritized and not by_score and token_major
+    result = build_result(
         expert, slot, gate, probs, logits,
         capacity=capacity, causal=causal,
-        losses=losses_lib.router_losses(logits, probs, expert, mask),
-        requested=requested, overflow=overflow, mask=mask,
+        # The balance losses count what the router asked for, before any move.
+        losses=losses_lib.router_losses(logits, probs, asked, mask),
+        requested=requested, overflow=dropped, mask=mask,
     )  # fmt: skip
+    if next_choice:
+        # moved_fraction: requested pairs placed in another expert than the one they asked for
+        # (the drops they were spared); dropped_fraction counts those placed nowhere.
+        moved = requested & (slot >= 0) & (expert != asked)
+        stats = dict(result.stats)
+        stats["moved_fraction"] = jax.lax.stop_gradient(
+            jnp.sum(moved) / jnp.maximum(jnp.sum(requested), 1)
+        ).astype(jnp.float32)
+        result = result.replace(ranking=ranking, scores=scores, stats=stats)
+    return result
 
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -198,10 +236,36 @@ class TopK(Router):
         "groups_selected": Option(
             1, "the groups a token chooses from with expert_groups > 1 (DeepSeek-V3: 4)", int
         ),
+        "overflow": Option(
+            "drop",
+            "a choice whose expert is full: 'drop' it (Switch) or 'next_choice': move it to the "
+            "token's next-ranked expert with a free slot (token by token, causal)",
+            str,
+        ),
+        "drop_priority": Option(
+            "position",
+            "which pairs a full expert keeps: 'position' (earlier first; causal) or "
+            "'probability' (highest router score first, Megatron-Core's default; not causal)",
+            str,
+        ),
     }
 
     def noncausal_reason(self):
+        if self.option("drop_priority") == "probability" and not self.dropless:
+            return (
+                "model.moe.drop_priority='probability' lets a later token with a higher router "
+                "score take an earlier token's slot"
+            )
+        if self.option("overflow") == "next_choice":
+            return None  # placed token by token whatever causal_routing says (check refuses it)
         return token_choice_causal_reason(self.settings, self.dropless)
+
+    def preferences(self, result):
+        # With overflow='next_choice' result.expert holds where choices went; the balance
+        # losses count what the router asked for, its top K.
+        if result.ranking is not None:
+            return result.ranking[..., : result.expert.shape[-1]]
+        return result.expert
 
     def streams(self, train):
         extra = ("random_routing",) if train and self.settings.random_routing else ()
@@ -228,6 +292,47 @@ class TopK(Router):
                 f"{prefix}num_selected >= 2; got {prefix}num_selected={s.num_selected}."
             )
         self._check_groups(prefix)
+        self._check_capacity_rules(prefix)
+
+    def _check_capacity_rules(self, prefix):
+        s = self.settings
+        overflow, priority = self.option("overflow"), self.option("drop_priority")
+        if overflow not in OVERFLOW_RULES:
+            raise ValueError(f"{prefix}overflow must be one of {OVERFLOW_RULES}; got {overflow!r}.")
+        if priority not in DROP_PRIORITIES:
+            raise ValueError(
+                f"{prefix}drop_priority must be one of {DROP_PRIORITIES}; got {priority!r}."
+            )
+        changed = [f"{prefix}{n}={v!r}" for n, v in (("overflow", overflow),
+                   ("drop_priority", priority)) if v != self.options[n].default]  # fmt: skip
+        if changed and self.dropless:
+            raise ValueError(
+                f"{' and '.join(changed)} decide what happens at capacity; a dropless backend "
+                f"({prefix}backend={s.backend!r}) has none. Allowed with it: overflow='drop', "
+                "drop_priority='position'."
+            )
+        if overflow == "next_choice":
+            if priority != "position":
+                raise ValueError(
+                    f"{prefix}overflow='next_choice' places token by token in position order; "
+                    f"it needs {prefix}drop_priority='position' (got {priority!r})."
+                )
+            if s.num_selected >= 2 and not s.causal_routing:
+                raise ValueError(
+                    f"{prefix}overflow='next_choice' places each token's choices before the next "
+                    f"token's (token-major); with num_selected={s.num_selected} set "
+                    f"{prefix}causal_routing=True (got False: rank-major slots)."
+                )
+            if self.option("expert_groups") > 1:
+                raise ValueError(
+                    f"{prefix}overflow='next_choice' would move choices outside a token's expert "
+                    f"groups; allowed with {prefix}expert_groups > 1: overflow='drop'."
+                )
+        if priority == "probability" and s.batch_prioritized:
+            raise ValueError(
+                f"{prefix}drop_priority='probability' and {prefix}batch_prioritized=True are two "
+                "priority rules; choose one."
+            )
 
     def _check_groups(self, prefix):
         n, m = self.option("expert_groups"), self.option("groups_selected")
@@ -271,4 +376,6 @@ class TopK(Router):
             mask=mask,
             expert_groups=self.option("expert_groups"),
             groups_selected=self.option("groups_selected"),
+            overflow=self.option("overflow"),
+            drop_priority=self.option("drop_priority"),
         )
