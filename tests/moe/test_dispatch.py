@@ -43,7 +43,6 @@ def routed(x, router, k, C, policy="top_k"):
         ("top_k", 1, 0.5),
         ("top_k", 1, 1.25),
         ("top_k", 2, 0.5),
-        ("top_k", 2, 1.0),
         ("expert_choice", 1, 1.0),
         # The capacity rules (overflow, drop priority) change the plan only: every backend reads it.
         ("top_k_next_choice", 2, 0.5),

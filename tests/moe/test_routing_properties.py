@@ -14,7 +14,7 @@ from switchmoe.moe.routers import expert_choice, top_k
 shapes = st.sampled_from([(1, 8, 2), (2, 12, 4), (3, 16, 8)])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     shape=shapes,
     k=st.integers(1, 3),
