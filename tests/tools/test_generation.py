@@ -85,13 +85,8 @@ def test_cached_generation_equals_recomputing_the_prefix(case):
         _, aux = build_model(config).apply({"params": params}, jnp.asarray(ref_tokens))
         assert float(jnp.max(aux["stats"]["dropped_fraction"])) > 0.05
     if case == "top2_next_choice":  # choices moved in the reference: the cache replayed them
-        drop = lm_config(**{**CASES[case], "model.moe.overflow": "drop"})
-        _, moved = build_model(config).apply({"params": params}, jnp.asarray(ref_tokens))
-        _, dropped = build_model(drop).apply({"params": params}, jnp.asarray(ref_tokens))
-        assert float(jnp.max(dropped["stats"]["dropped_fraction"])) > 0.05
-        assert float(jnp.max(moved["stats"]["dropped_fraction"])) < float(
-            jnp.max(dropped["stats"]["dropped_fraction"])
-        )
+        _, aux = build_model(config).apply({"params": params}, jnp.asarray(ref_tokens))
+        assert float(jnp.max(aux["stats"]["moved_fraction"])) > 0.05
 
 
 def test_one_compilation_serves_every_prompt_and_sampling_setting():
