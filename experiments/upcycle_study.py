@@ -16,7 +16,9 @@ the same MoE from scratch, at equal extra steps (Komatsuzaki et al. 2022, Fig. 2
    steps). The MoE runs cost ~1.9x the dense FFN FLOPs per token (two experts of the dense
    width): the comparison is at equal steps and data, as in the paper, not at equal FLOPs.
 Runs live in <workdir>/<name>_seed<s>; a rerun resumes or skips finished ones. Writes
-<workdir>/upcycling.json and upcycling.md (mean ± sample std over seeds of the final eval loss).
+<workdir>/upcycling.json and upcycling.md (mean ± sample std over seeds of the final eval loss,
+each seed's, and each arm's paired difference from the dense model continued on the same seed);
+`--report_only` rewrites upcycling.md from upcycling.json.
 """
 
 import json
@@ -32,6 +34,9 @@ from switchmoe.sweeps import load_config_module
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the results go.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the continued runs.")
 _EXTRA = flags.DEFINE_integer("extra_steps", 300, "Steps after the dense model's 600.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Rewrite upcycling.md from the workdir's upcycling.json; train nothing."
+)
 flags.mark_flags_as_required(["workdir"])
 
 MOE = {
@@ -65,9 +70,13 @@ def main(argv):
     from switchmoe.training.trainer import train_and_evaluate  # noqa: PLC0415
 
     root = os.path.abspath(_WORKDIR.value)
+    if _REPORT_ONLY.value:
+        with open(os.path.join(root, "upcycling.json")) as f:
+            write_table(json.load(f), root)
+        return
     dense = os.path.join(root, "dense")
     train_and_evaluate(base_config(), dense)
-    results = {"dense": final_eval(dense), "arms": {}}
+    results = {"dense": final_eval(dense), "arms": {}, "seeds": list(_SEEDS.value)}
     for name, (overrides, from_dense) in ARMS.items():
         runs = []
         for seed in _SEEDS.value:
@@ -85,25 +94,46 @@ def main(argv):
             train_and_evaluate(config, workdir)
             runs.append(final_eval(workdir))
         results["arms"][name] = runs
+    with open(os.path.join(root, "upcycling.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_table(results, root)
+
+
+def table(results: dict) -> list[str]:
+    """The Markdown table of upcycling.md: each arm's final eval loss (mean ± sample std over
+    seeds, then per seed) and its paired difference from the dense model continued on the same
+    seed's data order."""
+    seeds = results.get("seeds") or [str(i) for i in range(len(results["arms"]["dense_continued"]))]
+    dense_runs = [r["eval/loss"] for r in results["arms"]["dense_continued"]]
     lines = [
-        f"| run | extra steps | eval loss (nats), mean ± std over seeds {_SEEDS.value} | "
-        "bits/byte | dropped (eval) |",
-        "|---|---|---|---|---|",
+        "| run | extra steps | eval loss (nats), mean ± std | bits/byte | "
+        + " | ".join(f"seed {seed}" for seed in seeds)
+        + " | − dense continued, per seed | dropped (eval) |",
+        "|---|---|---|---|" + "---|" * len(seeds) + "---|---|",
         f"| dense after 600 steps | 0 | {results['dense']['eval/loss']:.4f} | "
-        f"{results['dense']['eval/bits_per_byte']:.3f} | – |",
+        f"{results['dense']['eval/bits_per_byte']:.3f} | " + "– | " * len(seeds) + "– | – |",
     ]
     for name, runs in results["arms"].items():
         losses = [r["eval/loss"] for r in runs]
-        spread = statistics.stdev(losses) if len(losses) > 1 else float("nan")
+        spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
         bpb = statistics.mean(r["eval/bits_per_byte"] for r in runs)
         drop = [r.get("eval/dropped_fraction") for r in runs]
         drop = f"{100 * statistics.mean(drop):.2f}%" if None not in drop else "–"
-        lines.append(
-            f"| {name} | {_EXTRA.value} | {statistics.mean(losses):.4f} ± {spread:.4f} | "
-            f"{bpb:.3f} | {drop} |"
+        paired = (
+            "–"
+            if name == "dense_continued"
+            else ", ".join(f"{loss - base:+.4f}" for loss, base in zip(losses, dense_runs))
         )
-    with open(os.path.join(root, "upcycling.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        lines.append(
+            f"| {name} | {runs[0]['step']} | {statistics.mean(losses):.4f}{spread} | {bpb:.3f} | "
+            + " | ".join(f"{loss:.4f}" for loss in losses)
+            + f" | {paired} | {drop} |"
+        )
+    return lines
+
+
+def write_table(results: dict, root: str) -> None:
+    lines = table(results)
     with open(os.path.join(root, "upcycling.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
