@@ -32,7 +32,7 @@ from switchmoe.moe.settings import (  # the one copy of each check
     check_granularity,
 )
 
-OPTIMIZERS = ("adafactor", "adamw")
+OPTIMIZERS = ("adafactor", "adamw", "muon")
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 ARCHITECTURES = ("decoder", "encoder_decoder")
@@ -166,7 +166,8 @@ def default_config() -> ml_collections.ConfigDict:
     model.moe = default_moe_config()
 
     opt = config.optimizer = ml_collections.ConfigDict()
-    # 'adafactor' (Switch / T5) or 'adamw'.
+    # 'adafactor' (Switch / T5), 'adamw', or 'muon' (orthogonalised momentum on the matrices,
+    # expert by expert, AdamW on embeddings, routers, norms and biases: switchmoe/muon.py).
     opt.name = "adamw"
     # Peak learning rate.
     opt.learning_rate = 3e-3
@@ -181,6 +182,12 @@ def default_config() -> ml_collections.ConfigDict:
     opt.b2 = 0.98
     # Clip gradients to this global norm (0 = off).
     opt.grad_clip_norm = 1.0
+    # Muon (optimizer.name='muon'): momentum decay, Newton–Schulz steps, and the RMS its
+    # updates are scaled to (Liu et al. 2025: 0.2, AdamW's, so learning_rate and weight_decay
+    # carry over from AdamW).
+    opt.muon_beta = 0.95
+    opt.muon_ns_steps = 5
+    opt.muon_rms = 0.2
     # Parameters kept at their starting values (fine-tuning, switchmoe/optim.py): 'none',
     # 'moe' (routers and experts), 'non_moe', 'router', 'experts', or 're:<regex>' over
     # '/'-joined parameter paths. Frozen parameters get no update and no optimizer state.
@@ -403,6 +410,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
                 "backend would need a ragged all-to-all."
             )
     _one_of("optimizer.name", opt.name, OPTIMIZERS)
+    if opt.name == "muon":
+        if not 0 <= opt.muon_beta < 1:
+            raise ValueError(f"optimizer.muon_beta must be in [0, 1); got {opt.muon_beta!r}.")
+        if not (isinstance(opt.muon_ns_steps, int) and opt.muon_ns_steps >= 1):
+            raise ValueError(
+                f"optimizer.muon_ns_steps must be an int >= 1; got {opt.muon_ns_steps!r}."
+            )
+        _positive("optimizer.muon_rms", opt.muon_rms)
     _one_of("optimizer.schedule", opt.schedule, SCHEDULES)
     _positive("optimizer.learning_rate", opt.learning_rate)
     if not math.isfinite(opt.learning_rate):

@@ -1,5 +1,6 @@
-"""Optimizers and learning-rate schedules from the `optimizer` config block, freezing
-(`optimizer.freeze`), and the optimizer of a whole config (`optimizer_for`).
+"""Optimizers (AdamW, Adafactor, and Muon from switchmoe/muon.py) and learning-rate schedules
+from the `optimizer` config block, freezing (`optimizer.freeze`), and the optimizer of a whole
+config (`optimizer_for`).
 
 `optimizer.freeze` keeps parameters at their starting values (ST-MoE §4 fine-tunes with the MoE
 layers frozen): 'none', 'moe' (every MoE layer: router and experts), 'non_moe' (everything but
@@ -18,6 +19,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from switchmoe import muon as muon_lib
 from switchmoe.moe import balancing
 from switchmoe.moe.experts import EXPERT_MATRICES, in_moe_layer, is_expert_matrix
 
@@ -67,11 +69,14 @@ def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransforma
     """The optimizer a run of `config` trains with (and whose state its checkpoints hold)."""
     moe = config.model.moe
     rule_set = bool(moe.num_experts) and moe.get("bias_update_speed", 0.0) > 0
+    # Muon reads which axes of each parameter form its matrices from the model's axis names.
+    axes = muon_lib.parameter_axes(config) if config.optimizer.name == "muon" else None
     return make_optimizer(
         config.optimizer,
         config.num_train_steps,
         rule_set=rule_set,
         freeze=config.optimizer.get("freeze", "none"),
+        axes=axes,
     )
 
 
@@ -105,16 +110,18 @@ def make_optimizer(
     *,
     rule_set: bool = False,
     freeze: str = "none",
+    axes: dict | None = None,
 ) -> optax.GradientTransformation:
-    """AdamW or Adafactor with the schedule, after global-norm gradient clipping.
+    """AdamW, Adafactor or Muon with the schedule, after global-norm gradient clipping.
 
     rule_set: the parameters hold values set by a rule after each step rather than trained
     (the selection biases of auxiliary-loss-free balancing; see `parameter_labels`); the
     optimizer gives them a zero update, no weight decay and no state.
     freeze: `optimizer.freeze` (module docstring): those parameters get a zero update and no state
     either, and are left out of the clipped gradient norm.
+    axes: Muon only: {parameter path: logical axis names} of the model (muon.parameter_axes).
     """
-    tx = _optimizer(opt, num_train_steps)
+    tx = _optimizer(opt, num_train_steps, axes)
     if not rule_set and freeze == "none":
         return tx
     zero = optax.set_to_zero()
@@ -137,18 +144,32 @@ def parameter_labels(params, freeze: str = "none"):
     return traverse_util.unflatten_dict({path: label(path) for path in flat})
 
 
+def _adamw(opt: ml_collections.ConfigDict, schedule: optax.Schedule):
+    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+
+
 def _optimizer(
-    opt: ml_collections.ConfigDict, num_train_steps: int
+    opt: ml_collections.ConfigDict, num_train_steps: int, axes: dict | None = None
 ) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(opt, num_train_steps)
     if opt.name == "adamw":
-        core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+        core = _adamw(opt, schedule)
+    elif opt.name == "muon":
+        if axes is None:
+            raise ValueError(
+                "optimizer.name='muon' needs the model's parameter axes: build it with "
+                "optim.optimizer_for(config) (or pass axes=muon.parameter_axes(config))."
+            )
+        # AdamW for what Muon leaves alone: exactly the 'adamw' optimizer of the same block.
+        core = muon_lib.muon(opt, schedule, axes, _adamw(opt, schedule))
     elif opt.name == "adafactor":
         # Factored second moments (memory O(rows + cols) per matrix), as Switch and T5 trained;
         # the update is scaled by each parameter's RMS, so the learning rate is relative.
         core = optax.adafactor(schedule, weight_decay_rate=opt.weight_decay or None)
     else:
-        raise ValueError(f"optimizer.name must be one of ('adafactor', 'adamw'); got {opt.name!r}.")
+        raise ValueError(
+            f"optimizer.name must be one of ('adafactor', 'adamw', 'muon'); got {opt.name!r}."
+        )
     if opt.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
     return core

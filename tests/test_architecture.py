@@ -20,7 +20,7 @@ FLOORS = (
     ("data", ("switchmoe.data",)),
     ("moe", ("switchmoe.moe",)),
     ("models", ("switchmoe.models",)),
-    ("settings", ("switchmoe.config", "switchmoe.optim", "switchmoe.presets")),
+    ("settings", ("switchmoe.config", "switchmoe.optim", "switchmoe.muon", "switchmoe.presets")),
     ("runs", ("switchmoe.runs",)),
     ("interop", ("switchmoe.interop",)),
     ("training", ("switchmoe.training",)),
