@@ -65,9 +65,8 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unexpected arguments: {unknown}")
     trials = seeds.with_seeds(sweeps.get_sweep(_CONFIG.value), [int(s) for s in _SEEDS.value])
-    names = [sweeps.trial_name(t) for t in trials]
-    if _ONLY.value is not None and not any(re.search(_ONLY.value, n) for n in names):
-        raise ValueError(f"--only={_ONLY.value!r} matches none of the trials {names}.")
+    # Refused before the plan is written: a selection that runs nothing changes nothing.
+    sweeps.selected([sweeps.trial_name(t) for t in trials], _ONLY.value)
     trials = sweeps.plan_trials(_WORKDIR.value, _CONFIG.value, base, trials, _PLAN.value)
     jobs = []
     for overrides in trials:

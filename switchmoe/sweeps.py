@@ -155,3 +155,14 @@ def plan_trials(
 def read_sweep_file(sweep_dir: str) -> dict[str, Any]:
     with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
         return json.load(f)
+
+
+def selected(names: list[str], only: str | None) -> list[str]:
+    """The trial names `--only` (a regex, searched) selects; all of them without it. Raises
+    ValueError, naming the trials, when it selects none."""
+    if only is None:
+        return list(names)
+    chosen = [n for n in names if re.search(only, n)]
+    if not chosen:
+        raise ValueError(f"--only={only!r} matches none of the trials {names}.")
+    return chosen

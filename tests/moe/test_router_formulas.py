@@ -130,12 +130,14 @@ def test_hash_routing_is_a_fixed_table_saved_with_the_run(data_dir, tmp_path):
         data_dir,
         **{
             "model.moe.router": "hash",
-            "num_train_steps": 4,
-            "checkpoint_every": 4,
-            "eval_every": 4,
+            "num_train_steps": 10,
+            "checkpoint_every": 10,
+            "eval_every": 10,
         },
     )
-    train_and_evaluate(config, workdir, log=quiet)
+    result = train_and_evaluate(config, workdir, log=quiet)
+    # It trains (the other routers: test_each_router_trains_with_finite_losses).
+    assert np.isfinite(result["eval/loss"]) and result["train/loss"] < 5.0
     restored, _ = restore_run(workdir)
     expected = hash_routing.random_hash_table(259, 4, seed=config.seed)
     np.testing.assert_array_equal(restored.model.moe.hash_table, expected)
@@ -235,7 +237,6 @@ def test_every_router_agrees_across_backends_and_on_the_mesh(router, determinist
                 "model.moe.load_weight": 0.1,
             },
         ),
-        ("hash", {"model.moe.hash_kind": "balanced"}),
         ("sbase", {"model.moe.noncausal_ablation": True}),
         ("expert_choice", {"model.moe.noncausal_ablation": True}),
     ],

@@ -71,6 +71,9 @@ DAMAGE = {
 }
 
 
+RESUMED = ("params_bit_flipped", "opt_state_truncated", "metadata_deleted")
+
+
 def leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -98,6 +101,10 @@ def test_a_damaged_checkpoint_is_reported_and_the_run_falls_back(runs, tmp_path,
             restore_run(workdir, step=20)
 
     # Resuming reports the damage, sets the step aside and reaches the undamaged final state.
+    # The trainer reads a step through the same checks as restore_run above, plus the optimizer
+    # state's: it resumes here for one damage of each item (the others cost a run each).
+    if damage not in RESUMED:
+        return
     lines = []
     train_and_evaluate(config, workdir, log=lines.append)
     assert any("checkpoint 20 is damaged" in line for line in lines), lines

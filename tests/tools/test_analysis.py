@@ -513,3 +513,34 @@ def test_a_short_seeded_sweep_reports_means_markers_and_empty_panels_with_reason
     curves = figures["eval_curves_seeds.png"].axes[0].lines
     assert curves and all(l.get_marker() == "o" and len(l.get_xydata()) == 1 for l in curves)
     plt.close("all")
+
+
+def test_upcycle_study_table_from_its_json(tmp_path):
+    # The table behind EXPERIMENTS.md's upcycling rows, rewritten from a hand-made
+    # upcycling.json: mean ± sample std per arm, each seed, and the paired difference from the
+    # dense model continued on the same seed (NumPy on the same numbers).
+    losses = {
+        "dense_continued": [1.40, 1.41],
+        "upcycled": [1.38, 1.395],
+        "moe_scratch": [1.6, 1.61],
+    }
+    run = lambda loss: {"step": 300, "eval/loss": loss, "eval/bits_per_byte": loss / np.log(2)}
+    results = {
+        "dense": {"eval/loss": 1.46, "eval/bits_per_byte": 2.1},
+        "arms": {arm: [run(v) for v in values] for arm, values in losses.items()},
+        "seeds": ["3", "4"],
+    }
+    (tmp_path / "upcycling.json").write_text(json.dumps(results))
+    _run_script("upcycle_study", f"--workdir={tmp_path}", "--report_only")
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")
+        for line in (tmp_path / "upcycling.md").read_text().splitlines()
+    }
+    assert rows["run"][4:6] == ["seed 3", "seed 4"]
+    for arm, values in losses.items():
+        cells = rows[arm]
+        assert cells[2] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+        assert cells[4:6] == [f"{v:.4f}" for v in values]
+        paired = np.subtract(values, losses["dense_continued"])
+        want = "–" if arm == "dense_continued" else ", ".join(f"{d:+.4f}" for d in paired)
+        assert cells[6] == want

@@ -13,9 +13,9 @@ import pytest
 from flax import traverse_util
 from tiny import tiny_config
 
-from switchmoe import sharding
+from switchmoe import optim, sharding
 from switchmoe.data.pipeline import LMDataPipeline
-from switchmoe.models import build_model, model_inputs, resolve
+from switchmoe.models import abstract_params, build_model, model_inputs, resolve
 from switchmoe.runs import restore_run
 from switchmoe.training import init_from
 from switchmoe.training.trainer import Trainer, train_and_evaluate
@@ -49,7 +49,20 @@ FROZEN_BY_HAND = {
 }
 
 
-@pytest.mark.parametrize("freeze", list(FROZEN_BY_HAND))
+def test_each_pattern_freezes_the_parameters_written_out_by_hand(data_dir):
+    # What a pattern selects, for every pattern (no training: the partition labels). That a
+    # FROZEN label keeps a parameter and its optimizer state away is one mechanism for all
+    # patterns, trained below on a named pattern and a regex.
+    config = resolve(tiny_config(data_dir))
+    params = abstract_params(build_model(config), config)
+    for freeze, by_hand in FROZEN_BY_HAND.items():
+        labels = flat(optim.parameter_labels(params, freeze))
+        frozen = {p for p, label in labels.items() if label == optim.FROZEN}
+        assert frozen == {p for p in labels if by_hand(p)}, freeze
+        assert frozen and frozen != set(labels), freeze
+
+
+@pytest.mark.parametrize("freeze", ["moe", "re:^block_0/"])
 def test_frozen_parameters_keep_their_values_and_hold_no_optimizer_state(data_dir, freeze):
     config = resolve(tiny_config(data_dir, **{"optimizer.freeze": freeze}))
     trainer = Trainer(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
