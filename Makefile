@@ -36,7 +36,8 @@ demo: $(STAMP)
 # TensorBoard on a run (or a sweep) directory: installs the optional extra once, then serves.
 RUN ?= $(DEMO_DIR)
 tensorboard: $(STAMP)
-	$(PY) -c "import tensorboard" 2>/dev/null || $(PY) -m pip install --quiet -e '.[tensorboard]'
+	( $(PY) -c "import tensorboard" && $(PY) -m pip show -q xprof ) >/dev/null 2>&1 || \
+		$(PY) -m pip install --quiet -e '.[tensorboard]'
 	$(VENV)/bin/tensorboard --logdir $(RUN) --bind_all
 
 # JupyterLab on notebooks/: jupytext opens the py:percent files as notebooks and saves back to

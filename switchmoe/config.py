@@ -260,6 +260,9 @@ def default_config() -> ml_collections.ConfigDict:
     # CheckpointWriteError (a failed write stops it at once). Raise it for a large model on slow
     # storage.
     config.checkpoint_timeout_seconds = 120.0
+    # Trace train steps START..START+COUNT-1 with jax.profiler into <workdir>/profile
+    # ('START:COUNT', e.g. '10:5'; '' for none): switchmoe/training/profiling.py.
+    config.profile_steps = ""
     return config
 
 

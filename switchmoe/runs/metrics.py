@@ -142,7 +142,12 @@ class Progress:
             parts.append(f"aux {float(metrics['train/aux_loss']):.4f}")
         if "train/dropped_fraction" in metrics:
             parts.append(f"dropped {100 * float(metrics['train/dropped_fraction']):.1f}%")
-        parts += [f"{tokens_per_second / 1e3:.1f}k tok/s", f"ETA {format_seconds(remaining)}"]
+        parts.append(f"{tokens_per_second / 1e3:.1f}k tok/s")
+        if "train/mfu" in metrics:
+            parts.append(f"MFU {100 * float(metrics['train/mfu']):.1f}%")
+        elif "train/model_flops_per_second" in metrics:  # no known peak (CPU, float32)
+            parts.append(f"{float(metrics['train/model_flops_per_second']) / 1e9:.1f} GFLOP/s")
+        parts.append(f"ETA {format_seconds(remaining)}")
         return " | ".join(parts)
 
 

@@ -4,10 +4,11 @@ feature is its own module plus one line here.
     OBJECTIVES       the first that applies to a config gives the step's objective; else the
                      language-model loss (seams.Objective)
     AFTER_OPTIMIZER  every one that applies updates the parameters after the optimizer, in order
+    STEP_HOOKS       host-side work around the steps, in order (the profiler window, model FLOPs)
     RUN_CHECKS       run in order before a run writes or compiles anything
 
 Each entry of the first two is a `for_config(config)` that returns the part, or None when the
-config does not use it.
+config does not use it; a step hook's is `for_config(config, workdir, log, params)`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import ml_collections
 
 from switchmoe.moe import balancing
 from switchmoe.runs import compatibility
-from switchmoe.training import distillation, init_from, seams
+from switchmoe.training import distillation, init_from, profiling, seams
 
 OBJECTIVES = (distillation.Distillation.for_config,)
 AFTER_OPTIMIZER = (balancing.BiasRule.for_config,)
+STEP_HOOKS = (profiling.StepWindow.for_config,)
 RUN_CHECKS: tuple[seams.RunCheck, ...] = (
     distillation.check_before_run,  # a teacher that reads the student's batches
     compatibility.check_trainable,  # int8 experts: evaluation only
     compatibility.check_workdir_compatible,  # a resumed checkpoint of the same model
     init_from.check_before_run,  # a first start's source fits this model
+    profiling.check_before_run,  # a well-formed profile_steps window
 )
 
 
@@ -40,6 +43,12 @@ def objective_for(config: ml_collections.ConfigDict, abstract: bool = False) -> 
 
 def after_optimizer(config: ml_collections.ConfigDict) -> list[seams.AfterOptimizer]:
     return [part for part in (make(config) for make in AFTER_OPTIMIZER) if part is not None]
+
+
+def step_hooks(config: ml_collections.ConfigDict, workdir: str, log, params) -> list:
+    """The step hooks of a run (`params`: the model's abstract parameters)."""
+    hooks = (make(config, workdir, log, params) for make in STEP_HOOKS)
+    return [hook for hook in hooks if hook is not None]
 
 
 def step_loads(config: ml_collections.ConfigDict) -> balancing.StepLoads:

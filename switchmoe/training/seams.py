@@ -7,6 +7,9 @@ one line in `training/features.py`, never an edit of the trainer.
   distillation (training/distillation.py) mixes in a teacher's soft targets.
 - **AfterOptimizer**: an update of the parameters after the optimizer's, outside it, from the
   step's loads, and what it logs (auxiliary-loss-free bias balancing: moe/balancing.py).
+- **StepHook**: host-side work around the steps: `before(step)` / `after(step, pending)` around
+  each step's dispatch, `metrics(tokens_per_second)` for each logged row, `close()` when the
+  loop ends however it ends (the profiler window and model FLOPs: training/profiling.py).
 - **RunCheck**: `check(config, workdir)` before a run writes or compiles anything; raises
   ValueError naming the setting (int8 experts cannot train, init_from's source must fit, a
   resumed workdir must hold this model, a teacher must read the student's batches).
@@ -87,6 +90,18 @@ class AfterOptimizer(Protocol):
     def apply(self, params: Any, loads: Any) -> Any: ...
 
     def metrics(self, params: Any) -> dict: ...
+
+
+class StepHook(Protocol):
+    """Host-side work around the train steps (steps numbered from 1, as logged)."""
+
+    def before(self, step: int) -> None: ...
+
+    def after(self, step: int, pending: Any) -> None: ...
+
+    def metrics(self, tokens_per_second: float) -> dict: ...
+
+    def close(self) -> None: ...
 
 
 RunCheck = Callable[[ml_collections.ConfigDict, str], None]

@@ -513,6 +513,7 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else None
     total = config.num_train_steps
     progress = metrics_lib.Progress(total, config.batch_size * config.data.seq_len, start)
+    hooks = features.step_hooks(config, workdir, log, trainer.abstract_state()[0])
     # The steps' metrics since the last logged row (a checkpoint between log rows carries them).
     pending = preemption.pending_from_json(meta.get(preemption.PENDING_KEY)) if restored else []
     last: dict[str, Any] = {}
@@ -521,11 +522,15 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
     try:
         for step in range(start, total):
             rows = next(batches)
+            for hook in hooks:
+                hook.before(step + 1)
             params, opt_state, step_metrics = trainer.run_train_step(
                 params, opt_state, trainer.put_batch(rows), step
             )
             pending.append(step_metrics)
             done = step + 1
+            for hook in hooks:
+                hook.after(done, params)
             record: dict[str, Any] = {}
             is_last = done == total or done == stop_at
             preempted, timed = watch.check(done)
@@ -553,6 +558,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
                     )
                 tokens_per_second = progress.tokens_per_second(done)
                 record["train/tokens_per_second"] = tokens_per_second
+                for hook in hooks:
+                    record.update(hook.metrics(tokens_per_second))
                 log(progress.line(done, record, tokens_per_second))
             if done % config.eval_every == 0 or is_last:
                 with progress.paused(params):
@@ -608,6 +615,8 @@ def _train_and_evaluate(config, workdir, *, stop_at, log, lead) -> dict[str, Any
         batches.close()
         ckpt.close()
     finally:
+        for hook in hooks:
+            hook.close()
         watch.uninstall()
         if history:  # after close: every save of this start that completed is on disk
             history.settle(checkpoints.latest_saved_step(workdir))
