@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-
 import jax
 import ml_collections
 import optax
@@ -56,6 +55,7 @@ from flax import traverse_util
 from optax.contrib import MuonDimensionNumbers
 
 from switchmoe.models import build_model, dummy_inputs, resolve
+from switchmoe.sharding import path_keys
 
 MUON, ADAMW = "muon", "adamw"  # the two partitions
 
@@ -73,28 +73,37 @@ def matrix_axes(names: Optional[tuple]) -> Optional[MuonDimensionNumbers]:
     return MuonDimensionNumbers(reduction_axis=matrix[0], output_axis=tuple(matrix[1:]))
 
 
-def parameter_axes(config: ml_collections.ConfigDict) -> dict[tuple, Optional[tuple]]:
-    """{parameter path: its logical axis names (None where it has none)} of `config`'s model,
-    from an abstract init (nothing allocated)."""
-    config = resolve(config)
-    model = build_model(config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
-    flat = traverse_util.flatten_dict(boxed["params"])
+def parameter_axes(
+    config: ml_collections.ConfigDict, boxed: Any = None
+) -> dict[tuple, Optional[tuple]]:
+    """{parameter path: its logical axis names (None where it has none)} of `config`'s model.
+
+    boxed: the model's partitioned (abstract) parameter tree where the caller has traced it
+    already (the trainer does, for the shardings); otherwise traced here from an abstract init
+    (nothing allocated)."""
+    if boxed is None:
+        config = resolve(config)
+        model = build_model(config)
+        init = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
+        boxed = init["params"]
+    flat = traverse_util.flatten_dict(boxed)
     return {path: getattr(leaf, "names", None) for path, leaf in flat.items()}
-
-
-def _keys(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
 
 
 def _per_leaf(tree: Any, fn) -> Any:
     # Over a tree that may hold optax.MaskedNode (another partition's leaves): those have no
     # leaves of their own, so they stay where they are and the structures keep matching.
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(_keys(path)), tree)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_keys(path)), tree)
 
 
 def _scale_by_rms_match(dimension_numbers, rms: float) -> optax.GradientTransformation:
-    """Multiplies each orthogonalised update by rms·sqrt(max(fan_in, fan_out)) (Liu et al.)."""
+    """Multiplies each orthogonalised update by rms·sqrt(max(fan_in, fan_out)) (Liu et al.).
+
+    optax.contrib.muon applies the same factor (its `consistent_rms`) through
+    `optax.contrib._muon.scale_by_shape`, which optax does not export: these lines are the
+    formula itself rather than an import from a private module that may move between releases.
+    (optax's `muon` wrapper is not used: it pairs Muon with its own Adam, where the other
+    parameters must get exactly the project's AdamW, masks and decay included.)"""
 
     def update_fn(updates, state, params=None):
         del params

@@ -65,12 +65,17 @@ def frozen_paths(params: Any, freeze: str) -> list[str]:
     return ["/".join(p) for p in flat if is_frozen(p, freeze)]
 
 
-def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimizer a run of `config` trains with (and whose state its checkpoints hold)."""
+def optimizer_for(
+    config: ml_collections.ConfigDict, boxed_params: Any = None
+) -> optax.GradientTransformation:
+    """The optimizer a run of `config` trains with (and whose state its checkpoints hold).
+    boxed_params: the model's partitioned abstract parameters, where the caller has them (Muon
+    reads their axis names instead of tracing the model's init again)."""
     moe = config.model.moe
     rule_set = bool(moe.num_experts) and moe.get("bias_update_speed", 0.0) > 0
     # Muon reads which axes of each parameter form its matrices from the model's axis names.
-    axes = muon_lib.parameter_axes(config) if config.optimizer.name == "muon" else None
+    muon = config.optimizer.name == "muon"
+    axes = muon_lib.parameter_axes(config, boxed_params) if muon else None
     return make_optimizer(
         config.optimizer,
         config.num_train_steps,

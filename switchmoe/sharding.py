@@ -114,6 +114,12 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["expert"]
 
 
+def path_keys(path) -> tuple:
+    """A jax key path as plain keys: dict keys, attribute names (optax states are named tuples),
+    sequence indices; comparable with `traverse_util.flatten_dict`'s tuples."""
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
 def optimizer_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh):
     """Shardings of an abstract optimizer state: a leaf that mirrors a parameter (the same
     parameter path at its end, the same shape: Adam's moments, momentum) is placed like that
@@ -124,19 +130,16 @@ def optimizer_state_shardings(opt_state: Any, params: Any, param_shardings: Any,
     whose labels read the parameter tree (`optax.multi_transform` in balancing.py) working.
     """
 
-    def names(path):
-        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
-
     placed = {}
     for (path, leaf), spec in zip(
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings)
     ):
-        placed[names(path)] = (tuple(leaf.shape), spec)
+        placed[path_keys(path)] = (tuple(leaf.shape), spec)
     depths = sorted({len(p) for p in placed}, reverse=True)
     replicated_sharding = replicated(mesh)
 
     def place(path, leaf):
-        keys, shape = names(path), tuple(leaf.shape)
+        keys, shape = path_keys(path), tuple(leaf.shape)
         for depth in depths:
             match = placed.get(keys[-depth:]) if depth <= len(keys) else None
             if match is None:

@@ -14,8 +14,10 @@ from switchmoe.models.factory import (  # noqa: F401  (re-exported)
     count_params,
     dummy_inputs,
     init_rows,
+    is_routed_expert_param,
     model_inputs,
     model_masks,
     resolve,
+    routed_expert_share,
     sequence_lengths,
 )

@@ -114,6 +114,22 @@ def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
     return nn.meta.unbox(variables["params"])
 
 
+def routed_expert_share(model_config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(E, k): the routed experts of each MoE layer and how many of them a token uses, as the
+    layer itself counts them (fine-grained experts: m·E and m·k); (0, 0) for a dense model. A
+    routed expert's parameters are active for k/E of the tokens (count_params, model FLOPs)."""
+    if not model_config.moe.num_experts:
+        return 0, 0
+    layer = MoeLayer.from_config(model_config)
+    return layer.num_experts, layer.make_router().experts_per_token
+
+
+def is_routed_expert_param(path: tuple) -> bool:
+    """A routed expert's matrix (or an int8 layer's channel scales `w_*_scale` of one, which count
+    with their matrix); a shared expert (DeepSeekMoE's, "shared") is active for every token."""
+    return is_expert_matrix(path[:-1] + (str(path[-1]).removesuffix("_scale"),))
+
+
 def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     """Total parameters, expert parameters, and parameters active per token (top-k experts)."""
     config = resolve(config)
@@ -122,14 +138,8 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         n = math.prod(leaf.shape)
         total += n
-        keys = tuple(getattr(k, "key", None) for k in path)
-        # Routed experts only: a shared expert (DeepSeekMoE's, "shared") is active for every token.
-        # (An int8 layer's channel scales `w_*_scale` count with their matrices.)
-        if is_expert_matrix(keys[:-1] + (str(keys[-1]).removesuffix("_scale"),)):
+        if is_routed_expert_param(tuple(getattr(k, "key", None) for k in path)):
             expert += n
-    E = k = 0
-    if config.model.moe.num_experts:  # the layer's own counts (fine-grained experts: m·E, m·k)
-        layer = MoeLayer.from_config(config.model)
-        E, k = layer.num_experts, layer.make_router().experts_per_token
+    E, k = routed_expert_share(config.model)
     active = total - expert + (int(expert * k // E) if E else 0)
     return {"total": total, "experts": expert, "active_per_token": active}

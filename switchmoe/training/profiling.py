@@ -35,9 +35,13 @@ import jax
 import ml_collections
 from flax import traverse_util
 
-from switchmoe.models import abstract_params, build_model, sequence_lengths
-from switchmoe.moe.experts import is_expert_matrix
-from switchmoe.moe.layer import MoeLayer
+from switchmoe.models import (
+    abstract_params,
+    build_model,
+    is_routed_expert_param,
+    routed_expert_share,
+    sequence_lengths,
+)
 
 # Dense bfloat16 peak FLOP/s per chip (vendor datasheets), matched against jax's device_kind by
 # substring, first match wins (so "H100 PCIe" before "H100").
@@ -110,19 +114,17 @@ def model_flops_per_example(config: ml_collections.ConfigDict, params: Any = Non
     the model's (abstract) parameters if at hand, else traced from the config."""
     if params is None:
         params = abstract_params(build_model(config), config)
-    m, moe = config.model, config.model.moe
+    m = config.model
     lengths = sequence_lengths(config)
     encoder_decoder = m.get("arch", "decoder") == "encoder_decoder"
-    share = 1.0
-    if moe.num_experts:
-        layer = MoeLayer.from_config(m)
-        share = layer.make_router().experts_per_token / layer.num_experts
+    E, k = routed_expert_share(m)
+    share = k / E if E else 1.0
     total = 0.0
     for path, leaf in traverse_util.flatten_dict(params).items():
         size = math.prod(leaf.shape)
         if path[-1] == "embedding" and not m.get("tie_embeddings", True):
             continue  # an untied input table is a lookup
-        if is_expert_matrix(path):
+        if is_routed_expert_param(path):
             size *= share
         stack = "encoder" if encoder_decoder and str(path[0]).startswith("encoder") else "decoder"
         total += 6 * size * lengths[stack]

@@ -110,12 +110,12 @@ class Trainer:
         self.objective = features.objective_for(config) if objective is None else objective
         self.after_optimizer = features.after_optimizer(config)
         self.loads = features.step_loads(config)
-        self.optimizer = optim.optimizer_for(config)
-        self.replicated = sharding.replicated(mesh)
-        self.batch_sharding = sharding.batch_sharding(mesh)
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), *dummy_inputs(config)))[
             "params"
         ]
+        self.optimizer = optim.optimizer_for(config, boxed)
+        self.replicated = sharding.replicated(mesh)
+        self.batch_sharding = sharding.batch_sharding(mesh)
         self.param_sharding = sharding.param_shardings(
             boxed, mesh, sharding.logical_rules(config.mesh)
         )
