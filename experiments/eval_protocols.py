@@ -28,7 +28,9 @@ from switchmoe.data.eval_set import build_eval_set
 from switchmoe.data.pipeline import STDLIB_DATASET, _process_rows, load_texts, resolve_data_dir
 from switchmoe.data.span_corruption import make_pipeline
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained decoder-only run on the embedded corpus.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A trained decoder-only run on the embedded corpus."
+)
 _OUT = flags.DEFINE_string("out", None, "Directory for protocols.json and protocols.md.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -98,7 +100,8 @@ def main(argv):
             "bits_per_byte": result["final/bits_per_byte"],
             "interval_95": (
                 [result["final/bits_per_byte_low"], result["final/bits_per_byte_high"]]
-                if "final/bits_per_byte_low" in result and batches == 0 else None
+                if "final/bits_per_byte_low" in result and batches == 0
+                else None
             ),
             **baselines.scored_baselines(text, train, cache_dir=cache),
         }

@@ -43,7 +43,14 @@ import numpy as np
 # Not yet checked against the paper itself: a second, independent transcription (public notes on
 # routed scaling laws) agrees on every value but Hash's d, which it reads as 1.157.
 CLARK_2022 = {
-    "S-BASE": {"a": -0.082, "b": -0.108, "c": 0.009, "d": 1.104, "e_start": 1.847, "e_max": 314.478},
+    "S-BASE": {
+        "a": -0.082,
+        "b": -0.108,
+        "c": 0.009,
+        "d": 1.104,
+        "e_start": 1.847,
+        "e_max": 314.478,
+    },
     "RL-R": {"a": -0.083, "b": -0.126, "c": 0.012, "d": 1.111, "e_start": 1.880, "e_max": 469.982},
     "Hash": {"a": -0.087, "b": -0.136, "c": 0.012, "d": 1.134, "e_start": 4.175, "e_max": 477.741},
 }
@@ -249,7 +256,9 @@ def markdown(result: dict) -> str:
                 continue
             low, high = fit["intervals_95"][name]
             cells.append(f"{value:.4g} [{low:.4g}, {high:.4g}]")
-        lines.append(f"| switchmoe, {form} | " + " | ".join(cells) + f" | {fit['coefficients']['rms']:.2g} |")
+        lines.append(
+            f"| switchmoe, {form} | " + " | ".join(cells) + f" | {fit['coefficients']['rms']:.2g} |"
+        )
     for router, coef in result["clark_2022"].items():
         lines.append(
             f"| Clark et al. 2022, {router} | "
@@ -258,6 +267,8 @@ def markdown(result: dict) -> str:
         )
     lines += ["", f"Experts past which a doubling gains < {result['min_gain_nats']} nats:"]
     for form, fit in result["fits"].items():
-        stops = ", ".join(f"N {int(n):,}: E {e}" for n, e in fit["experts_until_gain_below_min"].items())
+        stops = ", ".join(
+            f"N {int(n):,}: E {e}" for n, e in fit["experts_until_gain_below_min"].items()
+        )
         lines.append(f"- {form}: {stops}")
     return "\n".join(lines)

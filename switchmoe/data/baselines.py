@@ -51,7 +51,9 @@ def _xz_size(data: bytes) -> int:
     return len(lzma.compress(data, format=lzma.FORMAT_XZ, preset=9))
 
 
-def xz_with_context_bits_per_byte(data: bytes, context: bytes, context_size: int | None = None) -> float:
+def xz_with_context_bits_per_byte(
+    data: bytes, context: bytes, context_size: int | None = None
+) -> float:
     """xz -9's cost of `data` once it has read `context`: 8 · (|xz(context + data)| −
     |xz(context)|) / |data|. A model that has trained on the training split should be compared
     with a compressor that has read it too; xz's 64 MiB dictionary holds the embedded corpus'
@@ -66,7 +68,9 @@ def xz_with_context_bits_per_byte(data: bytes, context: bytes, context_size: int
 BASELINES = ("unigram entropy", "zlib -9", "xz -9", "xz -9 after train")
 
 
-def scored_baselines(scored: bytes, context: bytes | None = None, cache_dir: str | None = None) -> dict:
+def scored_baselines(
+    scored: bytes, context: bytes | None = None, cache_dir: str | None = None
+) -> dict:
     """Every baseline on exactly the bytes an evaluation scored, in bits per byte:
     {'unigram entropy', 'zlib -9', 'xz -9' (both cold), 'xz -9 after train' (with `context`, the
     training split's documents joined; absent without it)}.
@@ -78,7 +82,9 @@ def scored_baselines(scored: bytes, context: bytes | None = None, cache_dir: str
     key = hashlib.sha256(scored).hexdigest()[:32]
     if context is not None:
         key += "-" + hashlib.sha256(context).hexdigest()[:32]
-    path = os.path.join(os.path.expanduser(cache_dir), f"baselines-{key}.json") if cache_dir else None
+    path = (
+        os.path.join(os.path.expanduser(cache_dir), f"baselines-{key}.json") if cache_dir else None
+    )
     if path and os.path.exists(path):
         with open(path) as f:
             return json.load(f)

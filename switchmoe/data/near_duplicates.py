@@ -92,7 +92,9 @@ class DedupReport:
             f"{self.before.max_jaccard:.3f} -> {self.after.max_jaccard:.3f}"
         ]
         for r in self.removed:
-            out.append(f"  removed {r.name} (Jaccard {r.jaccard:.3f} with {r.match_split} {r.match})")
+            out.append(
+                f"  removed {r.name} (Jaccard {r.jaccard:.3f} with {r.match_split} {r.match})"
+            )
         return out
 
 
@@ -100,9 +102,7 @@ def _leakage(train: dict[str, frozenset], validation: dict[str, frozenset]) -> L
     seen = frozenset().union(*train.values()) if train else frozenset()
     distinct = frozenset().union(*validation.values()) if validation else frozenset()
     overlap = len(distinct & seen) / len(distinct) if distinct else 0.0
-    best = max(
-        (jaccard(v, t) for v in validation.values() for t in train.values()), default=0.0
-    )
+    best = max((jaccard(v, t) for v in validation.values() for t in train.values()), default=0.0)
     return Leakage(float(overlap), float(best))
 
 

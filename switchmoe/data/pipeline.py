@@ -160,7 +160,11 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     if not c.get("mean_noise_span_length", 3.0) >= 1:
         raise ValueError(f"data.mean_noise_span_length={c.mean_noise_span_length!r}; allowed: >= 1")
     fraction = c.get("eval_sample_fraction", 0.35)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
         raise ValueError(
             f"data.eval_sample_fraction={fraction!r}; allowed: a share of the eval split's bytes "
             "in (0, 1] (1.0 = every document)"

@@ -189,7 +189,10 @@ def test_parameters_made_non_finite_by_an_update_are_never_saved(data_dir, tmp_p
             {"model.moe.batch_prioritized": True},
             "batch_prioritized=True is not allowed in a decoder",
         ),
-        ({"optimizer.name": "sgd"}, r"optimizer.name must be one of \('adafactor', 'adamw', 'muon'\)"),
+        (
+            {"optimizer.name": "sgd"},
+            r"optimizer.name must be one of \('adafactor', 'adamw', 'muon'\)",
+        ),
         # Settings that used to train silently, or fail deep inside JAX:
         ({"model.moe.moe_every": 3}, r"moe_every=3 exceeds model.num_layers=2: .*no MoE layer"),
         ({"model.moe.expert_d_ff": 0}, r"model.moe.expert_d_ff must be > 0; got 0"),
