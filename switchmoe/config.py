@@ -24,6 +24,7 @@ from switchmoe.data.tokenizers import make_tokenizer
 from switchmoe.models.decoder import ATTENTION_BIASES, QK_NORMS, REMAT_POLICIES
 from switchmoe.models.factory import sequence_lengths
 from switchmoe.moe import experts, routers
+from switchmoe.moe.blocks import check_block_routers, moe_views, router_names, router_views
 from switchmoe.moe.layer import SETTINGS as MOE_SETTINGS
 from switchmoe.moe.layer import MoeLayer
 from switchmoe.moe.settings import (  # the one copy of each check
@@ -56,6 +57,10 @@ def default_moe_config() -> ml_collections.ConfigDict:
     # The MoE blocks as an explicit tuple of block indices (0-based), in place of moe_every:
     # DeepSeek's dense first blocks, Qwen's mlp_only_layers. Decoder-only models.
     moe.moe_layers = config_dict.placeholder(tuple)
+    # One router name per MoE block, in block order, in place of `router` for each (DeepSeek-V4:
+    # ('hash', 'hash', 'top_k', ...)); None: every MoE block routes with `router`. Each router
+    # reads its own options from this block; decoder-only models (switchmoe/moe/blocks.py).
+    moe.block_routers = config_dict.placeholder(tuple)
     # Fine-grained experts (DeepSeekMoE): split each expert into `granularity` experts of width
     # F/granularity and route each token to granularity·num_selected of them (the same expert
     # parameters and FLOPs; token-choice routers). 1: ordinary experts.
@@ -364,17 +369,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
             )
         if moe.get("expert_d_ff") is not None:
             _positive("model.moe.expert_d_ff", moe.expert_d_ff)
+        check_block_routers(model)
         table = moe.get("hash_table")
-        if moe.router == "hash" and table is not None and len(table) != model.vocab_size:
+        if "hash" in router_names(moe) and table is not None and len(table) != model.vocab_size:
             raise ValueError(
                 f"model.moe.hash_table has {len(table)} entries; it needs one per token id "
                 f"(model.vocab_size={model.vocab_size})."
             )
         _one_of("model.moe.router", moe.router, routers.NAMES)
-        check_granularity(model)
-        # The layer's own validation, on the layer this config builds (one validator for both).
         tokens_per_group = moe.get("group_size") or config.data.seq_len
-        MoeLayer.from_config(model).check_settings("model.moe.", tokens_per_group)
+        for view in router_views(model):  # each router of the MoE blocks (moe/blocks.py)
+            check_granularity(view)
+            # The layer's own validation, on the layer this config builds (one validator).
+            MoeLayer.from_config(view).check_settings("model.moe.", tokens_per_group)
         if moe.batch_prioritized:
             raise ValueError(
                 "model.moe.batch_prioritized=True is not allowed in a decoder: it orders tokens "
@@ -561,7 +568,11 @@ def noncausal_reason(moe: ml_collections.ConfigDict) -> str | None:
     """Why an MoE config routes non-causally (a token's routing depends on later tokens), or None:
     the router's answer (switchmoe/routers). Batch prioritized routing is refused in every
     decoder on its own (see validate_config)."""
-    return routers.make_router(moe).noncausal_reason()
+    for view in moe_views(moe):  # each router of the MoE blocks (moe/blocks.py)
+        reason = routers.make_router(view).noncausal_reason()
+        if reason:
+            return reason
+    return None
 
 
 def is_noncausal_ablation(config: ml_collections.ConfigDict) -> bool:

@@ -12,6 +12,7 @@ from switchmoe import sharding
 from switchmoe.config import with_defaults
 from switchmoe.data.span_corruption import make_pipeline
 from switchmoe.models import resolve
+from switchmoe.moe.blocks import router_names
 from switchmoe.runs import restore_run
 from switchmoe.training.trainer import Trainer
 
@@ -112,7 +113,7 @@ def evaluate_at_capacities(
         if c.model.moe.backend == "dropless":  # a dropless run (an HF import) gets capacity
             c.model.moe.backend = "auto"
         settings.append((float(factor), c))
-    if dropless and config.model.moe.router != "expert_choice":
+    if dropless and "expert_choice" not in router_names(config.model.moe):
         c = ml_collections.ConfigDict(config.to_dict())
         c.model.moe.backend = "dropless"
         settings.append(("dropless", c))

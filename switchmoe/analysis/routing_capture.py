@@ -19,6 +19,7 @@ from switchmoe.analysis.evaluation import Run, load_run, single_device_config
 from switchmoe.analysis.source_kinds import NUM_BYTES, token_kind_of_ids
 from switchmoe.data.pipeline import LMDataPipeline
 from switchmoe.models import build_model
+from switchmoe.moe.blocks import router_of_block
 
 
 @dataclasses.dataclass
@@ -71,7 +72,7 @@ def routing_fn(config: ml_collections.ConfigDict):
     `RoutingResult` each MoE layer sows under 'routing'.
     """
     model = build_model(config)
-    expert_choice = config.model.moe.router == "expert_choice"
+    model_config = config.model
 
     def run(params, inputs):
         _, state = model.apply(
@@ -84,7 +85,8 @@ def routing_fn(config: ml_collections.ConfigDict):
                 continue
             result = values[-1]  # sow keeps a tuple of the values sown
             B, L = inputs.shape
-            if expert_choice:  # K = E: choice e is expert e
+            index = int(path[0].rsplit("_", 1)[-1])  # the block's name, "block_<i>"
+            if router_of_block(model_config, index) == "expert_choice":  # K = E: choice e = e
                 first = jnp.argmax(result.probs, axis=-1)
                 kept = jnp.take_along_axis(result.kept, first[..., None], axis=-1)[..., 0]
             else:  # top-k: choice 0 is the most probable expert

@@ -93,6 +93,11 @@ def _check_mergeable(config: ml_collections.ConfigDict, num_experts: int) -> Non
             f"score_function='softmax'); got router={moe.router!r}, "
             f"score_function={moe.get('score_function')!r}."
         )
+    if moe.get("block_routers") is not None:
+        raise ValueError(
+            "expert merging needs one router for every MoE block; got model.moe.block_routers="
+            f"{tuple(moe.block_routers)} (allowed: None)."
+        )
     if moe.get("granularity", 1) != 1:
         raise ValueError(f"expert merging needs model.moe.granularity=1; got {moe.granularity}.")
     if moe.get("expert_quantization", "none") != "none":

@@ -348,6 +348,8 @@ def _exportable(config: ml_collections.ConfigDict, family: Family) -> None:
     scores = "sigmoid" if deepseek else "softmax"
     if moe.router != "top_k" or moe.get("score_function", "softmax") != scores:
         want("model.moe.router", moe.router, f"'top_k' with {scores} scores")
+    if moe.get("block_routers") is not None:
+        want("model.moe.block_routers", tuple(moe.block_routers), "None (one router for all)")
     if moe.get("granularity", 1) != 1:
         want("model.moe.granularity", moe.granularity, "1")
     if family.top_k_norm and moe.gate_norm != family.top_k_norm:

@@ -235,6 +235,10 @@ def _exportable(config: ml_collections.ConfigDict) -> None:
                 f"model.moe.router={moe.router!r}, num_selected={moe.num_selected}, granularity="
                 f"{moe.get('granularity', 1)} (allowed: 'top_k', 1, 1: Switch's top-1)"
             )
+        if moe.get("block_routers") is not None:
+            problems.append(
+                f"model.moe.block_routers={tuple(moe.block_routers)} (allowed: None, one router)"
+            )
         if moe.num_selected == 1 and moe.gate_norm != "raw":
             problems.append(f"model.moe.gate_norm={moe.gate_norm!r} (allowed: 'raw')")
         if moe.moe_every not in (1, 2):

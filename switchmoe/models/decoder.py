@@ -4,8 +4,9 @@ Shape legend: B batch, L sequence length, D model width, H heads, Dh head width,
 
 Pre-norm blocks (RMSNorm → causal self-attention → residual; RMSNorm → FFN → residual) with
 rotary position embeddings. Every `moe_every`-th block replaces its dense FFN with a `MoeLayer`
-(Switch/GShard: every other block, ST-MoE: one in four); with `num_experts == 0` every block is
-dense, which is the dense baseline. Dropped tokens leave the MoE layer as zeros and the residual
+(Switch/GShard: every other block, ST-MoE: one in four) or the blocks `moe_layers` lists, each
+routed by `model.moe.router` or by its own entry of `model.moe.block_routers` (moe/blocks.py);
+with `num_experts == 0` every block is dense, which is the dense baseline. Dropped tokens leave the MoE layer as zeros and the residual
 connection carries them to the next block unchanged.
 
 Precision: parameters are float32; matmuls run in `dtype` (bfloat16 on accelerators); norms,
@@ -26,26 +27,10 @@ from switchmoe.models.latent_attention import LatentAttention
 from switchmoe.models.normalization import RMSNorm
 from switchmoe.models.rotary import rope
 from switchmoe.moe.experts import DenseFFN
+from switchmoe.moe.blocks import block_routers, block_view, is_moe_block
 from switchmoe.moe.layer import MoeLayer
 
 Array = jax.Array
-
-
-def is_moe_block(
-    index: int, num_experts: int, moe_every: int, moe_layers: tuple[int, ...] | None = None
-) -> bool:
-    """Block `index` (0-based) is an MoE block: the last of every `moe_every` blocks, or, when
-    `moe_layers` lists the MoE blocks explicitly, one of them.
-
-    With moe_every=2 blocks 1, 3, 5… are MoE (Switch, GShard); with 4, blocks 3, 7, 11… (ST-MoE).
-    An explicit list says what a rule cannot: DeepSeek's first k dense blocks, Qwen's
-    `mlp_only_layers`.
-    """
-    if num_experts <= 0:
-        return False
-    if moe_layers is not None:
-        return index in moe_layers
-    return (index + 1) % moe_every == 0
 
 
 # What `model.qk_norm` normalises before the rotary embedding: nothing, each head's query and key
@@ -390,16 +375,41 @@ def sum_aux(auxes: list[dict]) -> dict[str, Any]:
 
     Returns {"loss": scalar, "losses" and "weighted_losses": {name: scalar sum}, "stats": {name:
     [num_moe_layers, ...]}} or zeros / empty dicts for a dense model.
+
+    Blocks with different routers (model.moe.block_routers) may report different things: a loss
+    or statistic one block's router does not report counts 0 there, and per-choice vectors [K]
+    are padded with 0 to the largest K (a hash block's second choice requested, moved and
+    dropped nothing). With one router every layer reports the same names and shapes.
     """
     if not auxes:
         return {"loss": jnp.zeros(()), "losses": {}, "weighted_losses": {}, "stats": {}}
-    total = lambda key: jax.tree.map(lambda *v: sum(v), *[a[key] for a in auxes])
+
+    def total(key):
+        names = dict.fromkeys(name for a in auxes for name in a[key])
+        return {name: sum(a[key][name] for a in auxes if name in a[key]) for name in names}
+
     return {
         "loss": sum(a["loss"] for a in auxes),
         "losses": total("losses"),
         "weighted_losses": total("weighted_losses"),
-        "stats": jax.tree.map(lambda *v: jnp.stack(v), *[a["stats"] for a in auxes]),
+        "stats": _stack_stats([a["stats"] for a in auxes]),
     }
+
+
+def _stack_stats(per_layer: list[dict[str, Array]]) -> dict[str, Array]:
+    out = {}
+    for name in dict.fromkeys(name for stats in per_layer for name in stats):
+        values = [stats.get(name) for stats in per_layer]
+        shape = max((v.shape for v in values if v is not None), key=lambda s: s[-1:])
+
+        def filled(v):
+            if v is None:
+                return jnp.zeros(shape, jnp.float32)
+            pad = [(0, 0)] * (v.ndim - 1) + [(0, shape[-1] - v.shape[-1])] if v.ndim else []
+            return jnp.pad(v, pad) if pad and pad[-1][1] else v
+
+        out[name] = jnp.stack([filled(v) for v in values])
+    return out
 
 
 class DecoderLM(nn.Module):
@@ -437,10 +447,14 @@ class DecoderLM(nn.Module):
             if index is not None:
                 positions = jnp.broadcast_to(index, tokens.shape)
         auxes = []
+        routers = iter(block_routers(cfg))  # each MoE block's router (moe/blocks.py)
         for i in range(cfg.num_layers):
             moe = is_moe_block(i, cfg.moe.num_experts, cfg.moe.moe_every, cfg.moe.get("moe_layers"))
             block = block_class(cfg)(
-                cfg, moe, expert_parallelism=self.expert_parallelism, name=f"block_{i}"
+                block_view(cfg, next(routers)) if moe else cfg,
+                moe,
+                expert_parallelism=self.expert_parallelism,
+                name=f"block_{i}",
             )
             x, aux = block(
                 x, positions, None, deterministic, token_ids=tokens, token_mask=token_mask,

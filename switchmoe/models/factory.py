@@ -20,6 +20,7 @@ from switchmoe.data.tokenizers import make_tokenizer
 from switchmoe.models.decoder import DecoderLM
 from switchmoe.models.encoder_decoder import EncoderDecoderLM
 from switchmoe.moe import routers
+from switchmoe.moe.blocks import block_routers, block_view, check_block_routers, moe_views
 from switchmoe.moe.experts import is_expert_matrix
 from switchmoe.moe.layer import MoeLayer
 from switchmoe.moe.settings import _one_of
@@ -39,8 +40,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             config.model.vocab_size = make_tokenizer(config.data).vocab_size
     if config.model.moe.num_experts:
         _one_of("model.moe.router", config.model.moe.router, routers.NAMES)
+        check_block_routers(config.model)
         with config.unlocked():
-            routers.make_router(config.model.moe).prepare(config)
+            for moe in moe_views(config.model.moe):  # each router of the MoE blocks
+                routers.make_router(moe).prepare(config)
     return config
 
 
@@ -114,14 +117,21 @@ def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
     return nn.meta.unbox(variables["params"])
 
 
-def routed_expert_share(model_config: ml_collections.ConfigDict) -> tuple[int, int]:
+def routed_expert_share(model_config: ml_collections.ConfigDict) -> tuple[int, float]:
     """(E, k): the routed experts of each MoE layer and how many of them a token uses, as the
-    layer itself counts them (fine-grained experts: m·E and m·k); (0, 0) for a dense model. A
-    routed expert's parameters are active for k/E of the tokens (count_params, model FLOPs)."""
+    layer itself counts them (fine-grained experts: m·E and m·k), k averaged over the MoE blocks
+    where their routers differ (moe/blocks.py); (0, 0) for a dense model. A routed expert's
+    parameters are active for k/E of the tokens (count_params, model FLOPs)."""
     if not model_config.moe.num_experts:
         return 0, 0
-    layer = MoeLayer.from_config(model_config)
-    return layer.num_experts, layer.make_router().experts_per_token
+    names = block_routers(model_config)
+    per_router = {}
+    for name in dict.fromkeys(names):
+        layer = MoeLayer.from_config(block_view(model_config, name))
+        per_router[name] = (layer.num_experts, layer.make_router().experts_per_token)
+    E = per_router[names[0]][0]
+    k = sum(per_router[n][1] for n in names) / len(names)
+    return E, (int(k) if float(k).is_integer() else k)
 
 
 def is_routed_expert_param(path: tuple) -> bool:

@@ -135,6 +135,9 @@ def test_training_on_a_mesh_equals_single_device_training(data_dir, tmp_path):
         "model.moe.num_experts": 8,
         "model.moe.num_selected": 2,
         "model.moe.train_capacity_factor": 0.75,
+        # Both blocks MoE, each with its own router: a fixed hash, then learned top-2.
+        "model.moe.moe_every": 1,
+        "model.moe.block_routers": ("hash", "top_k"),
     }
     single = str(tmp_path / "single")
     train_and_evaluate(tiny_config(data_dir, **overrides), single, log=quiet)

@@ -58,7 +58,11 @@ CASES = {
     # Groups of two sequences (as the demo's span 8): generation routes each row as a group.
     "groups_across_rows": {"model.moe.group_size": 2 * T},
     "dropless": {"model.moe.backend": "dropless"},
-    "moe_every_block_shared_expert": {"model.moe.moe_every": 1, "model.moe.shared_d_ff": 16},
+    # Every block MoE, a router per block (hash, then learned top-1), and a shared expert.
+    "moe_every_block_hash_first_shared_expert": {
+        "model.moe.moe_every": 1, "model.moe.block_routers": ("hash", "top_k"),
+        "model.moe.shared_d_ff": 16,
+    },
     # A full expert's choice moves to the token's next-ranked expert with room: the cache must
     # replay the moves of earlier positions.
     "top2_next_choice": {"model.moe.num_selected": 2, "model.moe.overflow": "next_choice"},
