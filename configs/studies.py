@@ -15,9 +15,11 @@
   python -m experiments.sweep --config=configs/studies.py:granularity \
       --workdir=runs/sweeps/granularity --seeds=0,1
   python -m experiments.sweep --config=configs/studies.py:expert_count_switch \
-      --workdir=runs/sweeps/expert_count_switch
+      --workdir=runs/sweeps/expert_count_switch \
+      --finished=experiments/results/expert_count_switch/trials
   python -m experiments.sweep --config=configs/studies.py:expert_count_switch_d64 \
-      --workdir=runs/sweeps/expert_count_switch_d64
+      --workdir=runs/sweeps/expert_count_switch_d64 \
+      --finished=experiments/results/expert_count_switch_d64/trials
   python -m experiments.sweep --config=configs/studies.py:capacity_rules \
       --workdir=runs/sweeps/capacity_rules --seeds=0,1
   python -m experiments.report --workdir=runs/sweeps/expert_count      (likewise for the others)
@@ -44,7 +46,9 @@ capacity      Switch Table 1: top-1 and top-2 trained at capacity factors 0.5, 1
               the report evaluates each checkpoint at those factors and dropless.
 expert_count_switch  Switch Fig. 4 at Switch's protocol: dense, 8 ... 128 experts, top-1 with
               Switch's router, rsqrt schedule, 2,400 steps, whole-split final evaluation; seeds in
-              the sweep itself (3 for dense and 64, 2 for the rest; dense also at lr 1e-2).
+              the sweep itself (3 for dense and 64, 2 for the rest; dense also at lr 1e-2). It
+              spans sessions (~40 min a trial on 2 cores): --finished keeps each finished trial
+              in the repository (committed) and a new workdir starts from those.
 expert_count_switch_d64  the same at half the width (d_model 64): the second size of the scaling
               fit (python -m experiments.scaling_fit); 2 seeds.
 capacity_rules  Switch Table 1 extended (issue 34): top-1 with Switch's router at training capacity

@@ -2,14 +2,15 @@
 
   python -m experiments.sweep --config=configs/studies.py:expert_count \
       --workdir=runs/sweeps/expert_count [--seeds=0,1,2] [--parallel=2] [--only=REGEX]
-      [--plan=keep|extend|replace] [--config.num_train_steps=100 ...]
+      [--plan=keep|extend|replace] [--finished=DIR] [--config.num_train_steps=100 ...]
 
 Finished trials are skipped, unfinished ones resume from their latest checkpoint. Each trial runs
 as `python -m experiments.train` in a subprocess (--parallel of them at a time), so a crash in one
 trial leaves the others running; its output goes to <trial>/train.log. The first run writes the
 plan (sweep.json: config, overrides, trials); a rerun whose trials differ from it (other --seeds,
 another grid) is refused with the difference named unless --plan says to extend or replace it,
-and an --only that matches no trial is refused.
+and an --only that matches no trial is refused. A study longer than a session keeps its finished
+trials (without checkpoints) in --finished=DIR as they finish and takes them back from there.
 """
 
 import os
@@ -47,6 +48,13 @@ _PLAN = flags.DEFINE_enum(
     "When sweep.json plans other trials than this command: 'keep' refuses (naming the "
     "difference), 'extend' adds this command's new trials, 'replace' writes this plan.",
 )
+_FINISHED = flags.DEFINE_string(
+    "finished",
+    None,
+    "A directory that outlives the workdir (e.g. experiments/results/<study>/trials, committed): "
+    "finished trials kept there are copied into the workdir first (and not trained again), and "
+    "each trial that finishes is kept there (config, metrics, per-document losses, log).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,6 +76,12 @@ def main(argv):
     # Refused before the plan is written: a selection that runs nothing changes nothing.
     sweeps.selected([sweeps.trial_name(t) for t in trials], _ONLY.value)
     trials = sweeps.plan_trials(_WORKDIR.value, _CONFIG.value, base, trials, _PLAN.value)
+    if _FINISHED.value:
+        restored = sweeps.restore_finished(
+            _FINISHED.value, _WORKDIR.value, [sweeps.trial_name(t) for t in trials]
+        )
+        for name in restored:
+            print(f"[restored] {name}: finished, from {_FINISHED.value}")
     jobs = []
     for overrides in trials:
         name = sweeps.trial_name(overrides)
@@ -96,6 +110,8 @@ def main(argv):
     with ThreadPoolExecutor(max_workers=max(_PARALLEL.value, 1)) as pool:
         for name, rc, seconds in pool.map(lambda job: run_trial(*job), jobs):
             status = "done" if rc == 0 else f"FAILED (exit {rc}; see {name}/train.log)"
+            if rc == 0 and _FINISHED.value:
+                sweeps.keep_finished(os.path.join(_WORKDIR.value, name), _FINISHED.value)
             print(f"[{status}] {name} in {seconds / 60:.1f} min", flush=True)
             if rc:
                 failed.append(name)

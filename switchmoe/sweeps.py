@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 from switchmoe.runs import config_files
@@ -89,6 +90,40 @@ def is_finished(trial_dir: str) -> bool:
         records = [json.loads(line) for line in f if line.strip()]
     has_documents = os.path.exists(os.path.join(trial_dir, FINAL_DOCUMENTS_FILE))
     return has_documents and any(r["step"] == final and "final/loss" in r for r in records)
+
+
+# What a finished trial is without its checkpoints: enough for is_finished, the reports, the
+# bootstrap over documents and the scaling fit (a few hundred KB per trial).
+FINISHED_FILES = ("config.json", METRICS_FILE, FINAL_DOCUMENTS_FILE, "train.log")
+
+
+def keep_finished(trial_dir: str, store: str) -> bool:
+    """Copies a finished trial's `FINISHED_FILES` to <store>/<trial name>/ (a directory that
+    outlives the workdir, e.g. experiments/results/<study>/trials, committed); False if the trial
+    is not finished. A study longer than one session keeps each trial as it finishes."""
+    if not is_finished(trial_dir):
+        return False
+    out = os.path.join(store, os.path.basename(os.path.normpath(trial_dir)))
+    os.makedirs(out, exist_ok=True)
+    for name in FINISHED_FILES:
+        if os.path.exists(os.path.join(trial_dir, name)):
+            shutil.copyfile(os.path.join(trial_dir, name), os.path.join(out, name))
+    return True
+
+
+def restore_finished(store: str, sweep_dir: str, names: list[str]) -> list[str]:
+    """Copies the kept trials of `store` among `names` that the sweep directory lacks (or has
+    unfinished: a trial kept finished is not trained again) into it; returns their names."""
+    restored = []
+    for name in names:
+        kept, trial_dir = os.path.join(store, name), os.path.join(sweep_dir, name)
+        if not is_finished(kept) or is_finished(trial_dir):
+            continue
+        if os.path.exists(trial_dir):  # an unfinished copy: its checkpoints would be resumed
+            shutil.rmtree(trial_dir)
+        shutil.copytree(kept, trial_dir)
+        restored.append(name)
+    return restored
 
 
 def write_sweep_file(sweep_dir: str, config_arg: str, base: list[str], trials: list[dict]) -> None:

@@ -44,6 +44,18 @@ def test_two_trial_sweep_and_report(tmp_path):
     names = ["train_capacity_factor=0.5", "train_capacity_factor=2.0"]
     assert all(sweeps.is_finished(os.path.join(sweep_dir, n)) for n in names)
 
+    # A study longer than a session keeps its finished trials elsewhere (no checkpoints) and a
+    # new workdir takes them back: finished there, an unfinished copy replaced, nothing twice.
+    store, fresh = str(tmp_path / "kept"), str(tmp_path / "fresh")
+    assert all(sweeps.keep_finished(os.path.join(sweep_dir, n), store) for n in names)
+    assert not sweeps.keep_finished(str(tmp_path / "none"), store)
+    assert sorted(os.listdir(os.path.join(store, names[0]))) == sorted(sweeps.FINISHED_FILES)
+    os.makedirs(os.path.join(fresh, names[1], "checkpoints"))
+    assert sweeps.restore_finished(store, fresh, names) == names
+    assert all(sweeps.is_finished(os.path.join(fresh, n)) for n in names)
+    assert not os.path.exists(os.path.join(fresh, names[1], "checkpoints"))
+    assert sweeps.restore_finished(store, fresh, names) == []
+
     # A rerun of one trial skips it, finished, and runs nothing else; the plan stays as it was.
     plan = open(os.path.join(sweep_dir, sweeps.SWEEP_FILE)).read()
     again = run("experiments.sweep", f"--config={config}", f"--workdir={sweep_dir}",
