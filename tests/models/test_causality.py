@@ -40,8 +40,11 @@ ACCEPTED = {
     "top1": {},
     "top2": {"model.moe.num_selected": 2, "model.moe.gate_norm": "normalized"},
     "top2_random_routing": {"model.moe.num_selected": 2, "model.moe.random_routing": True},
-    "noisy_top2": {"model.moe.router": "noisy_top_k", "model.moe.num_selected": 2},
-    "hash": {"model.moe.router": "hash"},
+    # A router per block (moe/blocks.py): a fixed hash, then noisy top-2.
+    "hash_then_noisy_top2": {
+        "model.moe.block_routers": ("hash", "noisy_top_k"),
+        "model.moe.num_selected": 2,
+    },
     "dselect_k": {
         "model.moe.router": "dselect_k",
         "model.moe.num_selected": 2,
@@ -88,7 +91,7 @@ def logits_and_drops(config, tokens, deterministic):
 
 # Training mode differs from evaluation in what it draws (jitter, random routing, noise) and in
 # its capacity factor; it is checked for the routers where that changes the routing itself.
-TRAIN_CHECKED = ("top1", "top2", "top2_random_routing", "noisy_top2", "dselect_k",
+TRAIN_CHECKED = ("top1", "top2", "top2_random_routing", "hash_then_noisy_top2", "dselect_k",
                  "top2_next_choice_gather_groups_of_two_rows")  # fmt: skip
 
 
@@ -116,7 +119,10 @@ def test_accepted_routers_do_not_see_later_tokens(name, deterministic):
 
 
 def test_every_router_accepted_by_default_is_checked_above():
-    checked = {overrides.get("model.moe.router", "top_k") for overrides in ACCEPTED.values()}
+    checked = set()
+    for overrides in ACCEPTED.values():
+        checked.update(overrides.get("model.moe.block_routers", ()))
+        checked.add(overrides.get("model.moe.router", "top_k"))
     assert set(causal_routers()) <= checked, "add the new causal router to ACCEPTED"
 
 

@@ -201,13 +201,14 @@ def test_every_router_agrees_across_backends_and_on_the_mesh(router, determinist
     run = lambda layer, p, x: layer.apply(
         p, x, deterministic=deterministic, token_ids=tokens, rngs=rngs
     )
+    jitted = lambda layer: jax.jit(lambda p, x: run(layer, p, x))
     reference = MoeLayer(backend="einsum", **settings)
     params = nn.meta.unbox(reference.init(jax.random.key(2), x, token_ids=tokens))
-    y_ref, aux = run(reference, params, x)
+    y_ref, aux = jitted(reference)(params, x)
     assert np.isfinite(float(aux["loss"]))
     # The dropless backend computes the same kept pairs when given a capacity routing result;
     # here, as a layer setting, it routes without capacity, so compare the capacity backends.
-    y_gather, _ = run(MoeLayer(backend="gather", **settings), params, x)
+    y_gather, _ = jitted(MoeLayer(backend="gather", **settings))(params, x)
     np.testing.assert_allclose(y_gather, y_ref, atol=1e-5, rtol=1e-5)
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, expert=4, model=1)))
@@ -226,35 +227,27 @@ def test_every_router_agrees_across_backends_and_on_the_mesh(router, determinist
     np.testing.assert_allclose(y_mesh, y_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "router,extra",
-    [
-        (
-            "noisy_top_k",
-            {
-                "model.moe.num_selected": 2,
-                "model.moe.importance_weight": 0.1,
-                "model.moe.load_weight": 0.1,
-            },
-        ),
-        ("sbase", {"model.moe.noncausal_ablation": True}),
-        ("expert_choice", {"model.moe.noncausal_ablation": True}),
-    ],
-)
-def test_each_router_trains_with_finite_losses(data_dir, tmp_path, router, extra):
+def test_the_other_routers_train_with_finite_losses(data_dir, tmp_path):
+    # Noisy top-k (with its importance and load losses), S-BASE and expert choice, one MoE block
+    # each (model.moe.block_routers): one training run serves the three.
     config = tiny_config(
         data_dir,
         **{
-            "model.moe.router": router,
+            "model.num_layers": 3,
+            "model.moe.moe_every": 1,
+            "model.moe.block_routers": ("noisy_top_k", "sbase", "expert_choice"),
+            "model.moe.importance_weight": 0.1,
+            "model.moe.load_weight": 0.1,
+            "model.moe.noncausal_ablation": True,
             "num_train_steps": 10,
             "eval_every": 10,
             "checkpoint_every": 10,
-            **extra,
         },
     )
     result = train_and_evaluate(config, str(tmp_path / "run"), log=quiet)
     assert np.isfinite(result["train/loss"]) and np.isfinite(result["eval/loss"])
     assert result["train/loss"] < 5.0  # below the uniform 259-way loss of 5.56 nats
+    assert result["train/importance"] > 0 and result["train/load"] > 0  # noisy top-k's losses
 
 
 def test_backends_agree_on_any_routing_result():
