@@ -167,6 +167,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Rematerialisation (jax.checkpoint) per block: 'none', 'full' (recompute everything in the
     # backward pass: activation memory of one block) or 'dots' (keep matmul outputs).
     model.remat = "none"
+    # Multi-token prediction (DeepSeek-V3): K sequential modules after the decoder, module k
+    # predicting the token k + 1 places ahead, trained with weight λ on the mean of their losses
+    # (models/mtp.py, training/mtp.py); 0: none. Decoder-only. The reported loss stays the
+    # main tokens'; generation and export use the main model.
+    model.mtp_depth = 0
+    model.mtp_loss_weight = 0.3  # λ (DeepSeek-V3: 0.3 for its first 10T tokens, then 0.1)
     # MoE settings.
     model.moe = default_moe_config()
 
@@ -334,6 +340,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         raise ValueError(f"model.dropout_rate must be in [0, 1); got {model.dropout_rate}.")
     if model.get("head_dim") is not None:
         _positive("model.head_dim", model.head_dim)
+    _check_mtp(config)
     check_attention(config, model_size)
     if model.get("vocab_size") is not None:
         # Only the byte tokenizer's size is known without reading (or training) a model file.
@@ -543,6 +550,29 @@ def check_attention(config: ml_collections.ConfigDict, model_size: int = 1) -> N
             f"model.sliding_window={window} applies to the decoder-only LM (model.arch="
             f"'decoder'); got model.arch={model.arch!r}. Allowed here: 0."
         )
+
+
+def _check_mtp(config: ml_collections.ConfigDict) -> None:
+    """`model.mtp_depth` and `model.mtp_loss_weight` (multi-token prediction)."""
+    model = config.model
+    depth, weight = model.get("mtp_depth", 0), model.get("mtp_loss_weight", 0.3)
+    if not (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0):
+        raise ValueError(f"model.mtp_depth must be an integer >= 0; got {depth!r}.")
+    if not depth:
+        return
+    if model.arch != "decoder":
+        raise ValueError(
+            f"model.mtp_depth={depth} applies to a decoder-only model; got model.arch="
+            f"{model.arch!r}. Allowed here: 0."
+        )
+    if depth >= config.data.seq_len:
+        raise ValueError(
+            f"model.mtp_depth={depth} must be below data.seq_len={config.data.seq_len} (depth k "
+            "predicts k + 1 tokens ahead inside the window)."
+        )
+    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    if not (number and math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"model.mtp_loss_weight must be a number >= 0; got {weight!r}.")
 
 
 def check_moe_layers(model: ml_collections.ConfigDict) -> None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from switchmoe.models.latent_attention import LatentAttention
+from switchmoe.models.mtp import MtpModule, ahead
 from switchmoe.models.normalization import RMSNorm
 from switchmoe.models.rotary import rope
 from switchmoe.moe.experts import DenseFFN
@@ -436,6 +437,10 @@ class DecoderLM(nn.Module):
         decode: cached decoding (switchmoe/generation.py), with the "cache" collection mutable.
         The first call, on tokens[B, T], creates a cache for T positions; each later call takes
         tokens[B, 1] at the next position and returns its logits [B, 1, V].
+
+        Returns (logits float32[B, L, V], aux: `sum_aux`'s, plus "mtp_logits" float32[K, B, L, V]
+        with `model.mtp_depth` K > 0 when not decoding: depth k's prediction at position i is of
+        token i + k + 1, models/mtp.py).
         """
         cfg = self.config
         embed = embedding(cfg)
@@ -462,8 +467,33 @@ class DecoderLM(nn.Module):
             )  # fmt: skip
             if aux is not None:
                 auxes.append(aux)
-        x = RMSNorm(cfg.get("norm_eps", 1e-6), dtype=jnp.float32, name="final_norm")(x)
-        return output_logits(cfg, embed, logits_head(cfg), x), sum_aux(auxes)
+        head = logits_head(cfg)
+        final = RMSNorm(cfg.get("norm_eps", 1e-6), dtype=jnp.float32, name="final_norm")(x)
+        logits = output_logits(cfg, embed, head, final)
+        predictions = []
+        if cfg.get("mtp_depth", 0) and not decode:  # multi-token prediction (models/mtp.py)
+            last = cfg.num_layers - 1
+            moe = is_moe_block(
+                last, cfg.moe.num_experts, cfg.moe.moe_every, cfg.moe.get("moe_layers")
+            )
+            view = block_view(cfg, block_routers(cfg)[-1]) if moe else cfg
+            real = jnp.ones(tokens.shape, bool) if token_mask is None else token_mask
+            h = x
+            for k in range(1, cfg.mtp_depth + 1):
+                ids = ahead(tokens, k)
+                module = MtpModule(
+                    view, block_class(cfg), moe, self.expert_parallelism, name=f"mtp_{k}"
+                )
+                h, normed, aux = module(
+                    h, embed(ids), positions, deterministic, ids, ahead(real, k, False)
+                )
+                predictions.append(output_logits(cfg, embed, head, normed))
+                if aux is not None:
+                    auxes.append(aux)
+        aux = sum_aux(auxes)
+        if predictions:
+            aux["mtp_logits"] = jnp.stack(predictions)  # [K, B, L, V]: depth k at index k - 1
+        return logits, aux
 
 
 def embedding(cfg: ml_collections.ConfigDict) -> nn.Embed:

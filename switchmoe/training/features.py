@@ -3,11 +3,13 @@ feature is its own module plus one line here.
 
     OBJECTIVES       the first that applies to a config gives the step's objective; else the
                      language-model loss (seams.Objective)
+    OBJECTIVE_TERMS  every one that applies adds to the objective, whichever it is, from the
+                     model's auxiliary outputs (multi-token prediction)
     AFTER_OPTIMIZER  every one that applies updates the parameters after the optimizer, in order
     STEP_HOOKS       host-side work around the steps, in order (the profiler window, model FLOPs)
     RUN_CHECKS       run in order before a run writes or compiles anything
 
-Each entry of the first two is a `for_config(config)` that returns the part, or None when the
+Each entry of the first three is a `for_config(config)` that returns the part, or None when the
 config does not use it; a step hook's is `for_config(config, workdir, log, params)`.
 """
 
@@ -17,9 +19,10 @@ import ml_collections
 
 from switchmoe.moe import balancing
 from switchmoe.runs import compatibility
-from switchmoe.training import distillation, init_from, profiling, seams
+from switchmoe.training import distillation, init_from, mtp, profiling, seams
 
 OBJECTIVES = (distillation.Distillation.for_config,)
+OBJECTIVE_TERMS = (mtp.MultiTokenPrediction.for_config,)
 AFTER_OPTIMIZER = (balancing.BiasRule.for_config,)
 STEP_HOOKS = (profiling.StepWindow.for_config,)
 RUN_CHECKS: tuple[seams.RunCheck, ...] = (
@@ -39,6 +42,10 @@ def objective_for(config: ml_collections.ConfigDict, abstract: bool = False) -> 
         if objective is not None:
             return objective
     return seams.Objective(config)
+
+
+def objective_terms(config: ml_collections.ConfigDict) -> list[seams.ObjectiveTerm]:
+    return [term for term in (make(config) for make in OBJECTIVE_TERMS) if term is not None]
 
 
 def after_optimizer(config: ml_collections.ConfigDict) -> list[seams.AfterOptimizer]:

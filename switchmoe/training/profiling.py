@@ -13,7 +13,8 @@ training example:
       parameters count k/E of their size (the experts a token uses); an encoder's parameters
       multiply the encoder's tokens, a decoder's the decoder's; a tied embedding is the output
       projection (a lookup on the input side costs nothing), an untied one's input table is
-      left out; norm scales and biases are counted too, which over-counts by < 0.1%;
+      left out; norm scales and biases are counted too, which over-counts by < 0.1%; with
+      multi-token prediction the output head counts once per depth more;
   + 6 · Σ over attention layers of H·(Dqk + Dv)·(keys per query)·(queries) — the QKᵀ and AV
       products, forward and backward, every key of the causal mask counted as PaLM does
       (a sliding window caps the keys).
@@ -102,7 +103,8 @@ def _attention_flops(config: ml_collections.ConfigDict) -> float:
     if m.get("arch", "decoder") != "encoder_decoder":
         L = lengths["decoder"]
         keys = min(L, m.get("sliding_window") or L)
-        return per_key * m.num_layers * keys * L
+        # Multi-token prediction adds one block per depth (models/mtp.py).
+        return per_key * (m.num_layers + m.get("mtp_depth", 0)) * keys * L
     enc, dec = lengths["encoder"], lengths["decoder"]
     dec_layers = m.get("num_decoder_layers") or m.num_layers
     # Encoder self-attention; decoder self-attention and cross-attention to the encoder.
@@ -126,6 +128,8 @@ def model_flops_per_example(config: ml_collections.ConfigDict, params: Any = Non
             continue  # an untied input table is a lookup
         if is_routed_expert_param(path):
             size *= share
+        if path[-1] == "embedding" or path[0] == "logits":
+            size *= 1 + m.get("mtp_depth", 0)  # the output head serves every MTP depth too
         stack = "encoder" if encoder_decoder and str(path[0]).startswith("encoder") else "decoder"
         total += 6 * size * lengths[stack]
     return total + _attention_flops(config)

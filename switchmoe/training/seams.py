@@ -5,6 +5,10 @@ one line in `training/features.py`, never an edit of the trainer.
   (placed on the mesh once, passed to every jitted step), what it logs, and optionally where
   the parameters start. `LanguageModel` (cross-entropy on the labels) is the default;
   distillation (training/distillation.py) mixes in a teacher's soft targets.
+- **ObjectiveTerm**: a term added to the objective, whichever it is, from the model's auxiliary
+  outputs (`add(sums, aux, rows)`: the sums with its part in "objective" and its own entries;
+  `aux_keys`: the aux entries it reads, dropped afterwards; `train_metrics(sums, count)`):
+  multi-token prediction (training/mtp.py).
 - **AfterOptimizer**: an update of the parameters after the optimizer's, outside it, from the
   step's loads, and what it logs (auxiliary-loss-free bias balancing: moe/balancing.py).
 - **StepHook**: host-side work around the steps: `before(step)` / `after(step, pending)` around
@@ -81,6 +85,16 @@ class Objective:
     def start(self, fresh: Any) -> Optional[tuple[Any, str]]:
         """(the parameters a new run starts from, a log line), or None: the fresh ones."""
         return None
+
+
+class ObjectiveTerm(Protocol):
+    """A term added to the objective inside the jitted step, from the model's aux outputs."""
+
+    aux_keys: tuple[str, ...]
+
+    def add(self, sums: dict, aux: dict, rows: dict) -> dict: ...
+
+    def train_metrics(self, sums: dict, count) -> dict: ...
 
 
 class AfterOptimizer(Protocol):

@@ -108,6 +108,7 @@ class Trainer:
         self.model = build_model(config, parallel)
         self.schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
         self.objective = features.objective_for(config) if objective is None else objective
+        self.terms = features.objective_terms(config)
         self.after_optimizer = features.after_optimizer(config)
         self.loads = features.step_loads(config)
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), *dummy_inputs(config)))[
@@ -186,6 +187,15 @@ class Trainer:
         )
         return logits, aux, self.loads.read(sown)
 
+    def _token_sums(self, logits, aux, rows, inputs) -> tuple[dict, dict]:
+        """The objective's token sums with every objective term's part added, and `aux`
+        without what the terms read (per-token predictions need not leave the step)."""
+        sums = self.objective.token_sums(logits, rows, *inputs)
+        for term in self.terms:
+            sums = term.add(sums, aux, rows)
+            aux = {k: v for k, v in aux.items() if k not in term.aux_keys}
+        return sums, aux
+
     def _train_step(self, params, opt_state, batch, step, *inputs):
         key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
         count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
@@ -197,7 +207,7 @@ class Trainer:
 
             def objective(params):
                 logits, aux, counts = self._apply(params, batch, key)
-                sums = self.objective.token_sums(logits, batch, *inputs)
+                sums, aux = self._token_sums(logits, aux, batch, inputs)
                 return sums["objective"] / count + aux["loss"], (sums, aux, counts)
 
             (total, (sums, aux, counts)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -217,6 +227,8 @@ class Trainer:
             **moe_metrics(aux, "train"),
         }
         metrics.update(self.objective.train_metrics(sums, count))
+        for term in self.terms:
+            metrics.update(term.train_metrics(sums, count))
         grad_norms, update_norms = expert_norms(grads), expert_norms(updates)
         if grad_norms is not None:
             metrics["train/expert_grad_norm"] = grad_norms
@@ -263,7 +275,7 @@ class Trainer:
 
         def objective(params, rows, i):
             logits, aux, counts = self._apply(params, rows, jax.random.fold_in(key, i), totals)
-            sums = self.objective.token_sums(logits, rows, *inputs)
+            sums, aux = self._token_sums(logits, aux, rows, inputs)
             return sums["objective"] / count + aux["loss"] / n, (sums, aux, counts)
 
         def accumulate(carry, xs):
@@ -274,11 +286,12 @@ class Trainer:
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         first = jax.tree.map(lambda x: x[0], micro)
-        sum_shapes = jax.eval_shape(
-            lambda: self.objective.token_sums(
-                self._apply(params, first, key, totals)[0], first, *inputs
-            )
-        )
+
+        def first_sums():
+            logits, aux, _ = self._apply(params, first, key, totals)
+            return self._token_sums(logits, aux, first, inputs)[0]
+
+        sum_shapes = jax.eval_shape(first_sums)
         no_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes)
         (grads, sums), (auxes, per_micro) = jax.lax.scan(accumulate, (zeros, no_sums), xs)
         aux = jax.tree.map(lambda v: jnp.mean(v, axis=0), auxes)
