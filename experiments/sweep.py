@@ -53,7 +53,7 @@ _FINISHED = flags.DEFINE_string(
     None,
     "A directory that outlives the workdir (e.g. experiments/results/<study>/trials, committed): "
     "finished trials kept there are copied into the workdir first (and not trained again), and "
-    "each trial that finishes is kept there (config, metrics, per-document losses, log).",
+    "each trial that finishes is kept there (config, metrics, per-document final losses).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
