@@ -8,7 +8,10 @@ accelerators (the config's mesh fills them; nothing is allocated: parameters, op
 and batch are abstract). Parameter and optimizer-state bytes per device are exact; temporaries,
 FLOPs and all-to-all bytes are the CPU compiler's estimates (see switchmoe/training/memory_fit.py for what
 carries over to TPU and GPU). `--device_memory_gib` adds a yes/no against that budget;
-`--out` writes the numbers as JSON; `--nocompile` skips the compile (exact numbers only).
+`--out` writes the numbers as JSON; `--nocompile` skips the compile (exact numbers only);
+`--lowering` also says whether the train step lowers for GPU ('cuda') and TPU on that mesh
+(jax.export, switchmoe/training/lowering.py): a program that cannot is caught before an
+accelerator is borrowed.
 """
 
 import json
@@ -26,6 +29,9 @@ _MEMORY = flags.DEFINE_float("device_memory_gib", None, "Memory per device to ch
 _OUT = flags.DEFINE_string("out", None, "Write the report here as JSON.")
 _COMPILE = flags.DEFINE_bool(
     "compile", True, "Compile for the estimates; --nocompile: the exact numbers only (seconds)."
+)
+_LOWERING = flags.DEFINE_bool(
+    "lowering", False, "Also check that the train step lowers for cuda and tpu (seconds)."
 )
 flags.mark_flags_as_required(["config"])
 
@@ -45,6 +51,12 @@ def main(argv):
     report = memory_fit.fit_report(_CONFIG.value, compile=_COMPILE.value)
     report["compile_seconds"] = time.perf_counter() - start
     print(memory_fit.describe(report, _MEMORY.value))
+    if _LOWERING.value:
+        from switchmoe.training import lowering  # noqa: PLC0415
+
+        report["lowering"] = lowering.train_step_lowering(_CONFIG.value)
+        for platform, reason in report["lowering"].items():
+            print(f"lowers for {platform}: {'yes' if reason is None else 'no: ' + reason}")
     if _OUT.value:
         os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
         with open(_OUT.value, "w") as f:

@@ -68,12 +68,14 @@ def test_the_command_line_reports_and_writes_json(tmp_path):
     out = tmp_path / "fit.json"
     command = [sys.executable, "-m", "experiments.fit", "--config=configs/demo.py",
                "--devices=4", "--config.mesh.expert=4", "--config.num_train_steps=10",
-               "--device_memory_gib=16", f"--out={out}"]  # fmt: skip
+               "--device_memory_gib=16", f"--out={out}", "--lowering"]  # fmt: skip
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
     assert "fits in 16 GiB per device: yes" in run.stdout
     assert "estimates of the CPU compiler" in run.stdout
+    assert "lowers for cuda: yes" in run.stdout and "lowers for tpu: yes" in run.stdout
     report = json.loads(out.read_text())
     assert report["devices"] == 4 and report["mesh"]["expert"] == 4
+    assert report["lowering"] == {"cuda": None, "tpu": None}
 
 
 def test_accumulation_keeps_the_step_flops_and_keeps_one_microbatch_for_the_backward():
