@@ -22,6 +22,8 @@
       --finished=experiments/results/expert_count_switch_d64/trials
   python -m experiments.sweep --config=configs/studies.py:capacity_rules \
       --workdir=runs/sweeps/capacity_rules --seeds=0,1
+  python -m experiments.sweep --config=configs/studies.py:recipe_2026 \
+      --workdir=runs/sweeps/recipe_2026 --seeds=0,1
   python -m experiments.report --workdir=runs/sweeps/expert_count      (likewise for the others)
 
 expert_count  Switch Fig. 4 / Table 9: 1 (dense), 2, 4, 8, 16, 32, 64 experts, top-1, the same
@@ -57,6 +59,12 @@ capacity_rules  Switch Table 1 extended (issue 34): top-1 with Switch's router a
               this one-device run) crossed with what happens to overflow (drop, next_choice);
               plus drop_priority='probability' (Megatron-Core's rule) as the non-causal ablation;
               --seeds=0,1.
+recipe_2026   the 2026 training recipe on expert_count_top2's setup (issue 35, item 6), one change
+              at a time: Muon instead of AdamW for dense and 32 experts; multi-token prediction
+              (depth 1, λ 0.3) at 32 experts; the first MoE block hash-routed (balanced table),
+              the second learned, at 32 experts (DeepSeek-V4's split; the hash block sends a
+              token to one expert of half width where top-2 sends it to two: fewer FLOPs there);
+              --seeds=0,1. Not run yet.
 routing       every router at matched expert FLOPs: Switch top-1, plain top-2, GShard top-2
               (random routing), ST-MoE top-2 + z-loss, expert-choice, noisy top-k, hash (random, balanced), S-BASE, dropless
               top-1, and top-1 with a bfloat16 router (float32 vs bf16 router).
@@ -88,6 +96,7 @@ STUDIES = (
     "expert_count_switch",
     "expert_count_switch_d64",
     "capacity_rules",
+    "recipe_2026",
 )
 # Where capacity is counted, as routing-group sizes of this one-device run (32 sequences of 128
 # tokens per batch): one sequence, 8 sequences, the whole batch.
@@ -145,11 +154,12 @@ def get_config(study="expert_count"):
     config.checkpoint_every = 600
     config.keep_checkpoints = 1
     if study in ("diagnosis", "expert_count_top2", "capacity_g1024", "learning_rate_top2",
-                 "balancing", "granularity"):  # fmt: skip
+                 "balancing", "granularity", "recipe_2026"):  # fmt: skip
         # Routing groups of 8 sequences: the expert-count study's second run showed that
         # 128-token groups leave 64 experts 3 slots each and drop 20% of training tokens.
         config.model.moe.group_size = 1024
-    if study in ("expert_count_top2", "learning_rate_top2", "balancing", "granularity"):
+    if study in ("expert_count_top2", "learning_rate_top2", "balancing", "granularity",
+                 "recipe_2026"):  # fmt: skip
         # Top-2 with normalised gates: two gates sum to 1 whatever E is, where top-1's raw gate
         # is the router probability, ~1/E until the router has learned (diagnosis).
         for key, value in TOP2.items():
@@ -252,6 +262,19 @@ ROUTING_TRIALS = [
 ]
 
 
+# The 2026 recipe (issue 35), each change alone against its AdamW / top-2 everywhere baseline.
+MUON = {"optimizer.name": "muon"}
+RECIPE_TRIALS = [
+    {"model.moe.num_experts": 0},
+    {"model.moe.num_experts": 0, **MUON},
+    {"model.moe.num_experts": 32},
+    {"model.moe.num_experts": 32, **MUON},
+    {"model.moe.num_experts": 32, "model.mtp_depth": 1},
+    {"model.moe.num_experts": 32, "model.moe.block_routers": ("hash", "top_k"),
+     "model.moe.hash_kind": "balanced"},
+]  # fmt: skip
+
+
 # A SentencePiece vocabulary trained on the corpus' training split (switchmoe/data/spm_training.py).
 SUBWORD = {"data.tokenizer": "sentencepiece", "data.spm_vocab_size": 4096}
 
@@ -316,6 +339,8 @@ def get_sweep(study="expert_count"):
         ]
     if study == "routing":
         return ROUTING_TRIALS
+    if study == "recipe_2026":
+        return RECIPE_TRIALS
     if study == "capacity_rules":
         trials = [
             {"model.moe.train_capacity_factor": factor, "model.moe.group_size": size,
