@@ -7,6 +7,7 @@ step; and a planted primitive with a CPU lowering only is named for the platform
 import jax
 import jax.numpy as jnp
 import pytest
+from tiny import apply_overrides
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
@@ -38,13 +39,7 @@ def config(name, **changes):
     c = load_config_module(f"configs/{name}.py").get_config()
     c.model.dtype = "bfloat16"
     c.data.data_dir = "/unused"  # nothing is read: the batch is abstract
-    for key, value in changes.items():
-        *path, leaf = key.split(".")
-        node = c
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, changes)
 
 
 @pytest.mark.parametrize(
@@ -53,8 +48,16 @@ def config(name, **changes):
         ("demo", {}, 1),
         # Groups of one sequence, so that each of the 8 batch shards routes whole groups.
         ("demo", {"mesh.data": 2, "mesh.expert": 4, "model.moe.group_size": 128}, 8),
-        ("demo", {"mesh.data": 2, "mesh.expert": 4, "model.moe.group_size": 128,
-                  "mesh.expert_parallelism": "jit"}, 8),  # fmt: skip
+        (
+            "demo",
+            {
+                "mesh.data": 2,
+                "mesh.expert": 4,
+                "model.moe.group_size": 128,
+                "mesh.expert_parallelism": "jit",
+            },
+            8,
+        ),
         ("switch_t5", {}, 1),
     ],
     ids=["demo", "demo_2x4_shard_map", "demo_2x4_jit", "switch_t5"],
